@@ -1,0 +1,1081 @@
+"""
+R0: few-step text-to-image generation by regularized reward maximization, on Stable Diffusion 1.5.
+
+Paper: Yihong Luo, Tianyang Hu, Weijian Luo, Kenji Kawaguchi, Jing Tang,
+"Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv 2503.13070 (v1, March 2025).
+(v2 of the same arXiv id is renamed "Reward-Instruct: A Reward-Centric Approach to Fast Photo-Realistic
+Image Generation", NeurIPS 2025.) The official repository holds no code; this file is a from-scratch
+reference. Every choice the paper does not pin down is marked "our choice:" with the reason.
+
+The method in three lines: take the pretrained SD1.5 UNet, run it as a K-step (K=4) generator from pure noise,
+decode, score the images with several differentiable reward models, and push the per-reward-normalized reward
+gradients back into the UNet weights, while regularizers (weight anchor, LoRA, random eta) stop reward hacking:
+    L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
+No training images, no diffusion loss, no distillation loss: only prompts.
+
+Run it:
+    python r0.py --tiny --prompts prompts.txt          # offline demo on CPU: tiny random models, colour reward
+    python r0.py --prompts prompts.txt                 # SD1.5 + HPS v2.1 + CLIP score, one GPU (LoRA, 512 px)
+    python sample.py --run runs/r0 --prompt "a red fox in the snow"
+Hardware the defaults assume: one 24 GB GPU (LoRA rank 64, batch 1 x 4 accumulation, bf16 autocast, gradient
+checkpointing). Full fine-tuning (--lora-rank 0) wants about 40 GB; --r0-plus shortens the backward graph.
+
+File layout (top to bottom): config -> generator parameterization (paper 3.2) -> rewards -> reward composition
+-> regularizers (3.3) -> loss and training step -> loading -> training loop -> main.
+"""
+
+import argparse
+import contextlib
+import copy
+import gzip
+import json
+import math
+import os
+import random
+import re
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# -----------------------------------------------------------------------------------------------------------
+# Config. Every default below is for a real SD1.5 run on one 24 GB GPU; --tiny swaps in TINY_PRESET.
+# The command line overrides any of them; unknown flags are an error (argparse).
+
+DEFAULTS = dict(
+    # --- model ---
+    model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # hub id or local diffusers folder of an SD1.5 model
+    tiny=False,                 # tiny random-weight SD1.5-shaped models built in code (offline, CPU, seconds)
+    # --- data ---
+    prompts=None,               # text file, one prompt a line ('#' comments and blank lines skipped)
+    output_dir="runs/r0",       # everything a run writes goes here
+    # --- generator (paper 3.2) ---
+    steps=4,                    # K, the number of generator steps (paper: 4). 1..8
+    resolution=512,             # image side in pixels (SD1.5 was trained at 512); a multiple of 8
+    r0_plus=False,              # R0+ (paper 4): rewards on x0_hat of a random intermediate step
+    # --- rewards ---
+    # our choice: HPS v2.1 and CLIP score at equal weight. Gradients are normalized per reward, so the weights
+    # say how hard each reward pulls relative to the others, independent of each model's gradient scale;
+    # CLIP score keeps text alignment while HPS pushes human preference (each checks the other's hacking).
+    rewards="hps=1.0,clip=1.0",
+    # --- regularizers (paper 3.3) ---
+    lora_rank=64,               # 0 = full fine-tuning. our choice: LoRA 64 (fits 24 GB, and low rank is itself
+                                # a regularizer, paper 3.3); full fine-tuning needs ~40 GB
+    weight_reg=1e-2,            # lambda in lambda*||theta - theta_0||^2. our choice, see weight_regularization()
+    grad_clip=1.0,              # our choice: clip the global grad norm at 1.0 (standard for fine-tuning)
+    # --- optimization ---
+    lr=1e-4,                    # our choice: 1e-4 is the usual LoRA rate for SD1.5; use ~1e-5 with --lora-rank 0
+    batch_size=1,               # images per forward; 1 fits 24 GB with full 4-step backprop (see memory note)
+    grad_accum=4,               # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    max_steps=2000,             # optimizer steps. our choice: the paper does not give its iteration count
+    seed=0,
+    # --- system ---
+    device="auto",              # cuda if available, else cpu
+    precision="auto",           # bf16 autocast with fp32 trainable weights and bf16 frozen models; 'auto' = bf16
+                                # on GPU, fp32 on CPU. our choice: CPUs without bf16 units emulate it, 3.4x slower
+                                # (measured on the tiny demo); the tests force bf16 on CPU to cover the GPU path
+    grad_checkpointing=True,    # recompute activations in backward: UNet, VAE decoder, reward towers
+    # --- logging ---
+    sample_every=100,           # write a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)
+    num_sample_prompts=4,       # prompts in that grid, spread over the prompt file
+    num_sample_seeds=2,         # seeds per prompt in that grid
+)
+
+# --tiny: the same code path on tiny random-weight models, sized so the demo learns colour in under 2 minutes
+# on 2 CPU cores. Flags given explicitly on the command line still win.
+TINY_PRESET = dict(
+    output_dir="runs/tiny",
+    resolution=64,              # 8x8 latents
+    rewards="color=1.0",        # the toy reward: match the colour word of the prompt (see ColourReward)
+    lora_rank=8,
+    lr=1e-2,                    # tiny models from a miniature pretraining need a bigger step than SD1.5
+    batch_size=16,
+    grad_accum=1,
+    max_steps=200,
+    grad_checkpointing=False,   # saves no memory worth having at this size and costs ~40% time; the tests
+                                # switch it on so that the GPU's checkpointing path is exercised
+    sample_every=50,
+    num_sample_prompts=6,
+    num_sample_seeds=4,
+)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, no network). main() prints it as one sentence."""
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Generator parameterization (paper section 3.2)
+#
+# The pretrained epsilon-prediction UNet becomes a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I):
+#   step k at timestep t (SD1.5's DDPM schedule, alpha_bar_t = prod_{s<=t} (1 - beta_s)):
+#       eps    = unet(x_t, t, c)
+#       x0_hat = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                                   (Tweedie / DDIM eq. 12)
+#   last step: return x0_hat; otherwise move to the next timestep s with the DDIM-eta update
+#       sigma  = eta * sqrt((1 - a_s) / (1 - a_t)) * sqrt(1 - a_t / a_s)
+#       x_s    = sqrt(a_s) * x0_hat + sqrt(1 - a_s - sigma^2) * eps + sigma * noise
+# Training draws eta ~ U[0, 1] per step and per sample ("random eta sampling", a regularizer: the weights must
+# serve a whole family of generation paths). Inference uses eta = 0 (deterministic). No classifier-free guidance
+# inside the generator: one UNet call per step.
+
+NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain length
+
+
+def sd15_alphas_cumprod(beta_start=0.00085, beta_end=0.012, num_train_timesteps=NUM_TRAIN_TIMESTEPS):
+    """SD1.5's 'scaled_linear' DDPM schedule: betas linear in sqrt-space, alpha_bar_t = prod(1 - beta)."""
+    betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+    return torch.cumprod(1.0 - betas, dim=0).float()  # (1000,), from ~1 down to ~0.0047
+
+
+def few_step_timesteps(num_steps):
+    """'Trailing' spacing: t_k = round(1000 - k * 1000/K) - 1, so K=4 -> [999, 749, 499, 249].
+    The first step starts at t=999, the pure-noise end, which a few-step sampler needs (the 'leading' spacing of
+    SD1.5's default scheduler would start at t=751 from pure noise and leave visible noise)."""
+    assert 1 <= num_steps <= NUM_TRAIN_TIMESTEPS, num_steps
+    step_ratio = NUM_TRAIN_TIMESTEPS / num_steps
+    # Python's round() rounds half to even, like the np.round that diffusers uses: identical timesteps.
+    return [round(NUM_TRAIN_TIMESTEPS - k * step_ratio) - 1 for k in range(num_steps)]
+
+
+def x0_from_eps(x_t, eps, alpha_bar_t):
+    """x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t): the clean latent the UNet's noise estimate implies."""
+    return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
+
+
+def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_eta=False, generator=None,
+             last_step=None, grad_from_step=0):
+    """The few-step generator g_theta. Returns x0_hat (B,4,h,w) of the last step run (SD latent scale).
+
+    noise:          (B,4,h,w) x_T ~ N(0, I), the generator's input z
+    text_emb:       (B,77,768) SD1.5 text-encoder hidden states (the condition c)
+    eta:            DDIM stochasticity (0 = deterministic DDIM, inference default)
+    random_eta:     training: draw eta ~ U[0,1] per step and per sample (overrides eta)
+    generator:      torch.Generator for the eta and noise draws (seeded => reproducible)
+    last_step:      0-based index of the step whose x0_hat is returned (R0+: a random intermediate step)
+    grad_from_step: steps before this index run without gradient (R0+: cut the graph before the sampled step)
+    """
+    timesteps = few_step_timesteps(num_steps)
+    last_step = num_steps - 1 if last_step is None else last_step
+    # diffusers' DDIMScheduler moves from t to s = t - 1000 // K (for K that divides 1000 this is exactly the next
+    # trailing timestep; for K = 3, 6, 7 it lands 1 away from it). We use the same rule so that a trained UNet is
+    # a drop-in for the standard DDIMScheduler at every K; the final step lands below 0, where a_s := 1.
+    jump = NUM_TRAIN_TIMESTEPS // num_steps
+    B = noise.shape[0]
+    x = noise.float()  # (B,4,h,w)
+    for i, t in enumerate(timesteps[: last_step + 1]):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_step):
+            a_t = alphas_cumprod[t].item()
+            t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
+            eps = unet(x, t_batch, encoder_hidden_states=text_emb).sample.float()  # (B,4,h,w), fp32 arithmetic
+            x0_hat = x0_from_eps(x, eps, a_t)
+            if i == last_step:
+                return x0_hat
+            s = t - jump
+            a_s = alphas_cumprod[s].item() if s >= 0 else 1.0
+            if random_eta:  # per sample, per step: shape (B,1,1,1)
+                eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
+            else:
+                eta_i = torch.full((B, 1, 1, 1), float(eta), device=x.device)
+            sigma = eta_i * ((1 - a_s) / (1 - a_t)) ** 0.5 * (1 - a_t / a_s) ** 0.5
+            step_noise = torch.randn(x.shape, generator=generator, device=x.device)
+            x = a_s**0.5 * x0_hat + (1 - a_s - sigma**2).clamp(min=0) ** 0.5 * eps + sigma * step_noise
+    raise AssertionError("unreachable: the loop returns at last_step")
+
+
+def decode(vae, latents):
+    """SD latents (B,4,h,w) -> pixels (B,3,8h,8w) in [0,1], the same arithmetic as StableDiffusionPipeline."""
+    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()  # (B,3,H,W) ~[-1,1]
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts):
+    """SD1.5's condition: (B,77,768) last hidden states of the frozen CLIP text encoder, no attention mask
+    (exactly what StableDiffusionPipeline.encode_prompt computes). No gradient: the text encoder is frozen."""
+    ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids.to(text_encoder.device)  # (B,77)
+    return text_encoder(ids)[0]  # (B,77,D)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Rewards
+#
+# Paper: HPS v2.1, ImageReward and CLIP score (plus, from its Diff-Instruct++ lineage, an implicit
+# classifier-free-guidance reward). Here:
+#   hps   HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt; r = cos(image features, text features)
+#   clip  CLIP score: open_clip ViT-H-14 laion2b_s32b_b79k; r = cos(image features, text features)
+#   cfg   implicit CFG reward of the frozen base UNet; defined through its gradient (see ImplicitCfgReward)
+#   color toy reward for the offline demo and the tests: mean image colour vs the colour word in the prompt
+# ImageReward, the paper's third reward, is BLIP-based and needs a package outside this project's stack
+# (image-reward, which pins old transformers); it is left out. Our choice: the CLIP score takes its role of
+# keeping text alignment.
+# Every reward maps pixels in [0,1] (or latents, for cfg) to one score per sample, differentiably in the image.
+# Text features never carry gradient (computed once per prompt under no_grad and cached).
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalization, used by ViT-H-14 and HPS v2.1
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_preprocess(pixels, size=224):
+    """Differentiable twin of open_clip's evaluation transform (Resize(shorter side, bicubic) -> CenterCrop ->
+    Normalize), in pure torch ops so the reward gradient can flow back to the pixels.
+    pixels: (B,3,H,W) in [0,1]  ->  (B,3,size,size) CLIP-normalized."""
+    assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B,3,H,W) pixels, got {tuple(pixels.shape)}"
+    # The classic reward bug is feeding [-1,1] images, or rescaling twice: refuse anything outside [0,1].
+    assert pixels.min() >= 0 and pixels.max() <= 1, "clip_preprocess expects pixels in [0,1]"
+    H, W = pixels.shape[-2:]
+    short, long = min(H, W), max(H, W)
+    new_long = int(size * long / short)  # torchvision's rule for Resize(int): the longer side is truncated
+    new_hw = (size, new_long) if H <= W else (new_long, size)
+    x = F.interpolate(pixels, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
+    # PIL's bicubic output is stored as uint8, so it is clamped to [0,1]; clamp too (bicubic overshoots edges).
+    x = x.clamp(0, 1)
+    top = int(round((new_hw[0] - size) / 2.0))  # torchvision's center_crop offsets
+    left = int(round((new_hw[1] - size) / 2.0))
+    x = x[:, :, top : top + size, left : left + size]  # (B,3,size,size) in [0,1]
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std  # (B,3,224,224) CLIP-normalized
+
+
+class ClipFamilyReward(torch.nn.Module):
+    """hps and clip: r(x, c) = cos(f_img(preprocess(x)), f_txt(c)), without the logit scale.
+    (Tables report 100 x this cosine.) The open_clip model is frozen; only the image path carries gradient."""
+
+    space = "pixels"
+
+    def __init__(self, name, clip_model, tokenizer):
+        super().__init__()
+        self.name, self.model, self.tokenizer = name, clip_model, tokenizer
+        self.model.requires_grad_(False).eval()
+        self.image_size = clip_model.visual.image_size
+        self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
+        self._text_cache = {}  # prompt -> (D,) normalized text feature; text towers run once per prompt
+
+    @torch.no_grad()
+    def text_features(self, prompts):
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        if missing:
+            device = next(self.model.parameters()).device
+            feats = self.model.encode_text(self.tokenizer(missing).to(device), normalize=True).float()  # (M,D)
+            self._text_cache.update(zip(missing, feats))
+        return torch.stack([self._text_cache[p] for p in prompts])  # (B,D), unit norm
+
+    def forward(self, pixels, prompts, text_emb=None):
+        dtype = next(self.model.parameters()).dtype
+        image = clip_preprocess(pixels, self.image_size).to(dtype)  # (B,3,224,224)
+        img_feat = self.model.encode_image(image, normalize=True).float()  # (B,D), unit norm
+        return (img_feat * self.text_features(prompts)).sum(-1)  # (B,) cosine in [-1,1]
+
+
+# The toy colour reward. Palette values are our choice (typical sRGB renderings of each word).
+COLOURS = {
+    "red": (0.85, 0.10, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.90, 0.15),
+    "green": (0.15, 0.65, 0.20), "blue": (0.10, 0.25, 0.85), "purple": (0.50, 0.15, 0.65),
+    "pink": (0.95, 0.55, 0.75), "brown": (0.45, 0.28, 0.12), "black": (0.05, 0.05, 0.05),
+    "white": (0.95, 0.95, 0.95), "gray": (0.50, 0.50, 0.50), "grey": (0.50, 0.50, 0.50),
+}
+_COLOUR_WORD = re.compile(r"\b(" + "|".join(COLOURS) + r")\b", re.IGNORECASE)
+
+
+def colour_of(prompt):
+    """The first colour word of the prompt ('a red fox in green grass' -> 'red'), or None."""
+    m = _COLOUR_WORD.search(prompt)
+    return m.group(1).lower() if m else None
+
+
+def dominant_colour(pixels):
+    """(B,3,H,W) in [0,1] -> the palette word nearest to each image's mean colour (used for colour accuracy)."""
+    names = [n for n in COLOURS if n != "grey"]
+    palette = torch.tensor([COLOURS[n] for n in names], device=pixels.device)  # (P,3)
+    mean = pixels.float().mean(dim=(2, 3))  # (B,3)
+    return [names[i] for i in torch.cdist(mean, palette).argmin(dim=1).tolist()]
+
+
+class ColourReward(torch.nn.Module):
+    """color: r(x, c) = -||mean_rgb(x) - rgb(colour word of c)||^2, and 0 for prompts without a colour word.
+    A toy with a known optimum: it lets a tiny random generator *visibly* learn text conditioning offline."""
+
+    space = "pixels"
+
+    def forward(self, pixels, prompts, text_emb=None):
+        target = torch.tensor([COLOURS.get(colour_of(p), (0, 0, 0)) for p in prompts], device=pixels.device)
+        has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
+        mean = pixels.mean(dim=(2, 3))  # (B,3)
+        return -((mean - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
+
+
+class ImplicitCfgReward:
+    """cfg: the implicit classifier-free-guidance reward of the frozen base model (Diff-Instruct++ lineage).
+    Its gradient at the generated latent x0_hat: noise x0_hat to a random level t,
+        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) n,
+    and take  (eps_base(x_t, t, uncond) - eps_base(x_t, t, c)) * w(t),  the direction that raises log p(c | x_t)
+    (Bayes: grad log p(c|x) = grad log p(x|c) - grad log p(x) = -(eps_c - eps_u) / sqrt(1 - a_t)).
+    The reward has no cheap scalar value; we log the guidance gap ||eps_c - eps_u||^2 per element instead.
+    our choice: w(t) = 1 and t ~ U{20..980}. Any per-sample w(t) cancels in the per-sample gradient
+    normalization of the reward composition, so w only matters through which t are drawn."""
+
+    space = "latents"
+
+    def __init__(self, base_eps, uncond_emb, alphas_cumprod, t_min=20, t_max=980):
+        self.base_eps, self.uncond_emb, self.alphas_cumprod = base_eps, uncond_emb, alphas_cumprod
+        self.t_min, self.t_max = t_min, t_max
+
+    @torch.no_grad()
+    def gradient(self, latents, prompts, text_emb, generator=None):
+        B = latents.shape[0]
+        t = torch.randint(self.t_min, self.t_max + 1, (B,), generator=generator, device=latents.device)
+        a_t = self.alphas_cumprod.to(latents.device)[t].view(B, 1, 1, 1)
+        n = torch.randn(latents.shape, generator=generator, device=latents.device)
+        x_t = a_t.sqrt() * latents + (1 - a_t).sqrt() * n  # (B,4,h,w)
+        # one batched call for conditional and unconditional noise estimates, like a CFG pipeline
+        emb = torch.cat([text_emb, self.uncond_emb.expand(B, -1, -1).to(text_emb.dtype)])  # (2B,77,D)
+        eps_c, eps_u = self.base_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
+        gap = ((eps_c - eps_u) ** 2).flatten(1).mean(1)  # (B,) logged, not optimized directly
+        return gap, eps_u - eps_c  # (B,), (B,4,h,w) latent-space ascent direction
+
+
+def make_base_eps(unet, frozen_unet):
+    """eps of the frozen base model theta_0, for the cfg reward: the frozen copy (full fine-tuning) or the same
+    UNet with its LoRA adapters switched off (LoRA mode) -- no second copy of the weights needed."""
+    def base_eps(x, t, emb):
+        if frozen_unet is not None:
+            return frozen_unet(x, t, encoder_hidden_states=emb).sample
+        unet.disable_adapters()
+        try:
+            return unet(x, t, encoder_hidden_states=emb).sample
+        finally:
+            unet.enable_adapters()
+    return base_eps
+
+
+def parse_rewards(spec):
+    """'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}, with clear errors for anything else."""
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if name not in REWARD_NAMES:
+            raise UserError(f"unknown reward '{name}' in --rewards; choose from {', '.join(REWARD_NAMES)} "
+                            f"(e.g. --rewards hps=1.0,clip=1.0).")
+        try:
+            weight = float(value) if sep else 1.0
+        except ValueError:
+            raise UserError(f"reward weight '{value}' for '{name}' is not a number; write --rewards {name}=1.0.")
+        if not math.isfinite(weight) or weight < 0:
+            raise UserError(f"reward weight for '{name}' must be a finite number >= 0, got {value}.")
+        if name in weights:
+            raise UserError(f"reward '{name}' appears twice in --rewards; give each reward once.")
+        weights[name] = weight
+    if not weights or sum(weights.values()) == 0:
+        raise UserError("--rewards names no reward with a positive weight; e.g. --rewards hps=1.0,clip=1.0.")
+    return weights
+
+
+REWARD_NAMES = ("hps", "clip", "cfg", "color")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Reward composition (paper Fig. 8: normalized gradients beat raw ones)
+#
+#   x   = decode(x0_hat)                                 (B,3,H,W) in [0,1]
+#   g_i = d r_i(x, c) / d x                              one cheap backward through reward model i only
+#   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   each reward pulls with the same per-sample strength w_i
+#   surrogate = - sum(stopgrad(g) * x) / B               d surrogate / d theta = - g . dx/dtheta / B
+# Then ONE backward of the surrogate through the VAE decoder and the generator, whatever the number of rewards:
+# the expensive part of the graph (4 UNet steps + decoder) is traversed once, not once per reward.
+
+def normalize_per_sample(g, eps=1e-8):
+    """g / ||g|| for each sample separately: (B,...) -> (B,...), each sample of unit L2 norm (or 0 if g was 0)."""
+    norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))  # (B,1,1,1)
+    return g / (norm + eps)
+
+
+def reward_gradient(reward, x, prompts, text_emb, generator=None):
+    """(scores (B,), d score / d x (same shape as x)) for one reward, backpropagating through the reward model
+    only: x is detached, so the generator's graph is untouched here."""
+    if hasattr(reward, "gradient"):  # a reward defined through its gradient (cfg)
+        return reward.gradient(x.detach(), prompts, text_emb, generator)
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = reward(x, prompts, text_emb)  # (B,)
+        (grad,) = torch.autograd.grad(scores.sum(), x)
+    return scores.detach(), grad
+
+
+def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None):
+    """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg); plus raw scores."""
+    grads = {"pixels": torch.zeros_like(pixels), "latents": torch.zeros_like(latents)}
+    scores = {}
+    for name, reward in rewards.items():
+        x = pixels if reward.space == "pixels" else latents
+        score, grad = reward_gradient(reward, x, prompts, text_emb, generator)
+        grads[reward.space] += weights[name] * normalize_per_sample(grad.float())
+        scores[name] = score  # (B,) raw, for logging
+    return grads["pixels"], grads["latents"], scores
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Regularizers (paper section 3.3)
+#   1. weight regularization  lambda * ||theta - theta_0||^2   (keeps the generator near the pretrained model)
+#   2. LoRA: a low-rank update is itself a constraint (and the way to fit a 24 GB GPU)
+#   3. random eta sampling: in generate(random_eta=True)
+#   4. per-reward gradient normalization + several complementary rewards: in the reward composition
+# Plus our engineering choices: gradient clipping at 1.0 and AdamW with weight_decay 0 (the anchor to theta_0
+# replaces decay toward 0, which would pull the pretrained weights somewhere meaningless).
+# No KL term, no diffusion loss, no distillation loss.
+
+def lora_layers(unet):
+    """The LoRA-adapted layers of a peft-injected UNet: [(lora_A, lora_B, scaling)] for the active adapter."""
+    from peft.tuners.lora import LoraLayer
+    layers = []
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    layers.append((module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]))
+    return layers
+
+
+def weight_regularization(unet, frozen_unet):
+    """||theta - theta_0||^2.
+    Full fine-tuning: sum over all UNet parameters against the frozen fp32 copy theta_0.
+    LoRA: theta - theta_0 = delta W = scaling * B @ A per adapted layer, so the same quantity is
+          sum_layers ||scaling * B @ A||_F^2 (the frozen base weights cancel out).
+    our choice of lambda = 1e-2 (--weight-reg): a gentle anchor. The reward gradient reaching the weights has a
+    fixed scale (normalized per sample), so lambda sets at which size of the update the anchor starts to pull as
+    hard as the rewards; at 1e-2 it only bites once the update is large (reward hacking), not in normal training.
+    Both terms are logged ('reg') so a user can see which one dominates."""
+    if frozen_unet is None:  # LoRA
+        total = 0.0
+        for A, B, scaling in lora_layers(unet):
+            total = total + ((B.float() @ A.float()) * scaling).pow(2).sum()  # (out,r)@(r,in) -> (out,in)
+        return torch.as_tensor(total, dtype=torch.float32)
+    total = 0.0
+    for p, p0 in zip(unet.parameters(), frozen_unet.parameters()):
+        total = total + (p.float() - p0.float()).pow(2).sum()
+    return total
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Loss and one training step: the whole algorithm, using the pieces above.
+
+def r0_step(m, prompts, cfg, generator):
+    """One micro-batch of R0 (or R0+). Returns (loss, stats); the caller calls loss.backward().
+    m: Models (unet, frozen_unet, vae, text encoder, rewards, ...), prompts: list of B strings."""
+    B, K = len(prompts), cfg.steps
+    h = cfg.resolution // 8
+    text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,768), no grad
+    noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z ~ N(0,I)
+    if cfg.r0_plus:
+        # R0+ (paper 4): supervise x0_hat at a random step k; steps before k run without gradient, so the
+        # backward graph holds one UNet call instead of k+1: faster, less memory, and every step gets trained.
+        k = int(torch.randint(0, K, (1,), generator=generator, device=m.device))
+        last_step, grad_from_step = k, k
+    else:
+        last_step, grad_from_step = K - 1, 0  # R0: backprop through all K steps
+    with autocast(m.device, cfg.precision):
+        x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=True, generator=generator,
+                          last_step=last_step, grad_from_step=grad_from_step)  # (B,4,h,w), in the graph
+        pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1], in the graph
+        g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
+                                                         text_emb, generator)
+    # The surrogate whose gradient w.r.t. theta is -(normalized, weighted reward gradient) . d(x)/d(theta).
+    surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
+    reg = weight_regularization(m.unet, m.frozen_unet)
+    loss = surrogate + cfg.weight_reg * reg
+    stats = {name: s.float().mean().item() for name, s in scores.items()}
+    stats.update(reg=reg.item(), surrogate=surrogate.item())
+    return loss, stats
+
+
+def autocast(device, precision):
+    """bf16 autocast on GPU *and* CPU (so the tests exercise the GPU's precision path), or nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading: SD1.5 from the hub or a folder, reward towers, and the tiny random-weight twins used by --tiny/tests.
+# (Everything from here on is plumbing; the algorithm is above.)
+
+@dataclass
+class Models:
+    tokenizer: object
+    text_encoder: object
+    vae: object
+    unet: object                # the generator g_theta (trainable: all weights, or LoRA adapters)
+    frozen_unet: object         # theta_0 copy for full fine-tuning, None with LoRA
+    scheduler_config: dict      # the base model's scheduler config (for the saved pipeline)
+    alphas_cumprod: torch.Tensor
+    rewards: dict               # name -> reward module
+    reward_weights: dict        # name -> w_i
+    device: str
+
+
+def sd15_configs(size):
+    """Configs of SD1.5's UNet / VAE / text encoder: 'full' = the published SD1.5 shapes (for the benchmark),
+    'tiny' = the same architecture families shrunk to run in seconds on a CPU."""
+    if size == "full":
+        unet = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                   block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                   up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+        text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
+    else:
+        unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+        # four blocks = three 2x downsamples: the same 8x latent compression as SD1.5's VAE
+        vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
+                   block_out_channels=(8, 8, 16, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+                   up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, mid_block_add_attention=False)
+        text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
+    return unet, vae, text
+
+
+# SD1.5's scheduler (the PNDM config on the hub, read by any diffusers scheduler): the DDPM chain we sample on.
+SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                             beta_schedule="scaled_linear", prediction_type="epsilon", set_alpha_to_one=False,
+                             steps_offset=1, clip_sample=False, skip_prk_steps=True)
+
+
+def sd15_tokenizer_offline():
+    """SD1.5's exact CLIP tokenizer (49408 tokens, pad = eos = 49407), rebuilt from the BPE merges that
+    open_clip ships, so no download is needed. Token order follows CLIP: 256 byte symbols, the same with '</w>',
+    the 48894 merges, then <|startoftext|> and <|endoftext|>."""
+    from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    from transformers import CLIPTokenizer
+    merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    byte_symbols = list(bytes_to_unicode().values())
+    vocab = byte_symbols + [s + "</w>" for s in byte_symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    assert len(vocab) == 49408, len(vocab)
+    with tempfile.TemporaryDirectory() as d:
+        with open(os.path.join(d, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump({token: i for i, token in enumerate(vocab)}, f)
+        with open(os.path.join(d, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
+        # positional paths: CLIPTokenizer(vocab_file, merges_file). (A wrong keyword silently gives 2 tokens.)
+        tokenizer = CLIPTokenizer(os.path.join(d, "vocab.json"), os.path.join(d, "merges.txt"),
+                                  pad_token="<|endoftext|>", model_max_length=77)
+    assert len(tokenizer) == 49408 and tokenizer.pad_token_id == 49407
+    return tokenizer
+
+
+def build_sd15_random(size="tiny", seed=0):
+    """SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code: no download. 'full' has random weights
+    (for the benchmark); 'tiny' is shrunk and given a miniature pretraining (see pretrain_tiny_denoiser)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    unet_cfg, vae_cfg, text_cfg = sd15_configs(size)
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(**unet_cfg)
+    vae = AutoencoderKL(**vae_cfg)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    tokenizer = sd15_tokenizer_offline()
+    if size == "tiny":  # our choice: miniature pretrainings, so the toy starts where R0 starts (see below)
+        pretrain_tiny_decoder(vae, seed)
+        prompts = ["a photo", "a red fox", "a blue car", "a green tree"]
+        pretrain_tiny_denoiser(unet, encode_prompts(tokenizer, text_encoder, prompts), seed)
+    return tokenizer, text_encoder, vae, unet
+
+
+# Approximate linear map from SD1.5's (scaled) latent channels to RGB in [-1,1], the one latent-preview tools use:
+# SD1.5's VAE is close to linear in colour. Rows: latent channels; columns: R, G, B.
+SD15_LATENT_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
+                   (-0.2120, -0.2616, -0.7177))
+
+
+def pretrain_tiny_decoder(vae, seed, steps=100, batch=16, lr=1e-2):
+    """Our choice, for the tiny models only: teach the tiny VAE decoder SD1.5's colour behaviour (latent channel
+    means map almost linearly to RGB, SD15_LATENT_RGB). A random decoder paints mid-gray whatever the latent (its
+    GroupNorms standardize global shifts away), which would leave the colour reward nothing to learn from.
+    Deterministic for a seed; a few seconds on a CPU."""
+    g = torch.Generator().manual_seed(seed)
+    latent_rgb = torch.tensor(SD15_LATENT_RGB)  # (4,3)
+    opt = torch.optim.Adam(list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()), lr=lr)
+    h = vae.config.sample_size // 8
+    for _ in range(steps):
+        # toy latents: textures plus a per-image global shift (the part that sets an image's colour)
+        z = 1.5 * torch.randn((batch, 4, h, h), generator=g) + torch.randn((batch, 4, 1, 1), generator=g)
+        target = torch.einsum("bchw,cd->bdhw", z, latent_rgb).clamp(-1, 1)  # (B,3,h,w) in [-1,1]
+        target = F.interpolate(target, scale_factor=8, mode="bilinear")  # (B,3,8h,8w)
+        loss = F.mse_loss(vae.decode(z / vae.config.scaling_factor).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.zero_grad(set_to_none=True)
+
+
+def pretrain_tiny_denoiser(unet, text_emb, seed, steps=60, batch=16, lr=3e-3):
+    """Our choice, for the tiny models only: a miniature 'SD pretraining', so that the toy starts where R0 starts:
+    from a denoiser. R0 fine-tunes a *pretrained* UNet; a random one predicts an eps unrelated to x_t, so the first
+    step's x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns any text signal.
+    A few dozen steps of the standard DDPM loss ||eps_theta(x_t, t, c) - eps||^2 on toy latents fix that. The toy
+    data ignore the text, so colour conditioning must still be learned from the reward alone. Deterministic for a
+    seed; a few seconds on a CPU."""
+    g = torch.Generator().manual_seed(seed)
+    alphas_cumprod = sd15_alphas_cumprod()
+    opt = torch.optim.Adam(unet.parameters(), lr=lr)
+    h = unet.config.sample_size
+    for _ in range(steps):
+        z0, eps = torch.randn((2, batch, 4, h, h), generator=g)  # toy data z0 ~ N(0, I): random colour textures
+        t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward diffusion of the toy data
+        c = text_emb[torch.randint(0, len(text_emb), (batch,), generator=g)]
+        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=c).sample, eps)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    unet.zero_grad(set_to_none=True)
+
+
+def build_clip_tower_random(size="tiny", seed=0):
+    """An open_clip CLIP model with random weights: 'full' = ViT-H-14 (the HPS v2.1 / CLIP-score architecture),
+    'tiny' = the same classes, shrunk. Returns (model, tokenizer)."""
+    import open_clip
+    torch.manual_seed(seed)
+    if size == "full":
+        return open_clip.create_model("ViT-H-14", pretrained=None), open_clip.get_tokenizer("ViT-H-14")
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+    model = open_clip.CLIP(embed_dim=32,
+                           vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=32, image_size=224),
+                           text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+    return model, open_clip.get_tokenizer("ViT-H-14")  # ViT-H-14's tokenizer is open_clip's bundled BPE
+
+
+def hub_error(what, how, err):
+    return UserError(f"could not load {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); {how}")
+
+
+def hub_unreachable():
+    """True when there is clearly no route to the Hugging Face hub. Checked before any download so a machine
+    without network gets one clear sentence at once instead of minutes of retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return True
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return False  # a proxy may be the route: let huggingface_hub try
+    import socket
+    from urllib.parse import urlparse
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def from_hub(load, what, how):
+    """Call load(local_files_only) with the local cache first; go to the network only if it is reachable."""
+    try:
+        return load(True)
+    except Exception as err:  # not in the cache (or a local folder problem): try the network if there is one
+        if hub_unreachable():
+            raise hub_error(what, f"the hub is unreachable and it is not in the local cache; {how}", err)
+    try:
+        return load(False)
+    except Exception as err:
+        raise hub_error(what, how, err)
+
+
+def load_sd15(model):
+    """SD1.5 components from a hub id or a local diffusers folder."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+    how = (f"pre-download it (hf download {model}), pass a local diffusers folder with --model, "
+           "or run offline with --tiny.")
+    if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
+        raise UserError(f"--model {model} is a folder but not a diffusers pipeline (no model_index.json); "
+                        "pass an SD1.5 diffusers folder or a hub id.")
+    def part(cls, sub):
+        return from_hub(lambda local: cls.from_pretrained(model, subfolder=sub, local_files_only=local),
+                        f"the {sub} of '{model}'", how)
+    scheduler_config = dict(part(DDIMScheduler, "scheduler").config)
+    return (part(CLIPTokenizer, "tokenizer"), part(CLIPTextModel, "text_encoder"), part(AutoencoderKL, "vae"),
+            part(UNet2DConditionModel, "unet"), scheduler_config)
+
+
+def check_sd15_shaped(text_encoder, vae, unet, scheduler_config):
+    """Refuse models this file cannot train, with a sentence that says why (SDXL, SD2 v-prediction, ...)."""
+    pred = scheduler_config.get("prediction_type", "epsilon")
+    if pred != "epsilon":
+        raise UserError(f"the base model's scheduler predicts '{pred}', but R0's generator is built on an "
+                        "epsilon-prediction UNet (SD1.5); pass an SD1.5 model.")
+    if scheduler_config.get("beta_schedule") != "scaled_linear" or scheduler_config.get("num_train_timesteps") != 1000:
+        raise UserError("the base model's noise schedule is not SD1.5's (scaled_linear, 1000 steps); "
+                        "pass an SD1.5 model.")
+    if unet.config.in_channels != 4 or vae.config.latent_channels != 4:
+        raise UserError("the base model's UNet/VAE are not SD1.5-shaped (4 latent channels); pass an SD1.5 model.")
+    if unet.config.cross_attention_dim != text_encoder.config.hidden_size or unet.config.addition_embed_type:
+        raise UserError("the base model's UNet does not take a single CLIP text encoder's hidden states "
+                        "(SDXL or another family?); pass an SD1.5 model.")
+
+
+def load_reward(name, tiny, device, dtype):
+    """The reward model of a name, frozen, in `dtype` on `device`."""
+    import open_clip
+    if name == "color":
+        return ColourReward()
+    if tiny:
+        model, tokenizer = build_clip_tower_random("tiny", seed={"hps": 1, "clip": 2}[name])
+    elif name == "hps":
+        from huggingface_hub import hf_hub_download
+        how = ("pre-download it (hf download xswu/HPSv2 HPS_v2.1_compressed.pt), or drop hps from --rewards, "
+               "or run offline with --tiny.")
+        path = from_hub(lambda local: hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt", local_files_only=local),
+                        "HPS v2.1 weights (xswu/HPSv2, HPS_v2.1_compressed.pt)", how)
+        model = open_clip.create_model("ViT-H-14", pretrained=None)  # architecture only: the file holds it all
+        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
+        tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    else:  # clip
+        how = ("pre-download it (hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K), or drop clip from "
+               "--rewards, or run offline with --tiny.")
+        if hub_unreachable():
+            os.environ["HF_HUB_OFFLINE"] = "1"  # open_clip reads the cache only; a miss raises at once
+        try:
+            model = open_clip.create_model("ViT-H-14", pretrained="laion2b_s32b_b79k")
+        except Exception as err:
+            raise hub_error("the CLIP-score model (ViT-H-14 laion2b_s32b_b79k)", how, err)
+        tokenizer = open_clip.get_tokenizer("ViT-H-14")
+    return ClipFamilyReward(name, model.to(device, dtype), tokenizer)
+
+
+def load_models(cfg):
+    """Everything a run needs, frozen parts frozen and in half precision, the trainable part set up."""
+    device = cfg.device
+    frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+    if cfg.tiny:
+        tokenizer, text_encoder, vae, unet = build_sd15_random("tiny", seed=cfg.seed)
+        scheduler_config = dict(SD15_SCHEDULER_CONFIG)
+    else:
+        tokenizer, text_encoder, vae, unet, scheduler_config = load_sd15(cfg.model)
+    check_sd15_shaped(text_encoder, vae, unet, scheduler_config)
+    alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
+    text_encoder.requires_grad_(False).eval().to(device, frozen_dtype)
+    vae.requires_grad_(False).eval().to(device, frozen_dtype)
+    unet.train()
+    frozen_unet = None
+    if cfg.lora_rank > 0:
+        # LoRA, the way diffusers' own LoRA training does it: frozen base weights (half precision), peft adapters
+        # on the attention projections, adapter weights in fp32 (trained under autocast).
+        from peft import LoraConfig
+        unet.requires_grad_(False).to(device, frozen_dtype)
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+    else:
+        # Full fine-tuning: fp32 trainable weights and a frozen fp32 copy theta_0 for the anchor (fp32 so that
+        # ||theta - theta_0|| is exactly 0 at the start; the copy also serves as the base model of the cfg reward).
+        unet.to(device, torch.float32)
+        frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    weights = parse_rewards(cfg.rewards)
+    rewards = {}
+    for name in weights:
+        if name == "cfg":
+            uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
+            rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod)
+        else:
+            rewards[name] = load_reward(name, cfg.tiny, device, frozen_dtype)
+    if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
+        unet.enable_gradient_checkpointing()
+        vae.enable_gradient_checkpointing()
+        for r in rewards.values():
+            if isinstance(r, ClipFamilyReward):
+                r.model.set_grad_checkpointing(True)
+    return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod.to(device),
+                  rewards, weights, device)
+
+
+def trainable_parameters(unet):
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Prompts, images, the saved pipeline
+
+def load_prompts(path):
+    """Prompts from a UTF-8 text file, one a line; '#' comments and blank lines are skipped."""
+    if path is None:
+        raise UserError("no prompt file given; pass --prompts FILE (one prompt a line, e.g. prompts.txt).")
+    if not os.path.exists(path):
+        raise UserError(f"prompt file '{path}' does not exist; pass --prompts with a text file of prompts.")
+    if os.path.isdir(path):
+        raise UserError(f"'{path}' is a directory, not a prompt file; pass --prompts with a text file.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file '{path}' is not UTF-8 text; save it as UTF-8.")
+    prompts = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    if not prompts:
+        raise UserError(f"prompt file '{path}' holds no prompts (only blank lines or '#' comments); "
+                        "add one prompt a line.")
+    return prompts
+
+
+def sample_prompts(prompts, n):
+    """n prompts spread evenly over the file: the fixed prompts of the progress grids."""
+    return [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(min(n, len(prompts)))]
+
+
+@torch.no_grad()
+def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batch_size=8):
+    """Images (N,3,H,W) in [0,1] of the few-step generator, one per (prompt, seed), deterministic per seed."""
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        ps, ss = prompts[i : i + batch_size], seeds[i : i + batch_size]
+        noise = torch.stack([initial_noise(s, resolution, m.device) for s in ss])  # (b,4,h,w)
+        gen = torch.Generator(m.device).manual_seed(ss[0])  # the eta>0 draws; unused at eta=0
+        with autocast(m.device, precision):
+            text_emb = encode_prompts(m.tokenizer, m.text_encoder, ps)
+            latents = generate(m.unet, noise, text_emb, steps, m.alphas_cumprod, eta=eta, generator=gen)
+            images.append(decode(m.vae, latents).float().cpu())
+    return torch.cat(images)
+
+
+def initial_noise(seed, resolution, device):
+    """x_T for one image: (4,h,w) N(0,I), drawn on the CPU so a seed gives the same image on every device."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((4, resolution // 8, resolution // 8), generator=g).to(device)
+
+
+def save_grid(images, path, ncols, captions=None):
+    """(N,3,H,W) in [0,1] -> one PNG, row-major, with an optional caption under each image."""
+    from PIL import Image, ImageDraw
+    N, _, H, W = images.shape
+    cap_h = 14 if captions else 0
+    nrows = math.ceil(N / ncols)
+    grid = Image.new("RGB", (ncols * W, nrows * (H + cap_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        r, c = divmod(i, ncols)
+        arr = (img.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
+        grid.paste(Image.fromarray(arr), (c * W, r * (H + cap_h)))
+        if captions:
+            text = captions[i] if len(captions[i]) * 6 <= W else captions[i][: max(W // 6 - 1, 1)] + "~"
+            draw.text((c * W + 2, r * (H + cap_h) + H + 1), text, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+
+@torch.no_grad()
+def colour_accuracy(m, prompts, seeds, steps, resolution, precision):
+    """Share of generated images whose dominant colour is the prompt's colour word (prompts without one skipped)."""
+    pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]
+    if not pairs:
+        return float("nan")
+    images = sample_images(m, [p for p, _ in pairs], [s for _, s in pairs], steps, resolution, precision)
+    hits = [got == colour_of(p).replace("grey", "gray") for got, (p, _) in zip(dominant_colour(images), pairs)]
+    return sum(hits) / len(hits)
+
+
+def few_step_scheduler(scheduler_config):
+    """The diffusers scheduler that reproduces generate(eta=0): DDIM, trailing spacing, final alpha = 1."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                     clip_sample=False, thresholding=False, rescale_betas_zero_snr=False)
+
+
+def merged_unet(unet):
+    """An fp32 CPU copy of the generator with LoRA adapters (if any) folded into the weights: a plain UNet."""
+    merged = copy.deepcopy(unet).to("cpu", torch.float32)
+    if getattr(merged, "peft_config", None):
+        merged.fuse_lora(lora_scale=1.0)
+        merged.unload_lora()
+    merged.disable_gradient_checkpointing()
+    return merged
+
+
+def save_pipeline(m, out_dir):
+    """<out>/pipeline: a standard diffusers folder whose scheduler is the few-step DDIM one, so
+    StableDiffusionPipeline.from_pretrained(out/pipeline)(prompt, num_inference_steps=4, guidance_scale=1.0)
+    reproduces our sampler. LoRA runs also write <out>/lora/pytorch_lora_weights.safetensors, loadable onto the
+    base model with pipe.load_lora_weights(out/lora)."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(
+        vae=copy.deepcopy(m.vae).to("cpu", torch.float32), text_encoder=copy.deepcopy(m.text_encoder).to("cpu", torch.float32),
+        tokenizer=m.tokenizer, unet=merged_unet(m.unet), scheduler=few_step_scheduler(m.scheduler_config),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.vae.disable_gradient_checkpointing()
+    pipe.save_pretrained(os.path.join(out_dir, "pipeline"))
+    if getattr(m.unet, "peft_config", None):
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
+        StableDiffusionPipeline.save_lora_weights(os.path.join(out_dir, "lora"), unet_lora_layers=layers,
+                                                  safe_serialization=True)
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Training loop
+
+def train(cfg):
+    prompts = load_prompts(cfg.prompts)
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    m = load_models(cfg)
+    params = trainable_parameters(m.unet)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # our choice: no decay, see Regularizers
+    n_params = sum(p.numel() for p in params)
+    print(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
+          f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device}")
+    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
+        json.dump(vars(cfg), f, indent=2)
+
+    fixed_prompts = sample_prompts(prompts, cfg.num_sample_prompts)  # the progress grid: fixed prompts x seeds
+    grid_prompts = [p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)]
+    grid_seeds = [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)]
+    def write_grid(step):
+        images = sample_images(m, grid_prompts, grid_seeds, cfg.steps, cfg.resolution, cfg.precision)
+        save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds)
+
+    from tqdm import tqdm
+    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)  # latents, eta, noise, R0+ step, cfg t
+    order = random.Random(cfg.seed)  # prompt order: shuffled epochs
+    queue = []
+    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a")
+    bar = tqdm(range(cfg.max_steps), desc="R0", dynamic_ncols=True)
+    write_grid(0)
+    for step in bar:
+        t0 = time.time()
+        if cfg.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        stats_sum = {}
+        for _ in range(cfg.grad_accum):
+            batch = []
+            while len(batch) < cfg.batch_size:
+                if not queue:
+                    queue = order.sample(prompts, len(prompts))
+                batch.append(queue.pop())
+            loss, stats = r0_step(m, batch, cfg, generator)
+            (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
+            stats["loss"] = loss.item()
+            for k, v in stats.items():
+                stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+
+        record = dict(step=step + 1, **stats_sum, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
+                      peak_mem_gb=peak_memory_gb(cfg.device))
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *m.reward_weights]} | {"s/it": f"{record['seconds']:.2f}"})
+        if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps:
+            write_grid(step + 1)
+    log.close()
+
+    summary = {}
+    if "color" in m.reward_weights or cfg.tiny:
+        # held-out seeds (never used in training draws or the grids) on every colour prompt of the file
+        summary["colour_accuracy"] = colour_accuracy(m, prompts, list(range(1000, 1004)), cfg.steps,
+                                                     cfg.resolution, cfg.precision)
+        print(f"colour accuracy on held-out seeds: {summary['colour_accuracy']:.1%}")
+    save_pipeline(m, cfg.output_dir)
+    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    print(f"done: samples in {cfg.output_dir}/samples, diffusers pipeline in {cfg.output_dir}/pipeline")
+    return m
+
+
+def peak_memory_gb(device):
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource  # CPU: peak resident set size of this process (Linux reports KiB)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Command line
+
+def build_parser():
+    p = argparse.ArgumentParser(description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    D = DEFAULTS
+    p.add_argument("--model", default=D["model"], help="hub id or local diffusers folder of an SD1.5 model")
+    p.add_argument("--tiny", action="store_true", help="tiny random-weight models, offline, CPU (the demo)")
+    p.add_argument("--prompts", default=D["prompts"], help="prompt file, one prompt a line")
+    p.add_argument("--output-dir", default=None, help=f"run folder (default {D['output_dir']}, --tiny: {TINY_PRESET['output_dir']})")
+    p.add_argument("--steps", type=int, default=D["steps"], help="generator steps K (1..8)")
+    p.add_argument("--resolution", type=int, default=None, help=f"image side in pixels (default {D['resolution']})")
+    p.add_argument("--r0-plus", action="store_true", help="R0+: rewards on x0_hat of a random intermediate step")
+    p.add_argument("--rewards", default=None, help=f"name=weight list from {REWARD_NAMES} (default {D['rewards']})")
+    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank; 0 = full fine-tuning (default {D['lora_rank']})")
+    p.add_argument("--weight-reg", type=float, default=D["weight_reg"], help="lambda of lambda*||theta - theta_0||^2")
+    p.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="max global gradient norm")
+    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {D['lr']})")
+    p.add_argument("--batch-size", type=int, default=None, help=f"images per micro-batch (default {D['batch_size']})")
+    p.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per step (default {D['grad_accum']})")
+    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default {D['max_steps']})")
+    p.add_argument("--seed", type=int, default=D["seed"])
+    p.add_argument("--device", default=D["device"], help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=D["precision"],
+                   help="bf16 autocast (frozen models in bf16) or fp32; auto = bf16 on GPU, fp32 on CPU")
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute activations in backward (default on; off for --tiny)")
+    p.add_argument("--sample-every", type=int, default=None, help="progress grid every N steps")
+    p.add_argument("--num-sample-prompts", type=int, default=None)
+    p.add_argument("--num-sample-seeds", type=int, default=None)
+    return p
+
+
+def resolve_config(args):
+    """Defaults <- tiny preset (if --tiny) <- explicit flags. Then validate, one clear sentence per mistake."""
+    cfg = dict(DEFAULTS)
+    if args.tiny:
+        cfg.update(TINY_PRESET)
+    cfg.update({k: v for k, v in vars(args).items() if v is not None})
+    cfg = argparse.Namespace(**cfg)
+    if cfg.device == "auto":
+        cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.precision == "auto":
+        cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {cfg.device} asked for a GPU but PyTorch sees none; use --device cpu.")
+    if not 1 <= cfg.steps <= 8:
+        raise UserError(f"--steps must be between 1 and 8 (the paper uses 4), got {cfg.steps}.")
+    for name in ("batch_size", "grad_accum", "max_steps", "resolution", "sample_every", "num_sample_prompts",
+                 "num_sample_seeds"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(cfg, name)}.")
+    if cfg.resolution % 8:
+        raise UserError(f"--resolution must be a multiple of 8 (the VAE downsamples by 8), got {cfg.resolution}.")
+    if not cfg.lr > 0 or not math.isfinite(cfg.lr):
+        raise UserError(f"--lr must be a positive number, got {cfg.lr}.")
+    if cfg.lora_rank < 0:
+        raise UserError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {cfg.lora_rank}.")
+    if cfg.weight_reg < 0 or cfg.grad_clip <= 0:
+        raise UserError("--weight-reg must be >= 0 and --grad-clip > 0.")
+    parse_rewards(cfg.rewards)  # validates names and weights before anything is loaded
+    return cfg
+
+
+def main(argv=None):
+    try:
+        cfg = resolve_config(build_parser().parse_args(argv))
+        train(cfg)
+    except UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
