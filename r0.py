@@ -27,6 +27,7 @@ File layout (top to bottom): config -> generator parameterization (paper 3.2) ->
 import argparse
 import contextlib
 import copy
+import functools
 import gzip
 import json
 import math
@@ -114,7 +115,7 @@ class UserError(Exception):
 #   step k at timestep t (SD1.5's DDPM schedule, alpha_bar_t = prod_{s<=t} (1 - beta_s)):
 #       eps    = unet(x_t, t, c)
 #       x0_hat = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                                   (Tweedie / DDIM eq. 12)
-#   last step: return x0_hat; otherwise move to the next timestep s with the DDIM-eta update
+#   last step: return x0_hat (the clean sample); otherwise move to the next timestep s with the DDIM-eta update
 #       sigma  = eta * sqrt((1 - a_s) / (1 - a_t)) * sqrt(1 - a_t / a_s)
 #       x_s    = sqrt(a_s) * x0_hat + sqrt(1 - a_s - sigma^2) * eps + sigma * noise
 # Training draws eta ~ U[0, 1] per step and per sample ("random eta sampling", a regularizer: the weights must
@@ -147,7 +148,8 @@ def x0_from_eps(x_t, eps, alpha_bar_t):
 
 def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_eta=False, generator=None,
              last_step=None, grad_from_step=0):
-    """The few-step generator g_theta. Returns x0_hat (B,4,h,w) of the last step run (SD latent scale).
+    """The few-step generator g_theta. Returns the clean latent (B,4,h,w) (SD latent scale): the final step's
+    x0_hat (exactly, for the paper's K=4), or with last_step set, that intermediate step's x0_hat (R0+).
 
     noise:          (B,4,h,w) x_T ~ N(0, I), the generator's input z
     text_emb:       (B,77,768) SD1.5 text-encoder hidden states (the condition c)
@@ -170,10 +172,12 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             a_t = alphas_cumprod[t].item()
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
             eps = unet(x, t_batch, encoder_hidden_states=text_emb).sample.float()  # (B,4,h,w), fp32 arithmetic
-            x0_hat = x0_from_eps(x, eps, a_t)
-            if i == last_step:
+            x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
+            if i == last_step < num_steps - 1:  # R0+: the rewards look at this intermediate x0_hat
                 return x0_hat
             s = t - jump
+            # final step: s < 0 for K = 1..5 and 8, where a_s := 1 makes the update return x0_hat exactly; for K = 6, 7
+            # it lands on t = 0 (a_0 = 0.9991) and DDIM takes that last tiny step, so we take it too
             a_s = alphas_cumprod[s].item() if s >= 0 else 1.0
             if random_eta:  # per sample, per step: shape (B,1,1,1)
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
@@ -182,7 +186,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             sigma = eta_i * ((1 - a_s) / (1 - a_t)) ** 0.5 * (1 - a_t / a_s) ** 0.5
             step_noise = torch.randn(x.shape, generator=generator, device=x.device)
             x = a_s**0.5 * x0_hat + (1 - a_s - sigma**2).clamp(min=0) ** 0.5 * eps + sigma * step_noise
-    raise AssertionError("unreachable: the loop returns at last_step")
+    return x  # the clean sample: (B,4,h,w) SD latents
 
 
 def decode(vae, latents):
@@ -575,7 +579,13 @@ def sd15_tokenizer_offline():
 
 def build_sd15_random(size="tiny", seed=0):
     """SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code: no download. 'full' has random weights
-    (for the benchmark); 'tiny' is shrunk and given a miniature pretraining (see pretrain_tiny_denoiser)."""
+    (for the benchmark); 'tiny' is shrunk and given a miniature pretraining (see pretrain_tiny_denoiser).
+    Built once per process and (size, seed); every call returns fresh copies."""
+    return copy.deepcopy(_build_sd15_random(size, seed))
+
+
+@functools.lru_cache(maxsize=2)
+def _build_sd15_random(size, seed):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     unet_cfg, vae_cfg, text_cfg = sd15_configs(size)

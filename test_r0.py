@@ -1,0 +1,386 @@
+"""Tests for r0.py / sample.py: offline, CPU, tiny random-weight models built in code.
+
+The model for these tests is minGPT's: agreement with an independent implementation (diffusers' DDIMScheduler and
+StableDiffusionPipeline, open_clip's own transform and tokenizer), not "it ran".
+Run:  HF_HUB_OFFLINE=1 python -m pytest -q test_r0.py
+"""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: hub calls must fail at once, not retry for minutes
+
+import numpy as np
+import pytest
+import torch
+
+import r0
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PROMPTS = os.path.join(HERE, "prompts.txt")
+
+
+def tiny_cfg(tmp_path, *extra):
+    """The tiny preset with the precision and checkpointing settings a GPU run uses (bf16 autocast, checkpointing)."""
+    argv = ["--tiny", "--prompts", PROMPTS, "--output-dir", str(tmp_path / "run"), "--precision", "bf16",
+            "--grad-checkpointing", *extra]
+    return r0.resolve_config(r0.build_parser().parse_args(argv))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """(tokenizer, text_encoder, vae, unet) of the tiny SD1.5 twin, fp32, eval mode."""
+    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    return tok, te.eval(), vae.eval(), unet.eval()
+
+
+def ddim_reference(unet, latents, text_emb, num_steps, eta=0.0, step_noises=None):
+    """diffusers' own DDIM loop (trailing spacing, final alpha 1, guidance 1): the independent implementation."""
+    scheduler = r0.few_step_scheduler(r0.SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(num_steps)
+    x = latents
+    for i, t in enumerate(scheduler.timesteps):
+        eps = unet(x, t, encoder_hidden_states=text_emb).sample
+        noise = step_noises[i] if step_noises is not None and i < num_steps - 1 else None
+        x = scheduler.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
+    return x
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generator parameterization
+
+def test_schedule_and_timesteps_match_diffusers():
+    from diffusers import DDPMScheduler
+    ref = DDPMScheduler.from_config(r0.SD15_SCHEDULER_CONFIG).alphas_cumprod
+    torch.testing.assert_close(r0.sd15_alphas_cumprod(), ref, rtol=1e-5, atol=1e-7)
+    assert r0.few_step_timesteps(4) == [999, 749, 499, 249]
+    for k in range(1, 9):
+        scheduler = r0.few_step_scheduler(r0.SD15_SCHEDULER_CONFIG)
+        scheduler.set_timesteps(k)
+        assert r0.few_step_timesteps(k) == scheduler.timesteps.tolist(), k
+
+
+def test_x0_from_eps_inverts_forward_diffusion_and_matches_ddim():
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn((2, 2, 4, 8, 8), generator=g)
+    a = r0.sd15_alphas_cumprod()[499].item()
+    x_t = a**0.5 * x0 + (1 - a) ** 0.5 * eps
+    torch.testing.assert_close(r0.x0_from_eps(x_t, eps, a), x0, rtol=1e-4, atol=1e-4)
+    scheduler = r0.few_step_scheduler(r0.SD15_SCHEDULER_CONFIG)
+    scheduler.set_timesteps(2)  # timesteps [999, 499]
+    out = scheduler.step(eps, 499, x_t, eta=0.0)
+    torch.testing.assert_close(r0.x0_from_eps(x_t, eps, a), out.pred_original_sample, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("num_steps", range(1, 9))
+@torch.no_grad()
+def test_sampler_eta0_equals_diffusers_ddim(tiny, num_steps):
+    tok, te, vae, unet = tiny
+    emb = r0.encode_prompts(tok, te, ["a red fox in the snow", "a blue car"])
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(num_steps))
+    ours = r0.generate(unet, latents, emb, num_steps, r0.sd15_alphas_cumprod(), eta=0.0)
+    ref = ddim_reference(unet, latents, emb, num_steps)
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+@torch.no_grad()
+def test_sampler_eta_positive_matches_ddim_with_the_same_noise_and_is_seeded(tiny):
+    tok, te, vae, unet = tiny
+    emb = r0.encode_prompts(tok, te, ["a red fox", "a blue car"])
+    latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(1))
+    ac = r0.sd15_alphas_cumprod()
+    ours = r0.generate(unet, latents, emb, 4, ac, eta=0.7, generator=torch.Generator().manual_seed(5))
+    # generate() draws one (B,4,h,w) noise per non-final step from its generator: hand diffusers the same draws
+    g = torch.Generator().manual_seed(5)
+    noises = [torch.randn(latents.shape, generator=g) for _ in range(3)]
+    torch.testing.assert_close(ours, ddim_reference(unet, latents, emb, 4, eta=0.7, step_noises=noises),
+                               rtol=1e-4, atol=1e-4)
+    # stochastic: other seeds give other images; seeded: the same seed gives the same image (random eta too)
+    again = r0.generate(unet, latents, emb, 4, ac, eta=0.7, generator=torch.Generator().manual_seed(5))
+    other = r0.generate(unet, latents, emb, 4, ac, eta=0.7, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(ours, again) and not torch.allclose(ours, other, atol=1e-3)
+    r1 = r0.generate(unet, latents, emb, 4, ac, random_eta=True, generator=torch.Generator().manual_seed(7))
+    r2 = r0.generate(unet, latents, emb, 4, ac, random_eta=True, generator=torch.Generator().manual_seed(7))
+    r3 = r0.generate(unet, latents, emb, 4, ac, random_eta=True, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(r1, r2) and not torch.allclose(r1, r3, atol=1e-3)
+
+
+def test_r0_plus_cuts_the_graph_before_the_sampled_step(tiny):
+    tok, te, vae, unet = tiny
+    unet = copy.deepcopy(unet).train()
+    emb = r0.encode_prompts(tok, te, ["a red fox"])
+    calls = []  # (grad enabled?, input requires grad?) per UNet call
+    hook = unet.register_forward_pre_hook(lambda mod, args: calls.append((torch.is_grad_enabled(), args[0].requires_grad)))
+    latents = torch.randn((1, 4, 8, 8))
+    for k in range(4):
+        calls.clear()
+        x0 = r0.generate(unet, latents, emb, 4, r0.sd15_alphas_cumprod(), random_eta=True,
+                         generator=torch.Generator().manual_seed(0), last_step=k, grad_from_step=k)
+        assert len(calls) == k + 1  # steps after k are not run at all
+        assert all(not grad for grad, _ in calls[:k])  # steps before k: no graph
+        assert calls[k] == (True, False)  # step k: in the graph, from an input that carries no history
+        x0.sum().backward()  # the graph exists and reaches the weights
+        assert unet.conv_out.weight.grad is not None
+        unet.zero_grad()
+    calls.clear()  # plain R0: every step in the graph, inputs after the first carry history
+    r0.generate(unet, latents, emb, 4, r0.sd15_alphas_cumprod(), random_eta=True, generator=torch.Generator())
+    assert [c[0] for c in calls] == [True] * 4 and [c[1] for c in calls] == [False, True, True, True]
+    hook.remove()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rewards
+
+def smooth_test_image(w, h, seed=0):
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    base = rng.random((h // 8 + 1, w // 8 + 1, 3))
+    arr = np.kron(base, np.ones((8, 8, 1)))[:h, :w] * 255 + rng.normal(0, 20, (h, w, 3))
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("size", [(512, 512), (300, 200), (200, 333), (64, 64)])
+def test_clip_preprocess_agrees_with_open_clip_transform(size):
+    import open_clip
+    import torchvision.transforms.functional as TF
+    # ViT-H-14 (HPS v2.1 and CLIP score) uses the OpenAI mean/std with bicubic 'shortest' resizing at 224
+    pretrained = open_clip.get_pretrained_cfg("ViT-H-14", "laion2b_s32b_b79k")
+    assert tuple(pretrained.get("mean", open_clip.OPENAI_DATASET_MEAN)) == r0.CLIP_MEAN
+    assert tuple(pretrained.get("std", open_clip.OPENAI_DATASET_STD)) == r0.CLIP_STD
+    transform = open_clip.image_transform(224, is_train=False, mean=r0.CLIP_MEAN, std=r0.CLIP_STD,
+                                          interpolation="bicubic", resize_mode="shortest")
+    img = smooth_test_image(*size)
+    ref = transform(img)  # (3,224,224), PIL path
+    pixels = TF.to_tensor(img)[None]  # (1,3,H,W) in [0,1]
+    ours = r0.clip_preprocess(pixels)[0]
+    assert ours.shape == ref.shape == (3, 224, 224)
+    err = (ours - ref).abs()
+    # PIL's and torch's bicubic kernels differ slightly (a=-0.5 vs -0.75): ~0.3/255 on average
+    assert err.mean() < 0.01 and err.max() < 0.35, (err.mean(), err.max())
+    # negative control: this tolerance catches real mistakes, e.g. a crop 3 pixels off or skipping the normalization
+    shifted = r0.clip_preprocess(torch.nn.functional.pad(pixels, (3, 0, 3, 0), mode="replicate")[..., : pixels.shape[2], : pixels.shape[3]])[0]
+    assert (shifted - ref).abs().mean() > 2 * err.mean()
+    unnormalized = r0.clip_preprocess(pixels)[0] * torch.tensor(r0.CLIP_STD).view(3, 1, 1)
+    assert (unnormalized - ref).abs().mean() > 0.1
+
+
+def test_clip_preprocess_refuses_pixels_outside_0_1():
+    with pytest.raises(AssertionError, match=r"\[0,1\]"):
+        r0.clip_preprocess(torch.rand(1, 3, 64, 64) * 2 - 1)  # a [-1,1] image: the classic reward bug
+
+
+def make_rewards(tiny_models, names=("hps", "clip", "color", "cfg")):
+    tok, te, vae, unet = tiny_models
+    rewards = {}
+    for name in names:
+        if name == "cfg":
+            uncond = r0.encode_prompts(tok, te, [""])
+            rewards[name] = r0.ImplicitCfgReward(r0.make_base_eps(unet, copy.deepcopy(unet)), uncond,
+                                                 r0.sd15_alphas_cumprod())
+        else:
+            rewards[name] = r0.load_reward(name, tiny=True, device="cpu", dtype=torch.float32)
+    return rewards
+
+
+def test_every_reward_passes_gradient_to_its_input_and_none_to_its_model(tiny):
+    tok, te, vae, unet = tiny
+    prompts = ["a red fox in the snow", "a blue car"]
+    emb = r0.encode_prompts(tok, te, prompts)
+    pixels = torch.rand(2, 3, 64, 64)
+    latents = torch.randn(2, 4, 8, 8)
+    for name, reward in make_rewards(tiny).items():
+        x = pixels if reward.space == "pixels" else latents
+        scores, grad = r0.reward_gradient(reward, x, prompts, emb, torch.Generator().manual_seed(0))
+        assert scores.shape == (2,) and torch.isfinite(scores).all(), name
+        assert grad.shape == x.shape and torch.isfinite(grad).all(), name
+        assert (grad.flatten(1).norm(dim=1) > 0).all(), f"{name} passes no gradient to some sample"
+        model = getattr(reward, "model", None)
+        if model is not None:
+            assert all(p.grad is None and not p.requires_grad for p in model.parameters()), name
+    # the colour reward's gradient points the right way: more red for 'red', more blue for 'blue'
+    _, grad = r0.reward_gradient(r0.ColourReward(), torch.full((2, 3, 8, 8), 0.5), prompts, emb)
+    assert grad[0, 0].mean() > 0 > grad[0, 2].mean() and grad[1, 2].mean() > 0 > grad[1, 0].mean()
+
+
+def test_clip_family_reward_is_the_cosine_of_open_clip_features():
+    reward = r0.load_reward("hps", tiny=True, device="cpu", dtype=torch.float32)
+    pixels = torch.rand(2, 3, 64, 64)
+    prompts = ["a red fox", "a blue car"]
+    with torch.no_grad():
+        img = reward.model.encode_image(r0.clip_preprocess(pixels))
+        txt = reward.model.encode_text(reward.tokenizer(prompts))
+    cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
+    torch.testing.assert_close(reward(pixels, prompts), cos, rtol=1e-4, atol=1e-5)
+
+
+def test_normalization_gives_each_reward_unit_per_sample_norm_before_weighting(tiny):
+    tok, te, vae, unet = tiny
+    prompts = ["a red fox", "a blue car", "a photo of a cat"]  # the third names no colour: 0 gradient stays 0
+
+    class Scaled(torch.nn.Module):  # the colour reward, 1000x louder: normalization must cancel the scale
+        space = "pixels"
+        def forward(self, pixels, prompts, text_emb=None):
+            return 1000 * r0.ColourReward()(pixels, prompts)
+
+    pixels, latents = torch.rand(3, 3, 16, 16), torch.randn(3, 4, 2, 2)
+    emb = r0.encode_prompts(tok, te, prompts)
+    for w in (1.0, 0.25):
+        g_pix, g_lat, _ = r0.composed_reward_gradients({"color": r0.ColourReward()}, {"color": w}, pixels, latents,
+                                                       prompts, emb)
+        torch.testing.assert_close(g_pix.flatten(1).norm(dim=1), torch.tensor([w, w, 0.0]), rtol=1e-4, atol=1e-6)
+        assert g_lat.abs().sum() == 0
+    # two rewards with gradients 1000x apart pull equally hard: the sum is 2x the quiet one's normalized gradient
+    g_both, _, _ = r0.composed_reward_gradients({"a": r0.ColourReward(), "b": Scaled()}, {"a": 1.0, "b": 1.0},
+                                                pixels, latents, prompts, emb)
+    g_one, _, _ = r0.composed_reward_gradients({"a": r0.ColourReward()}, {"a": 1.0}, pixels, latents, prompts, emb)
+    torch.testing.assert_close(g_both, 2 * g_one, rtol=1e-4, atol=1e-6)
+
+
+def test_rebuilt_tokenizer_is_sd15s_and_matches_open_clip():
+    from open_clip.tokenizer import SimpleTokenizer
+    tok = r0.sd15_tokenizer_offline()
+    assert len(tok) == 49408 and tok.pad_token_id == 49407 and tok.eos_token_id == 49407 and tok.bos_token_id == 49406
+    reference = SimpleTokenizer()
+    for text in ["a red fox in the snow", "An astronaut riding a horse, 4k!!", "Crème brûlée at dawn"]:
+        assert tok(text).input_ids == [49406, *reference.encode(text), 49407]
+    ids = tok(["a red fox"], padding="max_length", max_length=77, truncation=True).input_ids[0]
+    assert len(ids) == 77 and ids[-1] == 49407
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Regularizers, the training step, the training loop
+
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_weight_regularizer_zero_at_init_grows_after_a_step_and_grads_reach_only_the_unet(tmp_path, lora_rank):
+    cfg = tiny_cfg(tmp_path, "--lora-rank", str(lora_rank), "--rewards", "color=1.0,hps=0.5,clip=0.5,cfg=0.5",
+                   "--batch-size", "2")
+    m = r0.load_models(cfg)
+    params = r0.trainable_parameters(m.unet)
+    assert r0.weight_regularization(m.unet, m.frozen_unet).item() == 0.0
+    if lora_rank:  # LoRA mode: only adapter weights train, in fp32; the base UNet is frozen in bf16
+        assert params and all("lora" in n for n, p in m.unet.named_parameters() if p.requires_grad)
+        assert all(p.dtype == torch.float32 for p in params)
+    else:  # full fine-tuning: every UNet weight trains, theta_0 is a frozen copy
+        assert len(params) == len(list(m.unet.parameters())) and m.frozen_unet is not None
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    loss, stats = r0.r0_step(m, ["a red fox", "a blue car"], cfg, torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss) and set(stats) >= {"color", "hps", "clip", "cfg", "reg"}
+    loss.backward()
+    # gradients reach the generator's trainable weights ...
+    assert all(p.grad is not None for p in params) and sum(p.grad.abs().sum() for p in params) > 0
+    # ... and nothing frozen: VAE, text encoder, reward towers, theta_0
+    frozen = [m.vae, m.text_encoder] + [r.model for r in m.rewards.values() if hasattr(r, "model")]
+    frozen += [m.frozen_unet] if m.frozen_unet is not None else []
+    assert all(p.grad is None for module in frozen for p in module.parameters())
+    optimizer.step()
+    assert r0.weight_regularization(m.unet, m.frozen_unet).item() > 0
+
+
+def test_lora_regularizer_equals_the_merged_weight_change(tmp_path):
+    cfg = tiny_cfg(tmp_path, "--lora-rank", "4", "--precision", "fp32")
+    m = r0.load_models(cfg)
+    base = r0.merged_unet(m.unet).state_dict()
+    with torch.no_grad():
+        for p in r0.trainable_parameters(m.unet):
+            p.add_(0.01 * torch.randn_like(p))
+    merged = r0.merged_unet(m.unet).state_dict()
+    direct = sum((merged[k] - base[k]).pow(2).sum() for k in base)  # ||theta - theta_0||^2 on merged weights
+    torch.testing.assert_close(r0.weight_regularization(m.unet, None), direct, rtol=1e-3, atol=1e-6)
+
+
+def test_tiny_training_raises_the_colour_reward_with_gpu_precision_settings(tmp_path):
+    """A short run with bf16 autocast and gradient checkpointing (the GPU settings) must learn colour: the colour
+    reward on fixed held-out seeds (eta=0, deterministic) rises, and every logged line is complete."""
+    cfg = tiny_cfg(tmp_path, "--max-steps", "24", "--batch-size", "8", "--sample-every", "12")
+    prompts = r0.load_prompts(PROMPTS)
+    held_out = [p for p in prompts if r0.colour_of(p)][::4]
+
+    def colour_reward(m):
+        images = r0.sample_images(m, held_out, [10_000 + i for i in range(len(held_out))], cfg.steps,
+                                  cfg.resolution, cfg.precision)
+        return r0.ColourReward()(images, held_out).mean().item()
+
+    before = colour_reward(r0.load_models(cfg))
+    m = r0.train(cfg)
+    after = colour_reward(m)
+    assert after > before + 0.02, (before, after)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in log] == list(range(1, 25))
+    assert {"loss", "color", "reg", "grad_norm", "lr", "seconds", "peak_mem_gb"} <= set(log[0])
+    assert all(np.isfinite(r["color"]) and np.isfinite(r["grad_norm"]) for r in log)
+    samples = sorted(os.listdir(tmp_path / "run" / "samples"))
+    assert samples == ["step_000000.png", "step_000012.png", "step_000024.png"]
+    assert json.load(open(tmp_path / "run" / "config.json"))["max_steps"] == 24
+
+
+def test_saved_pipeline_reproduces_generate_and_lora_weights_load_onto_the_base(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    cfg = tiny_cfg(tmp_path, "--max-steps", "3", "--batch-size", "2", "--precision", "fp32")
+    m = r0.train(cfg)
+    run = tmp_path / "run"
+    pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline", local_files_only=True)
+    assert pipe.scheduler.config.timestep_spacing == "trailing" and pipe.scheduler.config.set_alpha_to_one
+    prompts = ["a red fox in the snow", "a blue car"]
+    latents = torch.stack([r0.initial_noise(s, 64, "cpu") for s in (3, 4)])
+    with torch.no_grad():
+        ours = r0.generate(m.unet, latents, r0.encode_prompts(m.tokenizer, m.text_encoder, prompts), 4,
+                           m.alphas_cumprod)
+        ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="latent").images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    # the trained model differs from the base model, and the LoRA file turns the base into the trained model
+    base = copy.deepcopy(pipe)
+    base.unet = r0.build_sd15_random("tiny", seed=cfg.seed)[3]
+    with torch.no_grad():
+        before = base(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="latent").images
+        base.load_lora_weights(run / "lora")
+        after = base(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="latent").images
+    assert not torch.allclose(before, ref, atol=1e-3)
+    torch.testing.assert_close(after, ref, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading and user errors: one sentence, non-zero exit, no traceback
+
+def test_load_prompts_skips_comments_and_blank_lines(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("# a comment\n\n  a red fox  \n#another\na blue car\n", encoding="utf-8")
+    assert r0.load_prompts(str(f)) == ["a red fox", "a blue car"]
+    assert len(r0.load_prompts(PROMPTS)) >= 90
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--rewards", "hps=1,foo=2"], "unknown reward 'foo'"),
+    (["--rewards", "hps=abc"], "is not a number"),
+    (["--rewards", "hps=-1"], ">= 0"),
+    (["--steps", "9"], "between 1 and 8"),
+    (["--resolution", "100"], "multiple of 8"),
+    (["--batch-size", "0"], "--batch-size must be a positive"),
+    (["--lr", "-1"], "--lr must be a positive"),
+    (["--prompts", "does-not-exist.txt"], "does not exist"),
+])
+def test_bad_input_is_one_clear_sentence(capsys, tmp_path, argv, message):
+    base = ["--tiny", "--prompts", PROMPTS, "--output-dir", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        r0.main(base + argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and err.startswith("error: ") and "Traceback" not in err and len(err.splitlines()) == 1
+
+
+def test_missing_model_offline_fails_fast_with_what_to_do(tmp_path):
+    """The real loading path, offline: one sentence naming what is missing and how to get it, no retries."""
+    cmd = [sys.executable, os.path.join(HERE, "r0.py"), "--prompts", PROMPTS, "--model", "someone/not-cached-sd15",
+           "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 2, out.stderr
+    assert "Traceback" not in out.stderr and "--tiny" in out.stderr and "someone/not-cached-sd15" in out.stderr
+
+
+def test_non_epsilon_or_non_sd15_models_are_refused(tiny):
+    tok, te, vae, unet = tiny
+    with pytest.raises(r0.UserError, match="epsilon"):
+        r0.check_sd15_shaped(te, vae, unet, {**r0.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    r0.check_sd15_shaped(te, vae, unet, r0.SD15_SCHEDULER_CONFIG)  # the tiny twin itself is SD1.5-shaped
