@@ -866,21 +866,26 @@ def initial_noise(seed, resolution, device):
     return torch.randn((4, resolution // 8, resolution // 8), generator=g).to(device)
 
 
-def save_grid(images, path, ncols, captions=None):
-    """(N,3,H,W) in [0,1] -> one PNG, row-major, with an optional caption under each image."""
+def save_grid(images, path, ncols, captions=None, row_labels=None):
+    """(N,3,H,W) in [0,1] -> one PNG, row-major; optional caption under each image and label left of each row."""
     from PIL import Image, ImageDraw
+    if (captions or row_labels) and images.shape[-1] < 128:  # small (tiny-model) images: make room for text
+        images = F.interpolate(images, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
     N, _, H, W = images.shape
     cap_h = 14 if captions else 0
+    label_w = 6 * max(map(len, row_labels)) + 8 if row_labels else 0
     nrows = math.ceil(N / ncols)
-    grid = Image.new("RGB", (ncols * W, nrows * (H + cap_h)), "white")
+    grid = Image.new("RGB", (label_w + ncols * W, nrows * (H + cap_h)), "white")
     draw = ImageDraw.Draw(grid)
     for i, img in enumerate(images):
         r, c = divmod(i, ncols)
-        arr = (img.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()
-        grid.paste(Image.fromarray(arr), (c * W, r * (H + cap_h)))
-        if captions:
+        x, y = label_w + c * W, r * (H + cap_h)
+        grid.paste(Image.fromarray((img.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()), (x, y))
+        if captions:  # ~6 px per character in PIL's default font
             text = captions[i] if len(captions[i]) * 6 <= W else captions[i][: max(W // 6 - 1, 1)] + "~"
-            draw.text((c * W + 2, r * (H + cap_h) + H + 1), text, fill="black")
+            draw.text((x + 2, y + H + 1), text, fill="black")
+    for r, label in enumerate(row_labels or []):
+        draw.text((4, r * (H + cap_h) + H // 2 - 6), label, fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     grid.save(path)
 
@@ -950,6 +955,12 @@ def train(cfg):
     with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
         json.dump(vars(cfg), f, indent=2)
 
+    track_colour = "color" in m.reward_weights  # the toy demo: measure colour accuracy before and after
+    held_out_seeds = list(range(1000, 1004))  # never used by training draws or the progress grids
+    if track_colour:
+        acc0 = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
+        print(f"colour accuracy before training (held-out seeds): {acc0:.1%}")
+
     fixed_prompts = sample_prompts(prompts, cfg.num_sample_prompts)  # the progress grid: fixed prompts x seeds
     grid_prompts = [p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)]
     grid_seeds = [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)]
@@ -988,17 +999,16 @@ def train(cfg):
                       peak_mem_gb=peak_memory_gb(cfg.device))
         log.write(json.dumps(record) + "\n")
         log.flush()
-        bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *m.reward_weights]} | {"s/it": f"{record['seconds']:.2f}"})
+        bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *m.reward_weights, "reg"]} | {"s/it": f"{record['seconds']:.2f}"})
         if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps:
             write_grid(step + 1)
     log.close()
 
     summary = {}
-    if "color" in m.reward_weights or cfg.tiny:
-        # held-out seeds (never used in training draws or the grids) on every colour prompt of the file
-        summary["colour_accuracy"] = colour_accuracy(m, prompts, list(range(1000, 1004)), cfg.steps,
-                                                     cfg.resolution, cfg.precision)
-        print(f"colour accuracy on held-out seeds: {summary['colour_accuracy']:.1%}")
+    if track_colour:
+        acc = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
+        summary.update(colour_accuracy_before=acc0, colour_accuracy=acc)
+        print(f"colour accuracy after training (held-out seeds): {acc:.1%}  (before: {acc0:.1%})")
     save_pipeline(m, cfg.output_dir)
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2)
@@ -1079,6 +1089,10 @@ def resolve_config(args):
 
 
 def main(argv=None):
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()  # keep the console to our progress bar and messages
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
     try:
         cfg = resolve_config(build_parser().parse_args(argv))
         train(cfg)

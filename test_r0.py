@@ -316,11 +316,17 @@ def test_tiny_training_raises_the_colour_reward_with_gpu_precision_settings(tmp_
     assert json.load(open(tmp_path / "run" / "config.json"))["max_steps"] == 24
 
 
-def test_saved_pipeline_reproduces_generate_and_lora_weights_load_onto_the_base(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A finished 3-step tiny LoRA run (fp32): (run folder, the trained Models)."""
+    tmp = tmp_path_factory.mktemp("tiny_run")
+    cfg = tiny_cfg(tmp, "--max-steps", "3", "--batch-size", "2", "--precision", "fp32")
+    return tmp / "run", r0.train(cfg)
+
+
+def test_saved_pipeline_reproduces_generate_and_lora_weights_load_onto_the_base(tiny_run):
     from diffusers import StableDiffusionPipeline
-    cfg = tiny_cfg(tmp_path, "--max-steps", "3", "--batch-size", "2", "--precision", "fp32")
-    m = r0.train(cfg)
-    run = tmp_path / "run"
+    run, m = tiny_run
     pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline", local_files_only=True)
     assert pipe.scheduler.config.timestep_spacing == "trailing" and pipe.scheduler.config.set_alpha_to_one
     prompts = ["a red fox in the snow", "a blue car"]
@@ -332,13 +338,100 @@ def test_saved_pipeline_reproduces_generate_and_lora_weights_load_onto_the_base(
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     # the trained model differs from the base model, and the LoRA file turns the base into the trained model
     base = copy.deepcopy(pipe)
-    base.unet = r0.build_sd15_random("tiny", seed=cfg.seed)[3]
+    base.unet = r0.build_sd15_random("tiny", seed=0)[3]
     with torch.no_grad():
         before = base(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="latent").images
         base.load_lora_weights(run / "lora")
         after = base(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="latent").images
     assert not torch.allclose(before, ref, atol=1e-3)
     torch.testing.assert_close(after, ref, rtol=1e-3, atol=1e-3)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sample.py
+
+def test_sample_py_equals_diffusers_pipeline_of_the_run(tiny_run, tmp_path):
+    """sample.py's 4-step images == StableDiffusionPipeline(run/pipeline)(4 steps, guidance 1), same latents."""
+    from diffusers import StableDiffusionPipeline
+    import sample
+    run, _ = tiny_run
+    args = sample.build_parser().parse_args(["--run", str(run), "--prompt", "a red fox", "--device", "cpu"])
+    m, base, run_cfg = sample.load_models(args, "cpu", torch.float32)
+    assert base is None and run_cfg.steps == 4 and run_cfg.tiny
+    prompts, seeds = ["a red fox in the snow", "a blue car"], [7, 8]
+    ours = r0.sample_images(m, prompts, seeds, 4, 64, "fp32")
+    pipe = StableDiffusionPipeline.from_pretrained(run / "pipeline", local_files_only=True)
+    latents = torch.stack([r0.initial_noise(s, 64, "cpu") for s in seeds])
+    with torch.no_grad():
+        ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="pt").images
+    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_sample_py_compare_base_and_score_writes_images_grid_and_table(tiny_run, tmp_path, capsys):
+    import sample
+    run, _ = tiny_run
+    out = tmp_path / "samples"
+    sample.main(["--run", str(run), "--prompts", PROMPTS, "--max-prompts", "3", "--num-images", "2",
+                 "--compare-base", "--score", "--score-with", "hps,clip,color", "--out", str(out)])
+    rows = json.load(open(out / "scores.json"))["rows"]
+    assert [r["row"] for r in rows] == ["base 25-step CFG 7.5", "R0 1-step", "R0 2-step", "R0 4-step"]
+    assert [r["unet_evals_per_image"] for r in rows] == [50, 1, 2, 4]
+    for r in rows:
+        assert r["seconds_per_image"] > 0 and {"hps x100", "clip x100", "colour acc %"} <= set(r)
+        assert np.isfinite(r["hps x100"]["mean"]) and r["hps x100"]["se"] >= 0
+    files = sorted(os.listdir(out))
+    assert "grid.png" in files and len([f for f in files if f.endswith("seed0.png")]) == 4 * 3
+    from PIL import Image
+    assert Image.open(out / "grid.png").size[1] == 4 * (128 + 14)  # 4 rows of upscaled 64px images + captions
+    assert "R0 4-step" in capsys.readouterr().out
+
+
+def test_sample_py_accepts_pipeline_folder_and_base_model_with_lora(tiny_run, tmp_path):
+    import sample
+    run, m = tiny_run
+    prompts, seeds = ["a red fox"], [0]
+    # the run's pipeline/ folder directly
+    args = sample.build_parser().parse_args(["--run", str(run / "pipeline"), "--prompt", "x"])
+    from_pipeline, _, run_cfg = sample.load_models(args, "cpu", torch.float32)
+    assert run_cfg is not None  # found the run's config.json beside pipeline/
+    # the base model (here: a diffusers folder holding the tiny base) plus the run's LoRA adapters
+    base_dir = tmp_path / "base"
+    from diffusers import StableDiffusionPipeline
+    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                            scheduler=r0.few_step_scheduler(r0.SD15_SCHEDULER_CONFIG), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(base_dir)
+    args = sample.build_parser().parse_args(["--model", str(base_dir), "--lora", str(run / "lora"), "--prompt", "x"])
+    with_lora, _, _ = sample.load_models(args, "cpu", torch.float32)
+    expected = r0.sample_images(m, prompts, seeds, 4, 64, "fp32")
+    torch.testing.assert_close(r0.sample_images(from_pipeline, prompts, seeds, 4, 64, "fp32"), expected,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(r0.sample_images(with_lora, prompts, seeds, 4, 64, "fp32"), expected,
+                               rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run", "no/such/run", "--prompt", "a fox"], "does not exist"),
+    (["--run", "{empty}", "--prompt", "a fox"], "holds no trained weights"),
+    (["--run", "{run}", "--prompt", "a fox", "--steps", "9"], "between 1 and 8"),
+    (["--run", "{run}", "--prompt", "a fox", "--steps", "two"], "whole numbers"),
+    (["--run", "{run}", "--prompt", "   "], "--prompt is empty"),
+    (["--run", "{run}", "--prompt", "a fox", "--out", "{file}/sub"], "cannot write to --out"),
+    (["--run", "{run}", "--prompt", "a fox", "--score", "--score-with", "fid"], "unknown reward 'fid'"),
+])
+def test_sample_py_bad_input_is_one_clear_sentence(tiny_run, tmp_path, capsys, argv, message):
+    import sample
+    run, _ = tiny_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    fill = {"{run}": str(run), "{empty}": str(tmp_path / "empty"), "{file}": str(tmp_path / "file")}
+    argv = [next((a.replace(k, v) for k, v in fill.items() if k in a), a) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
 
 
 # ----------------------------------------------------------------------------------------------------------------

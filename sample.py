@@ -1,0 +1,293 @@
+"""
+Few-step images from an R0 generator, side by side with the base model, scored: the paper's Table 1 in miniature.
+
+    python sample.py --run runs/r0 --prompt "a red fox in the snow"                  # 4-step R0 images
+    python sample.py --run runs/r0 --prompts prompts.txt --compare-base --score      # base 25-step CFG vs R0 1/2/4
+    python sample.py --tiny --prompt "a red fox" --compare-base --score              # offline, no run needed
+
+Everything model-related comes from r0.py (loaders, the few-step sampler, rewards, grids); this file only picks
+what to sample, times it, scores it and writes it. Output (--out): one PNG per image, grid.png (rows = samplers,
+prompt under each image) and, with --score, scores.json.
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+import r0
+
+BASE_STEPS, BASE_GUIDANCE = 25, 7.5  # the base model's usual sampler: 25 steps, classifier-free guidance 7.5
+
+
+def find_run(path):
+    """A run folder, its pipeline/ folder, or any diffusers folder -> (pipeline folder, run config or None)."""
+    if not os.path.exists(path):
+        raise r0.UserError(f"run folder '{path}' does not exist; pass the --output-dir of a finished r0.py run.")
+    if os.path.isfile(os.path.join(path, "pipeline", "model_index.json")):
+        pipeline_dir, config_path = os.path.join(path, "pipeline"), os.path.join(path, "config.json")
+    elif os.path.isfile(os.path.join(path, "model_index.json")):
+        pipeline_dir, config_path = path, os.path.join(os.path.dirname(os.path.abspath(path)), "config.json")
+    else:
+        raise r0.UserError(f"'{path}' holds no trained weights (no pipeline/model_index.json); pass the folder of a "
+                           "finished r0.py run (training writes pipeline/ at the end).")
+    run_cfg = None
+    if os.path.isfile(config_path):
+        with open(config_path) as f:
+            run_cfg = argparse.Namespace(**json.load(f))
+    return pipeline_dir, run_cfg
+
+
+def as_models(parts, device, dtype):
+    """(tokenizer, text_encoder, vae, unet, scheduler_config) -> r0.Models for sampling (no rewards, frozen)."""
+    tokenizer, text_encoder, vae, unet, scheduler_config = parts
+    r0.check_sd15_shaped(text_encoder, vae, unet, scheduler_config)
+    for module in (text_encoder, vae, unet):
+        module.requires_grad_(False).eval().to(device, dtype)
+    alphas_cumprod = r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"]).to(device)
+    return r0.Models(tokenizer, text_encoder, vae, unet, None, scheduler_config, alphas_cumprod, {}, {}, device)
+
+
+def load_models(args, device, dtype):
+    """(R0 generator, base model or None, run config or None) from --run / --model [--lora] / --tiny."""
+    run_cfg = None
+    if args.run:
+        pipeline_dir, run_cfg = find_run(args.run)
+        generator = r0.load_sd15(pipeline_dir)
+    elif args.tiny:
+        generator = (*r0.build_sd15_random("tiny", args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
+    else:
+        generator = r0.load_sd15(args.model)
+    base = None
+    if args.compare_base:  # with --lora the base is the model just loaded, before the adapters go in
+        base = copy.deepcopy(generator) if args.lora else load_base(args, run_cfg)
+    if args.lora:  # LoRA adapters of a LoRA run, folded into the UNet
+        from diffusers import StableDiffusionPipeline
+        tokenizer, text_encoder, vae, unet, scheduler_config = generator
+        if not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
+            raise r0.UserError(f"--lora {args.lora} holds no pytorch_lora_weights.safetensors; pass the lora/ "
+                               "folder of a LoRA run.")
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=r0.few_step_scheduler(scheduler_config), safety_checker=None,
+                                       feature_extractor=None, requires_safety_checker=False)
+        pipe.load_lora_weights(args.lora)
+        pipe.fuse_lora()  # fold delta W into the UNet weights (unet is modified in place)
+        pipe.unload_lora_weights()
+    return as_models(generator, device, dtype), (as_models(base, device, dtype) if base else None), run_cfg
+
+
+def load_base(args, run_cfg):
+    """The model R0 started from: the run's --model (or its tiny twin), else --model / a fresh tiny model."""
+    if run_cfg is not None:
+        if run_cfg.tiny:
+            return (*r0.build_sd15_random("tiny", run_cfg.seed), dict(r0.SD15_SCHEDULER_CONFIG))
+        return r0.load_sd15(run_cfg.model)
+    if args.tiny or args.run:
+        return (*r0.build_sd15_random("tiny", args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
+    return r0.load_sd15(args.model)
+
+
+@torch.no_grad()
+def sample_base(m, prompts, seeds, resolution, batch_size):
+    """The base model's usual sampler (a standard diffusers pipeline and scheduler: DDIM, 25 steps, CFG 7.5), from
+    the same initial noise per seed as the R0 rows. (N,3,H,W) in [0,1]."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                                   scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    images = []
+    for i in range(0, len(prompts), batch_size):
+        noise = torch.stack([r0.initial_noise(s, resolution, m.device) for s in seeds[i : i + batch_size]])
+        out = pipe(prompts[i : i + batch_size], height=resolution, width=resolution, num_inference_steps=BASE_STEPS,
+                   guidance_scale=BASE_GUIDANCE, latents=noise.to(m.unet.dtype), output_type="pt").images
+        images.append(out.float().cpu())
+    return torch.cat(images)
+
+
+def timed(fn, device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    out = fn()
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+    return out, time.perf_counter() - t0
+
+
+def mean_se(values):
+    """(mean, standard error of the mean) of a list of numbers."""
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, math.sqrt(var / n)
+
+
+@torch.no_grad()
+def score(images, prompts, scorers, device):
+    """Per-image scores: hps / clip as 100 x cosine, colour accuracy (%) on prompts that name a colour."""
+    result = {}
+    for name, reward in scorers.items():
+        values = []
+        for i in range(0, len(images), 8):
+            values += (100 * reward(images[i : i + 8].to(device), prompts[i : i + 8])).tolist()
+        result[f"{name} x100"] = values
+    colour_prompts = [(img, p) for img, p in zip(images, prompts) if r0.colour_of(p)]
+    if colour_prompts:
+        got = r0.dominant_colour(torch.stack([img for img, _ in colour_prompts]))
+        result["colour acc %"] = [100.0 * (g == r0.colour_of(p).replace("grey", "gray"))
+                                  for g, (_, p) in zip(got, colour_prompts)]
+    return result
+
+
+def parse_steps(text):
+    try:
+        steps = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise r0.UserError(f"--steps takes whole numbers from 1 to 8, like 4 or 1,2,4; got '{text}'.")
+    if not steps or any(not 1 <= k <= 8 for k in steps):
+        raise r0.UserError(f"--steps must be between 1 and 8 (like 4 or 1,2,4), got '{text}'.")
+    return steps
+
+
+def check_writable(out):
+    try:
+        os.makedirs(out, exist_ok=True)
+        probe = os.path.join(out, ".write-test")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as err:
+        raise r0.UserError(f"cannot write to --out {out} ({err.strerror}); pick a folder you can write to.")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Few-step images from an R0 generator (optionally vs the base model, scored)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="an r0.py run folder (or its pipeline/ folder)")
+    src.add_argument("--model", help="any SD1.5 diffusers folder or hub id (e.g. with --lora)")
+    src.add_argument("--tiny", action="store_true", help="a fresh tiny random model (offline)")
+    p.add_argument("--lora", help="lora/ folder of a LoRA run, applied onto --model")
+    txt = p.add_mutually_exclusive_group(required=True)
+    txt.add_argument("--prompt", help="one prompt")
+    txt.add_argument("--prompts", help="prompt file, one a line")
+    p.add_argument("--out", default="samples", help="output folder")
+    p.add_argument("--steps", default=None, help="generator steps, e.g. 4 or 1,2,4 (default: as trained; "
+                                                 "with --compare-base: 1,2,4)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity of the few-step sampler")
+    p.add_argument("--seed", type=int, default=0, help="first seed; image i of a prompt uses seed + i")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--resolution", type=int, default=None, help="default: as trained (512 for SD1.5)")
+    p.add_argument("--compare-base", action="store_true", help=f"add the base model, {BASE_STEPS} steps, CFG {BASE_GUIDANCE}")
+    p.add_argument("--score", action="store_true", help="print and save a score table (scores.json)")
+    p.add_argument("--score-with", default=None, help="rewards to score with, e.g. hps,clip,color "
+                                                     "(default: those the run trained with)")
+    p.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv=None):
+    from diffusers.utils import logging as diffusers_logging
+    diffusers_logging.set_verbosity_error()
+    import transformers
+    transformers.utils.logging.disable_progress_bar()
+    try:
+        run(build_parser().parse_args(argv))
+    except r0.UserError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+def run(args):
+    # --- check everything the user typed before loading anything ---
+    if args.prompt is not None:
+        prompts = [args.prompt.strip()]
+        if not prompts[0]:
+            raise r0.UserError("--prompt is empty; give a text such as --prompt \"a red fox in the snow\".")
+    else:
+        prompts = r0.load_prompts(args.prompts)
+    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
+    for name in ("num_images", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise r0.UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}.")
+    if args.resolution is not None and (args.resolution <= 0 or args.resolution % 8):
+        raise r0.UserError(f"--resolution must be a positive multiple of 8, got {args.resolution}.")
+    if args.eta < 0 or args.eta > 1:
+        raise r0.UserError(f"--eta must be between 0 and 1, got {args.eta}.")
+    if args.lora and not args.model:
+        raise r0.UserError("--lora goes with --model (the base model the adapters were trained on).")
+    steps_arg = parse_steps(args.steps) if args.steps else None
+    bad = [n for n in (args.score_with or "").split(",") if n.strip() and n.strip() not in ("hps", "clip", "color")]
+    if bad:
+        raise r0.UserError(f"unknown reward '{bad[0].strip()}' in --score-with; choose from hps, clip, color.")
+    check_writable(args.out)
+    if args.run:
+        find_run(args.run)  # fail on a bad run folder before loading anything heavy
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    m, base, run_cfg = load_models(args, device, dtype)
+    trained_steps = run_cfg.steps if run_cfg else 4
+    steps_list = steps_arg or ([1, 2, 4] if args.compare_base else [trained_steps])
+    resolution = args.resolution or (run_cfg.resolution if run_cfg else (64 if args.tiny else 512))
+    seeds = [args.seed + i for _ in prompts for i in range(args.num_images)]
+    all_prompts = [p for p in prompts for _ in range(args.num_images)]
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+
+    # --- sample every row, timing each (a warm-up call first, so one-time costs are not counted) ---
+    rows = []  # (label, unet evals per image, images, seconds per image)
+    if base is not None:
+        sample_base(base, all_prompts[:1], seeds[:1], resolution, 1)
+        images, secs = timed(lambda: sample_base(base, all_prompts, seeds, resolution, args.batch_size), device)
+        rows.append((f"base {BASE_STEPS}-step CFG {BASE_GUIDANCE}", 2 * BASE_STEPS, images, secs / len(seeds)))
+    for k in steps_list:
+        def few_step():
+            return r0.sample_images(m, all_prompts, seeds, k, resolution, precision, eta=args.eta,
+                                    batch_size=args.batch_size)
+        r0.sample_images(m, all_prompts[:1], seeds[:1], k, resolution, precision, eta=args.eta)
+        images, secs = timed(few_step, device)
+        rows.append((f"R0 {k}-step", k, images, secs / len(seeds)))
+
+    # --- write images and the captioned grid ---
+    for label, _, images, _ in rows:
+        tag = label.split(" CFG")[0].replace(" ", "_")
+        for img, p, s in zip(images, all_prompts, seeds):
+            r0.save_grid(img[None], os.path.join(args.out, f"{tag}_{prompts.index(p):03d}_seed{s}.png"), 1)
+    r0.save_grid(torch.cat([images for _, _, images, _ in rows]), os.path.join(args.out, "grid.png"), len(seeds),
+                 captions=all_prompts * len(rows), row_labels=[label for label, _, _, _ in rows])
+    print(f"wrote {len(rows) * len(seeds)} images and grid.png to {args.out}")
+
+    if args.score:
+        names = args.score_with or (run_cfg.rewards if run_cfg else "hps,clip")
+        names = [n.split("=")[0].strip() for n in names.split(",") if n.strip()]
+        tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
+        scorers = {n: r0.load_reward(n, tiny, device, dtype) for n in names if n in ("hps", "clip")}
+        table = []
+        for label, evals, images, secs in rows:
+            scores = score(images, all_prompts, scorers, device)
+            table.append({"row": label, "unet_evals_per_image": evals, "seconds_per_image": secs,
+                          **{k: dict(zip(("mean", "se"), mean_se(v))) for k, v in scores.items()}})
+        print_table(table)
+        with open(os.path.join(args.out, "scores.json"), "w") as f:
+            json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds), "rows": table}, f,
+                      indent=2)
+
+
+def print_table(table):
+    metrics = [k for k in table[0] if k not in ("row", "unet_evals_per_image", "seconds_per_image")]
+    header = f"{'row':<24} {'UNet evals/img':>14} {'s/img':>8} " + " ".join(f"{m:>16}" for m in metrics)
+    print(header)
+    print("-" * len(header))
+    for row in table:
+        cells = " ".join(f"{row[m]['mean']:>9.2f} ± {row[m]['se']:<4.2f}" for m in metrics)
+        print(f"{row['row']:<24} {row['unet_evals_per_image']:>14} {row['seconds_per_image']:>8.3f} {cells}")
+
+
+if __name__ == "__main__":
+    main()
