@@ -29,11 +29,13 @@ import contextlib
 import copy
 import functools
 import gzip
+import hashlib
 import json
 import math
 import os
 import random
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -83,6 +85,12 @@ DEFAULTS = dict(
     sample_every=100,           # write a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)
     num_sample_prompts=4,       # prompts in that grid, spread over the prompt file
     num_sample_seeds=2,         # seeds per prompt in that grid
+    # --- surviving long runs ---
+    checkpoint_every=200,       # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
+    keep_checkpoints=3,         # older checkpoints are deleted
+    max_bad_steps=10,           # non-finite steps in a row (each skipped) before the run stops
+    resume=None,                # a run folder, or 'auto'
+    overwrite=False,            # replace a run already in output_dir
 )
 
 # --tiny: the same code path on tiny random-weight models, sized so the demo learns colour in under 2 minutes
@@ -99,6 +107,7 @@ TINY_PRESET = dict(
     grad_checkpointing=False,   # saves no memory worth having at this size and costs ~40% time; the tests
                                 # switch it on so that the GPU's checkpointing path is exercised
     sample_every=50,
+    checkpoint_every=50,
     num_sample_prompts=6,
     num_sample_seeds=4,
 )
@@ -586,10 +595,15 @@ def build_sd15_random(size="tiny", seed=0):
 
 @functools.lru_cache(maxsize=2)
 def _build_sd15_random(size, seed):
+    with torch.random.fork_rng():  # building leaves the global RNG as it found it (cached or not)
+        torch.manual_seed(seed)
+        return _build_sd15_random_uncached(size, seed)
+
+
+def _build_sd15_random_uncached(size, seed):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     unet_cfg, vae_cfg, text_cfg = sd15_configs(size)
-    torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
@@ -656,7 +670,13 @@ def build_clip_tower_random(size="tiny", seed=0):
     """An open_clip CLIP model with random weights: 'full' = ViT-H-14 (the HPS v2.1 / CLIP-score architecture),
     'tiny' = the same classes, shrunk. Returns (model, tokenizer)."""
     import open_clip
-    torch.manual_seed(seed)
+    with torch.random.fork_rng():  # leave the global RNG as we found it
+        torch.manual_seed(seed)
+        return _build_clip_tower_random(size)
+
+
+def _build_clip_tower_random(size):
+    import open_clip
     if size == "full":
         return open_clip.create_model("ViT-H-14", pretrained=None), open_clip.get_tokenizer("ViT-H-14")
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
@@ -784,6 +804,7 @@ def load_models(cfg):
         # LoRA, the way diffusers' own LoRA training does it: frozen base weights (half precision), peft adapters
         # on the attention projections, adapter weights in fp32 (trained under autocast).
         from peft import LoraConfig
+        torch.manual_seed(cfg.seed)  # the adapters' random init depends on the seed alone
         unet.requires_grad_(False).to(device, frozen_dtype)
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
@@ -939,80 +960,287 @@ def save_pipeline(m, out_dir):
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Checkpoints, resume, interrupts: a run of hours must survive crashes, Ctrl-C, full disks and NaNs.
+
+# Config keys a resumed run may change: none of them touches the optimization itself.
+RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sample_seeds", "checkpoint_every",
+                     "keep_checkpoints", "max_bad_steps", "device", "grad_checkpointing", "prompts", "resume",
+                     "overwrite", "output_dir"}
+RUN_FILES = ("config.json", "log.jsonl", "summary.json", "checkpoints", "samples", "pipeline", "lora")
+
+
+class TrainingStopped(UserError):
+    """Training ended early on purpose (interrupt, too many non-finite steps); exit_code says which."""
+    def __init__(self, message, exit_code):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class PromptOrder:
+    """Prompts in shuffled epochs. Its state (random generator + what is left of this epoch) goes into checkpoints,
+    so a resumed run sees exactly the prompts the uninterrupted run would have seen."""
+
+    def __init__(self, prompts, seed):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+
+    def batch(self, n):
+        out = []
+        while len(out) < n:
+            if not self.queue:
+                self.queue = self.rng.sample(self.prompts, len(self.prompts))
+            out.append(self.queue.pop())
+        return out
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+
+    def load_state_dict(self, state):
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.queue = list(state["queue"])
+
+
+def checkpoint_files(out_dir):
+    folder = os.path.join(out_dir, "checkpoints")
+    names = sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d{6}\.pt", f)) if os.path.isdir(folder) else []
+    return [os.path.join(folder, f) for f in names]
+
+
+def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_hash):
+    """<out>/checkpoints/step_NNNNNN.pt with everything an exact resume needs. Written to a temporary file and
+    renamed (atomic on POSIX), so a crash mid-write never leaves a corrupt latest checkpoint; then the oldest beyond
+    --keep-checkpoints are deleted. A failed write (full disk) warns and keeps the previous checkpoints."""
+    state = {
+        "step": step,
+        "trainable": {n: p.detach().cpu() for n, p in m.unet.named_parameters() if p.requires_grad},
+        "optimizer": optimizer.state_dict(),
+        "generator": generator.get_state(),  # latents, eta, noise, R0+ step, cfg timesteps
+        "torch_rng": torch.get_rng_state(),
+        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python_rng": random.getstate(),  # (NumPy is not used for randomness)
+        "order": order.state_dict(),
+        "config": vars(cfg),
+        "prompts_sha256": prompts_hash,
+    }
+    path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}.pt")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    try:
+        torch.save(state, path + ".tmp")
+        os.replace(path + ".tmp", path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        print(f"warning: could not write checkpoint {path} ({err.strerror}); the previous one is kept.")
+        return None
+    for old in checkpoint_files(out_dir)[: -cfg.keep_checkpoints]:
+        os.remove(old)
+    return path
+
+
+def load_checkpoint(path, m, optimizer, generator, order):
+    """Restore a save_checkpoint() file into freshly built models / optimizer / generators. Returns its step."""
+    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds Python RNG state
+    params = dict(m.unet.named_parameters())
+    for name, value in state["trainable"].items():
+        params[name].data.copy_(value)
+    optimizer.load_state_dict(state["optimizer"])
+    generator.set_state(state["generator"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    random.setstate(state["python_rng"])
+    order.load_state_dict(state["order"])
+    return state["step"]
+
+
+class StopOnSignal:
+    """SIGINT / SIGTERM: finish the current step, save a checkpoint, exit. A second signal exits at once."""
+
+    def __init__(self):
+        self.signum = None
+
+    def __call__(self, signum, frame):
+        if self.signum is not None:
+            print("\nsecond interrupt: exiting now, without a checkpoint.", file=sys.stderr, flush=True)
+            os._exit(128 + signum)
+        self.signum = signum
+        print("\ninterrupt: finishing this step, then saving a checkpoint (interrupt again to quit at once).",
+              file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def all_finite(*values):
+    return all(math.isfinite(v) for v in values)
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Training loop
+
+def optimizer_step(m, optimizer, params, order, cfg, generator):
+    """One optimizer step over --grad-accum micro-batches. A non-finite loss, reward or gradient skips the update:
+    weights and optimizer state stay exactly as they were. Returns (stats, grad_norm, applied)."""
+    stats_sum, finite = {}, True
+    for _ in range(cfg.grad_accum):
+        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)
+        stats["loss"] = loss.item()
+        finite = finite and all_finite(*stats.values())
+        if finite:  # no point pushing NaNs through the graph
+            (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
+    applied = finite and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    return stats_sum, grad_norm, applied
+
+
+def check_output_dir(cfg):
+    """Fresh runs, before anything is loaded or written: refuse to mix with another run's files, and make sure the
+    folder can be written (checked on its nearest existing parent, so nothing is created yet)."""
+    out = cfg.output_dir
+    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if existing and not cfg.overwrite:
+        raise UserError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume {out}, "
+                        "replace it with --overwrite, or choose another --output-dir.")
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to --output-dir {out} ({parent} is not a writable folder); choose a folder "
+                        "you can write to.")
+    return existing
+
+
+def create_output_dir(cfg, existing):
+    """After the models loaded: make the folder; --overwrite removes the previous run's files (and only those)."""
+    import shutil
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    for f in existing:
+        path = os.path.join(cfg.output_dir, f)
+        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def write_json(path, obj):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def warn_long_prompts(tokenizer, prompts):
+    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    too_long = sum(n > tokenizer.model_max_length for n in lengths)
+    if too_long:
+        print(f"warning: {too_long} of {len(prompts)} prompts are longer than CLIP's {tokenizer.model_max_length}-token "
+              f"limit (longest: {max(lengths)} tokens); they are truncated, as SD1.5 itself does.")
+
 
 def train(cfg):
     prompts = load_prompts(cfg.prompts)
-    os.makedirs(cfg.output_dir, exist_ok=True)
+    prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    resume_from = cfg.resume_checkpoint
+    existing = check_output_dir(cfg) if resume_from is None else []
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     m = load_models(cfg)
+    if resume_from is None:
+        create_output_dir(cfg, existing)
     params = trainable_parameters(m.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # our choice: no decay, see Regularizers
+    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)  # latents, eta, noise, R0+ step, cfg t
+    order = PromptOrder(prompts, cfg.seed)
+    warn_long_prompts(m.tokenizer, prompts)
+    out = cfg.output_dir
+    log_path, summary_path = os.path.join(out, "log.jsonl"), os.path.join(out, "summary.json")
+    summary = {}
+    start = 0
+    if resume_from:
+        state_hash = torch.load(resume_from, map_location="cpu", weights_only=False)["prompts_sha256"]
+        if state_hash != prompts_hash:
+            raise UserError(f"the prompts in {cfg.prompts} differ from those the run was trained on; resume with the "
+                            "same prompt file, or start a new run.")
+        start = load_checkpoint(resume_from, m, optimizer, generator, order)
+        # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
+        lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
+        with open(log_path + ".tmp", "w") as f:
+            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= start)
+        os.replace(log_path + ".tmp", log_path)
+        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        print(f"resumed from {resume_from} (step {start})")
     n_params = sum(p.numel() for p in params)
     print(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
           f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device}")
-    with open(os.path.join(cfg.output_dir, "config.json"), "w") as f:
-        json.dump(vars(cfg), f, indent=2)
+    write_json(os.path.join(out, "config.json"), {k: v for k, v in vars(cfg).items() if k != "resume_checkpoint"})
 
     track_colour = "color" in m.reward_weights  # the toy demo: measure colour accuracy before and after
     held_out_seeds = list(range(1000, 1004))  # never used by training draws or the progress grids
-    if track_colour:
-        acc0 = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
-        print(f"colour accuracy before training (held-out seeds): {acc0:.1%}")
+    if track_colour and "colour_accuracy_before" not in summary:
+        summary["colour_accuracy_before"] = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution,
+                                                            cfg.precision)
+        print(f"colour accuracy before training (held-out seeds): {summary['colour_accuracy_before']:.1%}")
+        write_json(summary_path, summary)
 
     fixed_prompts = sample_prompts(prompts, cfg.num_sample_prompts)  # the progress grid: fixed prompts x seeds
     grid_prompts = [p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)]
     grid_seeds = [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)]
     def write_grid(step):
         images = sample_images(m, grid_prompts, grid_seeds, cfg.steps, cfg.resolution, cfg.precision)
-        save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds)
+        save_grid(images, os.path.join(out, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds)
 
     from tqdm import tqdm
-    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)  # latents, eta, noise, R0+ step, cfg t
-    order = random.Random(cfg.seed)  # prompt order: shuffled epochs
-    queue = []
-    log = open(os.path.join(cfg.output_dir, "log.jsonl"), "a")
-    bar = tqdm(range(cfg.max_steps), desc="R0", dynamic_ncols=True)
-    write_grid(0)
-    for step in bar:
-        t0 = time.time()
-        if cfg.device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
-        stats_sum = {}
-        for _ in range(cfg.grad_accum):
-            batch = []
-            while len(batch) < cfg.batch_size:
-                if not queue:
-                    queue = order.sample(prompts, len(prompts))
-                batch.append(queue.pop())
-            loss, stats = r0_step(m, batch, cfg, generator)
-            (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
-            stats["loss"] = loss.item()
-            for k, v in stats.items():
-                stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    if start == 0:
+        write_grid(0)
+    bad_steps, last_checkpoint = 0, resume_from
+    with open(log_path, "a") as log, StopOnSignal() as stop:
+        bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="R0", dynamic_ncols=True)
+        for step in bar:
+            t0 = time.time()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            stats, grad_norm, applied = optimizer_step(m, optimizer, params, order, cfg, generator)
+            record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
+                          peak_mem_gb=peak_memory_gb(cfg.device))
+            bad_steps = 0 if applied else bad_steps + 1
+            if not applied:
+                record["skipped"] = "non-finite loss, reward or gradient"
+                bar.write(f"step {step + 1}: non-finite loss, reward or gradient; update skipped "
+                          f"({bad_steps}/{cfg.max_bad_steps} in a row)")
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *m.reward_weights, "reg"]}
+                            | {"s/it": f"{record['seconds']:.2f}"})
+            if bad_steps >= cfg.max_bad_steps:
+                raise TrainingStopped(
+                    f"stopped at step {step + 1} after {bad_steps} steps in a row with non-finite values (NaN/Inf); "
+                    f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}. "
+                    "Lower --lr or check the rewards, then --resume.", exit_code=3)
+            done = step + 1 == cfg.max_steps
+            if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stop.signum):
+                last_checkpoint = save_checkpoint(out, step + 1, m, optimizer, generator, order, cfg,
+                                                  prompts_hash) or last_checkpoint
+            if (step + 1) % cfg.sample_every == 0 or done:
+                write_grid(step + 1)
+            if stop.signum and not done:
+                bar.close()
+                raise TrainingStopped(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
+                                      f"python r0.py --resume {out}", exit_code=128 + stop.signum)
 
-        record = dict(step=step + 1, **stats_sum, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
-                      peak_mem_gb=peak_memory_gb(cfg.device))
-        log.write(json.dumps(record) + "\n")
-        log.flush()
-        bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *m.reward_weights, "reg"]} | {"s/it": f"{record['seconds']:.2f}"})
-        if (step + 1) % cfg.sample_every == 0 or step + 1 == cfg.max_steps:
-            write_grid(step + 1)
-    log.close()
-
-    summary = {}
     if track_colour:
-        acc = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
-        summary.update(colour_accuracy_before=acc0, colour_accuracy=acc)
-        print(f"colour accuracy after training (held-out seeds): {acc:.1%}  (before: {acc0:.1%})")
-    save_pipeline(m, cfg.output_dir)
-    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    print(f"done: samples in {cfg.output_dir}/samples, diffusers pipeline in {cfg.output_dir}/pipeline")
+        summary["colour_accuracy"] = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution,
+                                                     cfg.precision)
+        print(f"colour accuracy after training (held-out seeds): {summary['colour_accuracy']:.1%}  "
+              f"(before: {summary['colour_accuracy_before']:.1%})")
+    save_pipeline(m, out)
+    write_json(summary_path, summary)
+    print(f"done: samples in {out}/samples, diffusers pipeline in {out}/pipeline")
     return m
 
 
@@ -1027,42 +1255,68 @@ def peak_memory_gb(device):
 # Command line
 
 def build_parser():
+    # argument_default=SUPPRESS: only flags the user typed appear, so they can override the defaults, the --tiny
+    # preset, or (on --resume) the saved config -- and we can tell which ones were typed.
     p = argparse.ArgumentParser(description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    D = DEFAULTS
-    p.add_argument("--model", default=D["model"], help="hub id or local diffusers folder of an SD1.5 model")
+                                argument_default=argparse.SUPPRESS)
+    D, T = DEFAULTS, TINY_PRESET
+    p.add_argument("--model", help=f"hub id or local diffusers folder of an SD1.5 model (default {D['model']})")
     p.add_argument("--tiny", action="store_true", help="tiny random-weight models, offline, CPU (the demo)")
-    p.add_argument("--prompts", default=D["prompts"], help="prompt file, one prompt a line")
-    p.add_argument("--output-dir", default=None, help=f"run folder (default {D['output_dir']}, --tiny: {TINY_PRESET['output_dir']})")
-    p.add_argument("--steps", type=int, default=D["steps"], help="generator steps K (1..8)")
-    p.add_argument("--resolution", type=int, default=None, help=f"image side in pixels (default {D['resolution']})")
+    p.add_argument("--prompts", help="prompt file, one prompt a line")
+    p.add_argument("--output-dir", help=f"run folder (default {D['output_dir']}; --tiny: {T['output_dir']})")
+    p.add_argument("--steps", type=int, help=f"generator steps K, 1..8 (default {D['steps']})")
+    p.add_argument("--resolution", type=int, help=f"image side in pixels (default {D['resolution']}; --tiny: {T['resolution']})")
     p.add_argument("--r0-plus", action="store_true", help="R0+: rewards on x0_hat of a random intermediate step")
-    p.add_argument("--rewards", default=None, help=f"name=weight list from {REWARD_NAMES} (default {D['rewards']})")
-    p.add_argument("--lora-rank", type=int, default=None, help=f"LoRA rank; 0 = full fine-tuning (default {D['lora_rank']})")
-    p.add_argument("--weight-reg", type=float, default=D["weight_reg"], help="lambda of lambda*||theta - theta_0||^2")
-    p.add_argument("--grad-clip", type=float, default=D["grad_clip"], help="max global gradient norm")
-    p.add_argument("--lr", type=float, default=None, help=f"AdamW learning rate (default {D['lr']})")
-    p.add_argument("--batch-size", type=int, default=None, help=f"images per micro-batch (default {D['batch_size']})")
-    p.add_argument("--grad-accum", type=int, default=None, help=f"micro-batches per step (default {D['grad_accum']})")
-    p.add_argument("--max-steps", type=int, default=None, help=f"optimizer steps (default {D['max_steps']})")
-    p.add_argument("--seed", type=int, default=D["seed"])
-    p.add_argument("--device", default=D["device"], help="auto, cpu, cuda, cuda:1, ...")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"], default=D["precision"],
+    p.add_argument("--rewards", help=f"name=weight list from {', '.join(REWARD_NAMES)} (default {D['rewards']}; --tiny: {T['rewards']})")
+    p.add_argument("--lora-rank", type=int, help=f"LoRA rank; 0 = full fine-tuning (default {D['lora_rank']}; --tiny: {T['lora_rank']})")
+    p.add_argument("--weight-reg", type=float, help=f"lambda of lambda*||theta - theta_0||^2 (default {D['weight_reg']})")
+    p.add_argument("--grad-clip", type=float, help=f"max global gradient norm (default {D['grad_clip']})")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {D['lr']}; --tiny: {T['lr']})")
+    p.add_argument("--batch-size", type=int, help=f"images per micro-batch (default {D['batch_size']}; --tiny: {T['batch_size']})")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {D['grad_accum']})")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {D['max_steps']}; --tiny: {T['max_steps']})")
+    p.add_argument("--seed", type=int, help=f"(default {D['seed']})")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default auto)")
+    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast (frozen models in bf16) or fp32; auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
                    help="recompute activations in backward (default on; off for --tiny)")
-    p.add_argument("--sample-every", type=int, default=None, help="progress grid every N steps")
-    p.add_argument("--num-sample-prompts", type=int, default=None)
-    p.add_argument("--num-sample-seeds", type=int, default=None)
+    p.add_argument("--sample-every", type=int, help=f"progress grid every N steps (default {D['sample_every']})")
+    p.add_argument("--num-sample-prompts", type=int, help=f"prompts in the progress grid (default {D['num_sample_prompts']})")
+    p.add_argument("--num-sample-seeds", type=int, help=f"seeds per prompt in the grid (default {D['num_sample_seeds']})")
+    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every N steps (default {D['checkpoint_every']})")
+    p.add_argument("--keep-checkpoints", type=int, help=f"keep the newest N checkpoints (default {D['keep_checkpoints']})")
+    p.add_argument("--max-bad-steps", type=int, help=f"stop after N non-finite steps in a row (default {D['max_bad_steps']})")
+    p.add_argument("--resume", help="a run folder to continue from its latest checkpoint, or 'auto' (= --output-dir, "
+                                    "if it has a checkpoint)")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
     return p
 
 
 def resolve_config(args):
-    """Defaults <- tiny preset (if --tiny) <- explicit flags. Then validate, one clear sentence per mistake."""
+    """Defaults <- --tiny preset <- typed flags; or, with --resume, the saved config <- typed flags (only harmless
+    ones may differ). Then validate: one clear sentence per mistake, before anything is loaded or written."""
+    typed = vars(args)
     cfg = dict(DEFAULTS)
-    if args.tiny:
+    if typed.get("tiny"):
         cfg.update(TINY_PRESET)
-    cfg.update({k: v for k, v in vars(args).items() if v is not None})
+    cfg.update(typed)
+    cfg["resume_checkpoint"] = None
+    if cfg["resume"]:
+        run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
+        found = checkpoint_files(run_dir)
+        if found:
+            with open(os.path.join(run_dir, "config.json")) as f:
+                saved = json.load(f)
+            changed = sorted(k for k, v in typed.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
+            if changed:
+                raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
+                                f"(the run was trained with {', '.join(f'{k}={saved.get(k)}' for k in changed)}); "
+                                "start a new run for that.")
+            cfg = {**saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
+        elif cfg["resume"] != "auto":
+            raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir}/checkpoints; pass the --output-dir "
+                            "of a run that has saved one.")
     cfg = argparse.Namespace(**cfg)
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -1073,7 +1327,7 @@ def resolve_config(args):
     if not 1 <= cfg.steps <= 8:
         raise UserError(f"--steps must be between 1 and 8 (the paper uses 4), got {cfg.steps}.")
     for name in ("batch_size", "grad_accum", "max_steps", "resolution", "sample_every", "num_sample_prompts",
-                 "num_sample_seeds"):
+                 "num_sample_seeds", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(cfg, name)}.")
     if cfg.resolution % 8:
@@ -1097,8 +1351,11 @@ def main(argv=None):
         cfg = resolve_config(build_parser().parse_args(argv))
         train(cfg)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        print(f"error: {err}" if not isinstance(err, TrainingStopped) else str(err), file=sys.stderr)
+        sys.exit(getattr(err, "exit_code", 2))
+    except KeyboardInterrupt:
+        print("interrupted before training started; nothing was saved.", file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -6,10 +6,13 @@ Run:  HF_HUB_OFFLINE=1 python -m pytest -q test_r0.py
 """
 
 import copy
+import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: hub calls must fail at once, not retry for minutes
 
@@ -477,3 +480,200 @@ def test_non_epsilon_or_non_sd15_models_are_refused(tiny):
     with pytest.raises(r0.UserError, match="epsilon"):
         r0.check_sd15_shaped(te, vae, unet, {**r0.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
     r0.check_sd15_shaped(te, vae, unet, r0.SD15_SCHEDULER_CONFIG)  # the tiny twin itself is SD1.5-shaped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Training that survives: checkpoints, resume, interrupts, non-finite values, bad input
+
+@functools.lru_cache(maxsize=1)
+def few_prompts():
+    """Six prompts of prompts.txt in a file: keeps the colour-accuracy evaluation of each short run cheap."""
+    path = os.path.join(tempfile.mkdtemp(), "prompts.txt")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(r0.load_prompts(PROMPTS)[:6]) + "\n")
+    return path
+
+
+def run_cfg(out, *extra, prompts=None):
+    """A small, fast tiny run (fp32, no progress grids in between) writing to `out`."""
+    argv = ["--tiny", "--prompts", prompts or few_prompts(), "--output-dir", str(out), "--precision", "fp32",
+            "--batch-size", "2", "--sample-every", "1000", *extra]
+    return r0.resolve_config(r0.build_parser().parse_args(argv))
+
+
+def comparable(log_line):
+    return {k: v for k, v in log_line.items() if k not in ("seconds", "peak_mem_gb")}
+
+
+def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
+    """2N steps in one go == N steps, then --resume to 2N: bitwise-equal weights and optimizer state on CPU, and the
+    same log lines after step N (all but the wall-clock fields)."""
+    r0.train(run_cfg(tmp_path / "a", "--max-steps", "4", "--checkpoint-every", "1", "--keep-checkpoints", "2"))
+    files = sorted(os.listdir(tmp_path / "a" / "checkpoints"))
+    assert files == ["step_000003.pt", "step_000004.pt"]  # pruned to 2, no temporary file left behind
+    r0.train(run_cfg(tmp_path / "b", "--max-steps", "2", "--checkpoint-every", "2"))
+    resumed = r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path / "b"), "--max-steps", "4"]))
+    assert resumed.tiny and resumed.batch_size == 2 and resumed.max_steps == 4  # the saved config, plus the change
+    r0.train(resumed)
+    a = torch.load(tmp_path / "a" / "checkpoints" / "step_000004.pt", weights_only=False)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "step_000004.pt", weights_only=False)
+    assert {"step", "trainable", "optimizer", "generator", "torch_rng", "cuda_rng", "python_rng", "order",
+            "config", "prompts_sha256"} <= set(a)
+    assert a["trainable"].keys() == b["trainable"].keys()
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])  # bitwise
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    log_a = [json.loads(line) for line in open(tmp_path / "a" / "log.jsonl")]
+    log_b = [json.loads(line) for line in open(tmp_path / "b" / "log.jsonl")]
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4]
+    assert [comparable(r) for r in log_a[2:]] == [comparable(r) for r in log_b[2:]]
+    # harmless changes are allowed on resume (above: --max-steps); changing the model or the mode is refused
+    for flags, name in [(["--lora-rank", "0"], "--lora-rank"), (["--model", "other/model"], "--model"),
+                        (["--r0-plus"], "--r0-plus")]:
+        with pytest.raises(r0.UserError, match=name):
+            r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path / "b"), *flags]))
+
+
+def test_resume_drops_log_lines_written_after_the_last_checkpoint(tmp_path):
+    r0.train(run_cfg(tmp_path, "--max-steps", "2", "--checkpoint-every", "1"))
+    os.remove(tmp_path / "checkpoints" / "step_000002.pt")  # as if the run crashed after logging step 2
+    cfg = r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path), "--max-steps", "3"]))
+    assert cfg.resume_checkpoint.endswith("step_000001.pt")
+    r0.train(cfg)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2, 3]
+
+
+def test_interrupt_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(tmp_path, monkeypatch):
+    real_step, calls = r0.r0_step, []
+
+    def step_then_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            signal.raise_signal(signal.SIGINT)  # Ctrl-C in the middle of step 2
+        return real_step(*args)
+
+    monkeypatch.setattr(r0, "r0_step", step_then_ctrl_c)
+    handler_before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(r0.TrainingStopped, match=r"--resume") as stopped:
+        r0.train(run_cfg(tmp_path, "--max-steps", "5", "--checkpoint-every", "100"))
+    assert stopped.value.exit_code == 130 and len(calls) == 2  # step 2 finished, step 3 never started
+    assert os.listdir(tmp_path / "checkpoints") == ["step_000002.pt"]
+    assert signal.getsignal(signal.SIGINT) == handler_before  # our handler is gone again
+    # a second interrupt exits at once
+    stop, exits = r0.StopOnSignal(), []
+    monkeypatch.setattr(r0.os, "_exit", exits.append)
+    stop(signal.SIGINT, None)
+    assert exits == [] and stop.signum == signal.SIGINT
+    stop(signal.SIGINT, None)
+    assert exits == [130]
+
+
+def test_sigterm_on_the_real_command_line_checkpoints_and_exits_cleanly(tmp_path):
+    import signal as _signal
+    import time as _time
+    out = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(HERE, "r0.py"), "--tiny", "--prompts", PROMPTS, "--output-dir", str(out),
+           "--max-steps", "1000", "--batch-size", "2", "--sample-every", "1000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = _time.time() + 120
+    while not (out / "log.jsonl").exists() or not (out / "log.jsonl").read_text():
+        assert proc.poll() is None and _time.time() < deadline, proc.stderr.read() if proc.poll() is not None else "timeout"
+        _time.sleep(0.2)
+    proc.send_signal(_signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err and f"--resume {out}" in err
+    assert len(os.listdir(out / "checkpoints")) == 1
+
+
+def test_non_finite_values_skip_the_update_and_stop_after_max_bad_steps(tmp_path, monkeypatch):
+    real_forward, calls, captured = r0.ColourReward.forward, [], {}
+
+    def nan_from_third_call(self, pixels, prompts, text_emb=None):
+        calls.append(1)
+        scores = real_forward(self, pixels, prompts, text_emb)
+        return scores * float("nan") if len(calls) >= 3 else scores
+
+    real_load = r0.load_models
+    monkeypatch.setattr(r0, "load_models", lambda cfg: captured.setdefault("m", real_load(cfg)))
+    monkeypatch.setattr(r0.ColourReward, "forward", nan_from_third_call)
+    with pytest.raises(r0.TrainingStopped, match="step_000002.pt") as stopped:
+        r0.train(run_cfg(tmp_path, "--max-steps", "10", "--checkpoint-every", "1", "--max-bad-steps", "2"))
+    assert stopped.value.exit_code == 3
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2, 3, 4] and ["skipped" in r for r in log] == [False, False, True, True]
+    assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "step_000002.pt"  # the last good one, kept
+    good = torch.load(tmp_path / "checkpoints" / "step_000002.pt", weights_only=False)["trainable"]
+    weights = dict(captured["m"].unet.named_parameters())
+    assert all(torch.equal(weights[k].detach(), v) for k, v in good.items())  # two NaN steps changed nothing
+
+
+def test_a_non_finite_step_leaves_weights_and_optimizer_state_untouched(tmp_path, monkeypatch):
+    cfg = run_cfg(tmp_path, "--max-steps", "1")
+    m = r0.load_models(cfg)
+    params = r0.trainable_parameters(m.unet)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator().manual_seed(0)
+    assert r0.optimizer_step(m, optimizer, params, order, cfg, gen)[2]  # a good step: optimizer state exists
+    weights, state = [p.detach().clone() for p in params], copy.deepcopy(optimizer.state_dict())
+    monkeypatch.setattr(r0.ColourReward, "forward", lambda self, px, prompts, emb=None: px.mean((1, 2, 3)) * float("inf"))
+    stats, grad_norm, applied = r0.optimizer_step(m, optimizer, params, order, cfg, gen)
+    assert not applied and not np.isfinite(stats["color"])
+    assert all(torch.equal(w, p) for w, p in zip(weights, params))
+    after = optimizer.state_dict()
+    assert all(torch.equal(after["state"][i][k], state["state"][i][k]) for i in state["state"] for k in state["state"][i])
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d.mkdir(), "is a directory"),
+    (lambda d: d.write_text(""), "holds no prompts"),
+    (lambda d: d.write_text("# only a comment\n\n   \n"), "holds no prompts"),
+    (lambda d: d.write_bytes(b"a red \xff\xfe fox\n"), "not UTF-8"),
+])
+def test_bad_prompt_files_are_one_clear_sentence(tmp_path, capsys, make, message):
+    make(tmp_path / "prompts.txt")
+    with pytest.raises(SystemExit) as exit_info:
+        r0.main(["--tiny", "--prompts", str(tmp_path / "prompts.txt"), "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_long_prompts_warn_once_and_train(tmp_path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red fox\n" + "a very long prompt about a blue car " * 12 + "\n", encoding="utf-8")
+    r0.train(run_cfg(tmp_path / "out", "--max-steps", "1", prompts=str(prompts)))
+    out = capsys.readouterr().out
+    assert out.count("longer than CLIP's 77-token limit") == 1 and "1 of 2 prompts" in out
+
+
+def test_output_dir_with_another_run_is_refused_untouched_unless_overwrite(tmp_path, capsys):
+    out = tmp_path / "run"
+    r0.train(run_cfg(out, "--max-steps", "1"))
+    before = {f: (out / f).read_bytes() for f in ("log.jsonl", "config.json")}
+    with pytest.raises(SystemExit) as exit_info:
+        r0.main(["--tiny", "--prompts", PROMPTS, "--output-dir", str(out), "--max-steps", "1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "already holds a run" in err and "--overwrite" in err
+    assert {f: (out / f).read_bytes() for f in before} == before
+    r0.train(run_cfg(out, "--max-steps", "2", "--overwrite"))
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
+
+
+def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit):
+        r0.main(["--tiny", "--prompts", PROMPTS, "--output-dir", str(tmp_path / "file" / "run")])
+    assert "cannot write to --output-dir" in capsys.readouterr().err
+    # a local diffusers folder whose scheduler predicts v (SD2-style): refused, and no run folder appears
+    from diffusers import StableDiffusionPipeline
+    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    scheduler = r0.few_step_scheduler({**r0.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler, safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path / "v_model")
+    with pytest.raises(SystemExit) as exit_info:
+        r0.main(["--model", str(tmp_path / "v_model"), "--prompts", PROMPTS, "--output-dir", str(tmp_path / "out"),
+                 "--rewards", "color=1"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "epsilon" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
