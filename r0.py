@@ -753,13 +753,14 @@ def check_sd15_shaped(text_encoder, vae, unet, scheduler_config):
                         "(SDXL or another family?); pass an SD1.5 model.")
 
 
-def load_reward(name, tiny, device, dtype):
-    """The reward model of a name, frozen, in `dtype` on `device`."""
+def load_reward(name, random_size, device, dtype):
+    """The reward model of a name, frozen, in `dtype` on `device`. random_size 'tiny' / 'full': the same
+    architecture with random weights (offline: tests, --tiny, the benchmark); None: the real weights."""
     import open_clip
     if name == "color":
         return ColourReward()
-    if tiny:
-        model, tokenizer = build_clip_tower_random("tiny", seed={"hps": 1, "clip": 2}[name])
+    if random_size:
+        model, tokenizer = build_clip_tower_random(random_size, seed={"hps": 1, "clip": 2}[name])
     elif name == "hps":
         from huggingface_hub import hf_hub_download
         how = ("pre-download it (hf download xswu/HPSv2 HPS_v2.1_compressed.pt), or drop hps from --rewards, "
@@ -785,12 +786,15 @@ def load_reward(name, tiny, device, dtype):
     return ClipFamilyReward(name, model.to(device, dtype), tokenizer)
 
 
-def load_models(cfg):
-    """Everything a run needs, frozen parts frozen and in half precision, the trainable part set up."""
+def load_models(cfg, random_size=None):
+    """Everything a run needs, frozen parts frozen and in half precision, the trainable part set up.
+    random_size: 'tiny' (what --tiny uses) or 'full' (SD1.5's real architecture with random weights, for the
+    benchmark); None loads the real weights of --model."""
     device = cfg.device
     frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
-    if cfg.tiny:
-        tokenizer, text_encoder, vae, unet = build_sd15_random("tiny", seed=cfg.seed)
+    random_size = random_size or ("tiny" if cfg.tiny else None)
+    if random_size:
+        tokenizer, text_encoder, vae, unet = build_sd15_random(random_size, seed=cfg.seed)
         scheduler_config = dict(SD15_SCHEDULER_CONFIG)
     else:
         tokenizer, text_encoder, vae, unet, scheduler_config = load_sd15(cfg.model)
@@ -823,7 +827,7 @@ def load_models(cfg):
             uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
             rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod)
         else:
-            rewards[name] = load_reward(name, cfg.tiny, device, frozen_dtype)
+            rewards[name] = load_reward(name, random_size, device, frozen_dtype)
     if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()

@@ -267,7 +267,7 @@ def run(args):
         names = args.score_with or (run_cfg.rewards if run_cfg else "hps,clip")
         names = [n.split("=")[0].strip() for n in names.split(",") if n.strip()]
         tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
-        scorers = {n: r0.load_reward(n, tiny, device, dtype) for n in names if n in ("hps", "clip")}
+        scorers = {n: r0.load_reward(n, "tiny" if tiny else None, device, dtype) for n in names if n in ("hps", "clip")}
         table = []
         for label, evals, images, secs in rows:
             scores = score(images, all_prompts, scorers, device)

@@ -184,7 +184,7 @@ def make_rewards(tiny_models, names=("hps", "clip", "color", "cfg")):
             rewards[name] = r0.ImplicitCfgReward(r0.make_base_eps(unet, copy.deepcopy(unet)), uncond,
                                                  r0.sd15_alphas_cumprod())
         else:
-            rewards[name] = r0.load_reward(name, tiny=True, device="cpu", dtype=torch.float32)
+            rewards[name] = r0.load_reward(name, "tiny", device="cpu", dtype=torch.float32)
     return rewards
 
 
@@ -209,7 +209,7 @@ def test_every_reward_passes_gradient_to_its_input_and_none_to_its_model(tiny):
 
 
 def test_clip_family_reward_is_the_cosine_of_open_clip_features():
-    reward = r0.load_reward("hps", tiny=True, device="cpu", dtype=torch.float32)
+    reward = r0.load_reward("hps", "tiny", device="cpu", dtype=torch.float32)
     pixels = torch.rand(2, 3, 64, 64)
     prompts = ["a red fox", "a blue car"]
     with torch.no_grad():
@@ -677,3 +677,176 @@ def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "epsilon" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Benchmark, not a test: speed and memory on SD1.5's real architecture (UNet 860M, VAE, text encoder) and two
+# full-size ViT-H-14 reward towers, all with random weights built in code (offline, the same builders as --tiny).
+#   R0_BENCHMARK=1 python -m pytest -s -q test_r0.py -k benchmark          # GPU: 512 px; CPU: 256 px
+#   R0_BENCHMARK=1 R0_BENCH_RES=512 R0_BENCH_MODES=lora,lora+ ...          # choose resolution / modes
+# Each mode runs in its own process (a clean peak-memory reading). It prints figures; it asserts no timings.
+
+BENCH_MODES = {"lora": ("64", False), "lora+": ("64", True), "full": ("0", False), "full+": ("0", True)}
+BENCH_SIZE = os.environ.get("R0_BENCH_SIZE", "full")  # 'tiny' checks the benchmark code itself in seconds
+
+
+def bench_mode(mode, resolution, device, repeats, batch_sizes):
+    """One training mode: seconds per step and its parts, images/s and peak memory, for each batch size that fits."""
+    import time as _time
+    rank, plus = BENCH_MODES[mode]
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    results = []
+    for batch in batch_sizes:
+        argv = ["--prompts", PROMPTS, "--output-dir", tempfile.mkdtemp(), "--device", device, "--lora-rank", rank,
+                "--resolution", str(resolution), "--batch-size", str(batch), "--grad-accum", "1"] + (["--r0-plus"] if plus else [])
+        cfg = r0.resolve_config(r0.build_parser().parse_args(argv))
+        try:
+            m = r0.load_models(cfg, random_size=BENCH_SIZE) if not results else m
+            params = r0.trainable_parameters(m.unet)
+            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+            order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator(device).manual_seed(0)
+            def timed(fn):
+                fn()  # warm-up (allocator, kernels)
+                sync()
+                t0 = _time.perf_counter()
+                for _ in range(repeats):
+                    fn()
+                sync()
+                return (_time.perf_counter() - t0) / repeats
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            step = timed(lambda: r0.optimizer_step(m, optimizer, params, order, cfg, gen))
+            peak = r0.peak_memory_gb(device)
+        except torch.OutOfMemoryError:
+            results.append({"mode": mode, "batch": batch, "oom": True})
+            break
+        # the parts, each alone, with the same precision and checkpointing settings
+        prompts = order.batch(batch)
+        h, K = resolution // 8, cfg.steps
+        emb = r0.encode_prompts(m.tokenizer, m.text_encoder, prompts)
+        x = torch.randn((batch, 4, h, h), device=device)
+        t = torch.full((batch,), 999, device=device)
+        def unet_fwd_bwd():
+            with r0.autocast(device, cfg.precision):
+                out = m.unet(x, t, encoder_hidden_states=emb).sample
+            out.float().square().mean().backward()
+            optimizer.zero_grad(set_to_none=True)
+        def unet_fwd_no_grad():
+            with torch.no_grad(), r0.autocast(device, cfg.precision):
+                m.unet(x, t, encoder_hidden_states=emb)
+        def vae_fwd_bwd():
+            z = x.clone().requires_grad_(True)
+            with r0.autocast(device, cfg.precision):
+                r0.decode(m.vae, z).square().mean().backward()
+        pixels = torch.rand((batch, 3, resolution, resolution), device=device)
+        def rewards_fwd_bwd():
+            with r0.autocast(device, cfg.precision):
+                r0.composed_reward_gradients(m.rewards, m.reward_weights, pixels, x, prompts, emb)
+        def text():
+            r0.encode_prompts(m.tokenizer, m.text_encoder, prompts)
+        t_unet, t_unet_ng = timed(unet_fwd_bwd), timed(unet_fwd_no_grad)
+        # R0: K UNet calls in the graph; R0+: k ~ U{0..K-1} calls without graph, then one in it: (K-1)/2 + 1 on average
+        unet_part = (K - 1) / 2 * t_unet_ng + t_unet if plus else K * t_unet
+        parts = {"unet": unet_part, "vae": timed(vae_fwd_bwd), "rewards": timed(rewards_fwd_bwd), "text": timed(text)}
+        results.append({"mode": mode, "batch": batch, "resolution": resolution, "device": device,
+                        "s_per_step": step, "images_per_s": batch / step, "peak_gb": peak,
+                        "parts_s": parts, "overhead": 1 - sum(parts.values()) / step,
+                        "trainable_params": sum(p.numel() for p in params)})
+    return results
+
+
+def bench_sampling(resolution, device, repeats):
+    """Seconds per image: R0 at 1, 2, 4 steps vs the base model's 25-step CFG sampler, same architecture and device,
+    loaded the way sample.py loads a model; and the parts (UNet calls + one VAE decode + text encoding)."""
+    import time as _time
+    import sample
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    dtype, precision = (torch.bfloat16, "bf16") if device.startswith("cuda") else (torch.float32, "fp32")
+    m = sample.as_models((*r0.build_sd15_random(BENCH_SIZE), dict(r0.SD15_SCHEDULER_CONFIG)), device, dtype)
+    def timed(fn):
+        fn()
+        sync()
+        t0 = _time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        sync()
+        return (_time.perf_counter() - t0) / repeats
+    prompt = ["a red fox in the snow"]
+    emb = r0.encode_prompts(m.tokenizer, m.text_encoder, prompt)
+    x = torch.randn((1, 4, resolution // 8, resolution // 8), device=device)
+    t = torch.tensor([999], device=device)
+    with torch.no_grad(), r0.autocast(device, precision):
+        t_unet = timed(lambda: m.unet(x, t, encoder_hidden_states=emb))
+        t_unet_cfg = timed(lambda: m.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([emb, emb])))
+        t_vae = timed(lambda: r0.decode(m.vae, x))
+        t_text = timed(lambda: r0.encode_prompts(m.tokenizer, m.text_encoder, prompt))
+    base = timed(lambda: sample.sample_base(m, prompt, [0], resolution, 1))
+    rows = {"base 25-step CFG 7.5": {"s_per_image": base, "unet_calls": 50,
+                                     "parts_s": 25 * t_unet_cfg + t_vae + 2 * t_text}}
+    for k in (1, 2, 4):
+        secs = timed(lambda: r0.sample_images(m, prompt, [0], k, resolution, precision))
+        rows[f"R0 {k}-step"] = {"s_per_image": secs, "unet_calls": k, "parts_s": k * t_unet + t_vae + t_text,
+                                "speedup_vs_base": base / secs}
+    return {"resolution": resolution, "device": device, "unet_fwd_s": t_unet, "vae_decode_s": t_vae, "rows": rows}
+
+
+def memory_model():
+    """Bytes by mode, from the parameter counts of the full-size models (bf16 frozen, fp32 trainable, AdamW 2x)."""
+    tok, te, vae, unet = r0.build_sd15_random("full")
+    tower, _ = r0.build_clip_tower_random("full")
+    n = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters()),
+         "text": sum(p.numel() for p in te.parameters()), "tower": sum(p.numel() for p in tower.parameters())}
+    from peft import LoraConfig
+    unet.add_adapter(LoraConfig(r=64, lora_alpha=64, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    n["lora64"] = sum(p.numel() for name, p in unet.named_parameters() if "lora" in name)
+    return n
+
+
+@pytest.mark.skipif(not os.environ.get("R0_BENCHMARK"), reason="benchmark: set R0_BENCHMARK=1 (and pytest -s)")
+def test_benchmark():
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    resolution = int(os.environ.get("R0_BENCH_RES", 512 if device == "cuda" else 256))
+    modes = os.environ.get("R0_BENCH_MODES", "lora,lora+,full,full+" if device == "cuda" else "lora,lora+").split(",")
+    repeats = int(os.environ.get("R0_BENCH_REPEATS", 5 if device == "cuda" else 1))
+    batches = "1,2,4,8,16" if device == "cuda" else "1"
+    print(f"\nbenchmark: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, {resolution} px, "
+          f"torch {torch.__version__}, {BENCH_SIZE} models")
+    for mode in modes:  # each mode in a fresh process: peak memory of that mode alone
+        out = subprocess.run([sys.executable, __file__, "bench-mode", mode, str(resolution), device, str(repeats),
+                              batches], capture_output=True, text=True)
+        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+        assert out.returncode == 0 and lines, out.stderr[-3000:]
+        for r in map(json.loads, lines):
+            if r.get("oom"):
+                print(f"| {mode} | batch {r['batch']} | out of memory |")
+                continue
+            p = r["parts_s"]
+            print(f"| {mode} | batch {r['batch']} | {r['s_per_step']:.3f} s/step | {r['images_per_s']:.3f} img/s | "
+                  f"peak {r['peak_gb']:.2f} GB | parts: UNet {p['unet']:.3f} + VAE {p['vae']:.3f} + rewards "
+                  f"{p['rewards']:.3f} + text {p['text']:.3f} s | overhead {r['overhead']:+.1%} |")
+    out = subprocess.run([sys.executable, __file__, "bench-sampling", str(resolution), device, str(repeats)],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    s = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
+    for name, row in s["rows"].items():
+        extra = f" | {row['speedup_vs_base']:.1f}x faster than base" if "speedup_vs_base" in row else ""
+        print(f"| {name} | {row['unet_calls']} UNet calls | {row['s_per_image']:.3f} s/img | parts "
+              f"{row['parts_s']:.3f} s{extra} |")
+    n = memory_model()
+    gb = 1 / 2**30
+    print(f"parameters: UNet {n['unet'] / 1e6:.1f}M, VAE {n['vae'] / 1e6:.1f}M, text encoder {n['text'] / 1e6:.1f}M, "
+          f"ViT-H-14 tower {n['tower'] / 1e6:.1f}M (x2), LoRA-64 adapters {n['lora64'] / 1e6:.2f}M")
+    frozen = (n["vae"] + n["text"] + 2 * n["tower"]) * 2 * gb  # bf16
+    print(f"memory model (GB, before activations): LoRA: frozen bf16 {frozen + 2 * n['unet'] * gb:.2f} + LoRA fp32 "
+          f"weights/grads/AdamW {16 * n['lora64'] * gb:.2f}; full: frozen bf16 {frozen:.2f} + UNet fp32 weights/"
+          f"grads/AdamW {16 * n['unet'] * gb:.2f} + theta_0 copy {4 * n['unet'] * gb:.2f}")
+
+
+if __name__ == "__main__":  # the benchmark's worker processes
+    if sys.argv[1] == "bench-mode":
+        for row in bench_mode(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
+                              [int(b) for b in sys.argv[6].split(",")]):
+            print(json.dumps(row), flush=True)
+    elif sys.argv[1] == "bench-sampling":
+        print(json.dumps(bench_sampling(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))
