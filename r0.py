@@ -18,7 +18,7 @@ Run it:
     python r0.py --prompts prompts.txt                 # SD1.5 + HPS v2.1 + CLIP score, one GPU (LoRA, 512 px)
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
 Hardware the defaults assume: one 24 GB GPU (LoRA rank 64, batch 1 x 4 accumulation, bf16 autocast, gradient
-checkpointing). Full fine-tuning (--lora-rank 0) wants about 40 GB; --r0-plus shortens the backward graph.
+checkpointing). Full fine-tuning (--lora-rank 0) wants about 30 GB; --r0-plus shortens the backward graph.
 
 File layout (top to bottom): config -> generator parameterization (paper 3.2) -> rewards -> reward composition
 -> regularizers (3.3) -> loss and training step -> loading -> training loop -> main.
@@ -66,12 +66,12 @@ DEFAULTS = dict(
     rewards="hps=1.0,clip=1.0",
     # --- regularizers (paper 3.3) ---
     lora_rank=64,               # 0 = full fine-tuning. our choice: LoRA 64 (fits 24 GB, and low rank is itself
-                                # a regularizer, paper 3.3); full fine-tuning needs ~40 GB
+                                # a regularizer, paper 3.3); full fine-tuning needs ~30 GB (estimate, README)
     weight_reg=1e-2,            # lambda in lambda*||theta - theta_0||^2. our choice, see weight_regularization()
     grad_clip=1.0,              # our choice: clip the global grad norm at 1.0 (standard for fine-tuning)
     # --- optimization ---
     lr=1e-4,                    # our choice: 1e-4 is the usual LoRA rate for SD1.5; use ~1e-5 with --lora-rank 0
-    batch_size=1,               # images per forward; 1 fits 24 GB with full 4-step backprop (see memory note)
+    batch_size=1,               # images per forward; 1 fits 24 GB with full 4-step backprop (memory note below)
     grad_accum=4,               # micro-batches per optimizer step: effective batch = batch_size * grad_accum
     max_steps=2000,             # optimizer steps. our choice: the paper does not give its iteration count
     seed=0,
@@ -92,6 +92,11 @@ DEFAULTS = dict(
     resume=None,                # a run folder, or 'auto'
     overwrite=False,            # replace a run already in output_dir
 )
+
+# Memory note (LoRA, 512 px, batch 1, R0 4-step backprop): frozen weights in bf16 take 5.7 GB (UNet 859.5M, VAE
+# 83.7M, text encoder 123.1M, two ViT-H-14 reward towers of 986.1M), the 12.75M LoRA-64 weights with gradients
+# and AdamW moments 0.2 GB; activations under gradient checkpointing come on top (README: the measured table and
+# the memory model). Full fine-tuning: + 12.8 GB for fp32 UNet weights/gradients/AdamW + 3.2 GB for theta_0.
 
 # --tiny: the same code path on tiny random-weight models, sized so the demo learns colour in under 2 minutes
 # on 2 CPU cores. Flags given explicitly on the command line still win.
@@ -172,13 +177,14 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     last_step = num_steps - 1 if last_step is None else last_step
     # diffusers' DDIMScheduler moves from t to s = t - 1000 // K (for K that divides 1000 this is exactly the next
     # trailing timestep; for K = 3, 6, 7 it lands 1 away from it). We use the same rule so that a trained UNet is
-    # a drop-in for the standard DDIMScheduler at every K; the final step lands below 0, where a_s := 1.
+    # a drop-in for the standard DDIMScheduler at every K.
     jump = NUM_TRAIN_TIMESTEPS // num_steps
+    alphas = alphas_cumprod.tolist()  # python floats: one device sync here instead of two per step
     B = noise.shape[0]
     x = noise.float()  # (B,4,h,w)
     for i, t in enumerate(timesteps[: last_step + 1]):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_step):
-            a_t = alphas_cumprod[t].item()
+            a_t = alphas[t]
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
             eps = unet(x, t_batch, encoder_hidden_states=text_emb).sample.float()  # (B,4,h,w), fp32 arithmetic
             x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
@@ -187,7 +193,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             s = t - jump
             # final step: s < 0 for K = 1..5 and 8, where a_s := 1 makes the update return x0_hat exactly; for K = 6, 7
             # it lands on t = 0 (a_0 = 0.9991) and DDIM takes that last tiny step, so we take it too
-            a_s = alphas_cumprod[s].item() if s >= 0 else 1.0
+            a_s = alphas[s] if s >= 0 else 1.0
             if random_eta:  # per sample, per step: shape (B,1,1,1)
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
             else:
@@ -223,8 +229,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   cfg   implicit CFG reward of the frozen base UNet; defined through its gradient (see ImplicitCfgReward)
 #   color toy reward for the offline demo and the tests: mean image colour vs the colour word in the prompt
 # ImageReward, the paper's third reward, is BLIP-based and needs a package outside this project's stack
-# (image-reward, which pins old transformers); it is left out. Our choice: the CLIP score takes its role of
-# keeping text alignment.
+# (image-reward); it is left out. Our choice: the CLIP score takes its role of keeping text alignment.
 # Every reward maps pixels in [0,1] (or latents, for cfg) to one score per sample, differentiably in the image.
 # Text features never carry gradient (computed once per prompt under no_grad and cached).
 
@@ -458,10 +463,10 @@ def weight_regularization(unet, frozen_unet):
     Full fine-tuning: sum over all UNet parameters against the frozen fp32 copy theta_0.
     LoRA: theta - theta_0 = delta W = scaling * B @ A per adapted layer, so the same quantity is
           sum_layers ||scaling * B @ A||_F^2 (the frozen base weights cancel out).
-    our choice of lambda = 1e-2 (--weight-reg): a gentle anchor. The reward gradient reaching the weights has a
-    fixed scale (normalized per sample), so lambda sets at which size of the update the anchor starts to pull as
-    hard as the rewards; at 1e-2 it only bites once the update is large (reward hacking), not in normal training.
-    Both terms are logged ('reg') so a user can see which one dominates."""
+    our choice: lambda = 1e-2 (--weight-reg); the paper gives no value and we have not tuned it on SD1.5. Because
+    the reward gradient has a fixed per-sample scale (normalized), lambda sets how large the update may grow before
+    the anchor pulls back as hard as the rewards push. 'reg' and every reward are logged: raise lambda if rewards
+    keep rising while the samples degrade (hacking), lower it if the rewards stall while 'reg' keeps growing."""
     if frozen_unet is None:  # LoRA
         total = 0.0
         for A, B, scaling in lora_layers(unet):
@@ -485,7 +490,7 @@ def r0_step(m, prompts, cfg, generator):
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z ~ N(0,I)
     if cfg.r0_plus:
         # R0+ (paper 4): supervise x0_hat at a random step k; steps before k run without gradient, so the
-        # backward graph holds one UNet call instead of k+1: faster, less memory, and every step gets trained.
+        # backward graph holds one UNet call instead of K: faster, less memory, and every step gets direct signal.
         k = int(torch.randint(0, K, (1,), generator=generator, device=m.device))
         last_step, grad_from_step = k, k
     else:
@@ -497,6 +502,7 @@ def r0_step(m, prompts, cfg, generator):
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator)
     # The surrogate whose gradient w.r.t. theta is -(normalized, weighted reward gradient) . d(x)/d(theta).
+    # Its *value* means nothing (it is -g.x); watch the logged rewards, not the loss.
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg

@@ -413,6 +413,13 @@ def test_sample_py_accepts_pipeline_folder_and_base_model_with_lora(tiny_run, tm
                                rtol=1e-3, atol=1e-3)
 
 
+def test_sample_py_tiny_needs_no_run(tmp_path):
+    import sample
+    sample.main(["--tiny", "--prompt", "a red fox", "--num-images", "2", "--steps", "1,4", "--out", str(tmp_path)])
+    assert sorted(os.listdir(tmp_path)) == ["R0_1-step_000_seed0.png", "R0_1-step_000_seed1.png",
+                                            "R0_4-step_000_seed0.png", "R0_4-step_000_seed1.png", "grid.png"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--run", "no/such/run", "--prompt", "a fox"], "does not exist"),
     (["--run", "{empty}", "--prompt", "a fox"], "holds no trained weights"),
@@ -456,6 +463,11 @@ def test_load_prompts_skips_comments_and_blank_lines(tmp_path):
     (["--batch-size", "0"], "--batch-size must be a positive"),
     (["--lr", "-1"], "--lr must be a positive"),
     (["--prompts", "does-not-exist.txt"], "does not exist"),
+    (["--max-steps", "0"], "--max-steps must be a positive"),
+    (["--resolution", "-8"], "--resolution must be a positive"),
+    (["--rewards", "hps=1,=2"], "unknown reward ''"),
+    (["--rewards", ""], "names no reward"),
+    (["--lora-rank", "-1"], "--lora-rank must be"),
 ])
 def test_bad_input_is_one_clear_sentence(capsys, tmp_path, argv, message):
     base = ["--tiny", "--prompts", PROMPTS, "--output-dir", str(tmp_path / "out")]
