@@ -268,14 +268,14 @@ class ClipFamilyReward(torch.nn.Module):
     def __init__(self, name, clip_model, tokenizer):
         super().__init__()
         self.name, self.model, self.tokenizer = name, clip_model, tokenizer
-        self.model.requires_grad_(False).eval()
+        self.model.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
         self.image_size = clip_model.visual.image_size
         self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
         self._text_cache = {}  # prompt -> (D,) normalized text feature; text towers run once per prompt
 
-    @torch.no_grad()
+    @torch.no_grad()  # text features carry no gradient: only the image path does
     def text_features(self, prompts):
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]  # new prompts, in order, once
         if missing:
             device = next(self.model.parameters()).device
             feats = self.model.encode_text(self.tokenizer(missing).to(device), normalize=True).float()  # (M,D)
@@ -283,7 +283,7 @@ class ClipFamilyReward(torch.nn.Module):
         return torch.stack([self._text_cache[p] for p in prompts])  # (B,D), unit norm
 
     def forward(self, pixels, prompts, text_emb=None):
-        dtype = next(self.model.parameters()).dtype
+        dtype = next(self.model.parameters()).dtype  # bf16 on a GPU run: cast the image to the tower's precision
         image = clip_preprocess(pixels, self.image_size).to(dtype)  # (B,3,224,224)
         img_feat = self.model.encode_image(image, normalize=True).float()  # (B,D), unit norm
         return (img_feat * self.text_features(prompts)).sum(-1)  # (B,) cosine in [-1,1]
@@ -320,6 +320,7 @@ class ColourReward(torch.nn.Module):
     space = "pixels"
 
     def forward(self, pixels, prompts, text_emb=None):
+        # (B,3) target colour per prompt; prompts without a colour word get weight 0 (and so zero gradient)
         target = torch.tensor([COLOURS.get(colour_of(p), (0, 0, 0)) for p in prompts], device=pixels.device)
         has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
         mean = pixels.mean(dim=(2, 3))  # (B,3)
@@ -359,10 +360,10 @@ class ImplicitCfgReward:
 def make_base_eps(unet, frozen_unet):
     """eps of the frozen base model theta_0, for the cfg reward: the frozen copy (full fine-tuning) or the same
     UNet with its LoRA adapters switched off (LoRA mode) -- no second copy of the weights needed."""
-    def base_eps(x, t, emb):
+    def base_eps(x, t, emb):  # (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w) noise estimate of theta_0
         if frozen_unet is not None:
             return frozen_unet(x, t, encoder_hidden_states=emb).sample
-        unet.disable_adapters()
+        unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, this *is* the base model
         try:
             return unet(x, t, encoder_hidden_states=emb).sample
         finally:
@@ -539,7 +540,7 @@ class Models:
 def sd15_configs(size):
     """Configs of SD1.5's UNet / VAE / text encoder: 'full' = the published SD1.5 shapes (for the benchmark),
     'tiny' = the same architecture families shrunk to run in seconds on a CPU."""
-    if size == "full":
+    if size == "full":  # the numbers of SD1.5's published unet/vae/text_encoder config.json files
         unet = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                     block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -549,7 +550,7 @@ def sd15_configs(size):
                    up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
         text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-    else:
+    else:  # same block types and interfaces (4 latent channels, 77 text tokens, 49408-token vocabulary), tiny widths
         unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                     cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -693,6 +694,7 @@ def _build_clip_tower_random(size):
 
 
 def hub_error(what, how, err):
+    """One sentence for a failed download: what was being loaded, the first line of the cause, what to do."""
     return UserError(f"could not load {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); {how}")
 
 
@@ -715,11 +717,13 @@ def hub_unreachable():
 
 def from_hub(load, what, how):
     """Call load(local_files_only) with the local cache first; go to the network only if it is reachable."""
+    # 1. the local cache (or a local folder): instant, and what a pre-downloaded machine uses
     try:
         return load(True)
     except Exception as err:  # not in the cache (or a local folder problem): try the network if there is one
         if hub_unreachable():
             raise hub_error(what, f"the hub is unreachable and it is not in the local cache; {how}", err)
+    # 2. the network: a real download (gated or misspelled repos end here, with the hub's own reason)
     try:
         return load(False)
     except Exception as err:
@@ -735,9 +739,10 @@ def load_sd15(model):
     if os.path.isdir(model) and not os.path.isfile(os.path.join(model, "model_index.json")):
         raise UserError(f"--model {model} is a folder but not a diffusers pipeline (no model_index.json); "
                         "pass an SD1.5 diffusers folder or a hub id.")
-    def part(cls, sub):
+    def part(cls, sub):  # each component lives in its own subfolder of a diffusers pipeline repo
         return from_hub(lambda local: cls.from_pretrained(model, subfolder=sub, local_files_only=local),
                         f"the {sub} of '{model}'", how)
+    # SD1.5 ships a PNDM scheduler config; any diffusers scheduler class reads it, and we only need its numbers
     scheduler_config = dict(part(DDIMScheduler, "scheduler").config)
     return (part(CLIPTokenizer, "tokenizer"), part(CLIPTextModel, "text_encoder"), part(AutoencoderKL, "vae"),
             part(UNet2DConditionModel, "unet"), scheduler_config)
@@ -774,7 +779,9 @@ def load_reward(name, random_size, device, dtype):
         path = from_hub(lambda local: hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt", local_files_only=local),
                         "HPS v2.1 weights (xswu/HPSv2, HPS_v2.1_compressed.pt)", how)
         model = open_clip.create_model("ViT-H-14", pretrained=None)  # architecture only: the file holds it all
+        # HPS v2.1 is a full fine-tune of ViT-H-14 (both towers), saved as a training checkpoint under 'state_dict'
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        # strict=False tolerates extra keys of newer/older open_clip versions; a *missing* key means a wrong file
         missing, _ = model.load_state_dict(state, strict=False)
         if missing:
             raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
@@ -797,6 +804,7 @@ def load_models(cfg, random_size=None):
     random_size: 'tiny' (what --tiny uses) or 'full' (SD1.5's real architecture with random weights, for the
     benchmark); None loads the real weights of --model."""
     device = cfg.device
+    # Frozen models only run forward (and pass gradients through); bf16 halves their memory at no cost to training.
     frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
     random_size = random_size or ("tiny" if cfg.tiny else None)
     if random_size:
@@ -804,11 +812,14 @@ def load_models(cfg, random_size=None):
         scheduler_config = dict(SD15_SCHEDULER_CONFIG)
     else:
         tokenizer, text_encoder, vae, unet, scheduler_config = load_sd15(cfg.model)
-    check_sd15_shaped(text_encoder, vae, unet, scheduler_config)
+    check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # refuse SDXL, v-prediction, ... before any work
+    # the schedule is computed from the model's own config (and must match SD1.5's, checked just above)
     alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
+    # Frozen (paper): the text encoder and the VAE never change; requires_grad_(False) means the backward pass
+    # goes *through* the VAE decoder to the generator without storing gradients for the decoder's own weights.
     text_encoder.requires_grad_(False).eval().to(device, frozen_dtype)
     vae.requires_grad_(False).eval().to(device, frozen_dtype)
-    unet.train()
+    unet.train()  # SD1.5's UNet has no dropout or batch norm, so train() only matters for gradient checkpointing
     frozen_unet = None
     if cfg.lora_rank > 0:
         # LoRA, the way diffusers' own LoRA training does it: frozen base weights (half precision), peft adapters
@@ -826,6 +837,7 @@ def load_models(cfg, random_size=None):
         # ||theta - theta_0|| is exactly 0 at the start; the copy also serves as the base model of the cfg reward).
         unet.to(device, torch.float32)
         frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    # The reward models, one per --rewards name (frozen, half precision; loaded once and kept on the device)
     weights = parse_rewards(cfg.rewards)
     rewards = {}
     for name in weights:
@@ -845,6 +857,7 @@ def load_models(cfg, random_size=None):
 
 
 def trainable_parameters(unet):
+    """What the optimizer updates: the LoRA adapters, or every UNet weight in full fine-tuning."""
     return [p for p in unet.parameters() if p.requires_grad]
 
 
@@ -924,7 +937,7 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
 @torch.no_grad()
 def colour_accuracy(m, prompts, seeds, steps, resolution, precision):
     """Share of generated images whose dominant colour is the prompt's colour word (prompts without one skipped)."""
-    pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]
+    pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]  # every colour prompt x every seed
     if not pairs:
         return float("nan")
     images = sample_images(m, [p for p, _ in pairs], [s for _, s in pairs], steps, resolution, precision)
@@ -941,10 +954,10 @@ def few_step_scheduler(scheduler_config):
 
 def merged_unet(unet):
     """An fp32 CPU copy of the generator with LoRA adapters (if any) folded into the weights: a plain UNet."""
-    merged = copy.deepcopy(unet).to("cpu", torch.float32)
+    merged = copy.deepcopy(unet).to("cpu", torch.float32)  # a copy: training (or resuming) keeps the adapters
     if getattr(merged, "peft_config", None):
-        merged.fuse_lora(lora_scale=1.0)
-        merged.unload_lora()
+        merged.fuse_lora(lora_scale=1.0)  # W <- W + scaling * B @ A, in fp32
+        merged.unload_lora()  # drop the peft wrappers: plain diffusers layers that any pipeline can load
     merged.disable_gradient_checkpointing()
     return merged
 
@@ -959,8 +972,8 @@ def save_pipeline(m, out_dir):
         vae=copy.deepcopy(m.vae).to("cpu", torch.float32), text_encoder=copy.deepcopy(m.text_encoder).to("cpu", torch.float32),
         tokenizer=m.tokenizer, unet=merged_unet(m.unet), scheduler=few_step_scheduler(m.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.vae.disable_gradient_checkpointing()
-    pipe.save_pretrained(os.path.join(out_dir, "pipeline"))
+    pipe.vae.disable_gradient_checkpointing()  # a training-time setting; the saved folder is for inference
+    pipe.save_pretrained(os.path.join(out_dir, "pipeline"))  # fp32, like the SD1.5 weights it came from
     if getattr(m.unet, "peft_config", None):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
@@ -994,6 +1007,7 @@ class PromptOrder:
         self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
 
     def batch(self, n):
+        """The next n prompts; a new shuffled epoch starts whenever the current one runs out."""
         out = []
         while len(out) < n:
             if not self.queue:
@@ -1005,12 +1019,13 @@ class PromptOrder:
         return {"rng": self.rng.getstate(), "queue": list(self.queue)}
 
     def load_state_dict(self, state):
-        version, internal, gauss = state["rng"]
+        version, internal, gauss = state["rng"]  # Python's RNG state, as random.getstate() returns it
         self.rng.setstate((version, tuple(internal), gauss))
         self.queue = list(state["queue"])
 
 
 def checkpoint_files(out_dir):
+    """Finished checkpoints of a run, oldest first (temporary files of an interrupted write are ignored)."""
     folder = os.path.join(out_dir, "checkpoints")
     names = sorted(f for f in os.listdir(folder) if re.fullmatch(r"step_\d{6}\.pt", f)) if os.path.isdir(folder) else []
     return [os.path.join(folder, f) for f in names]
@@ -1047,11 +1062,14 @@ def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_
     return path
 
 
-def load_checkpoint(path, m, optimizer, generator, order):
+def load_checkpoint(path, m, optimizer, generator, order, prompts_hash):
     """Restore a save_checkpoint() file into freshly built models / optimizer / generators. Returns its step."""
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds Python RNG state
+    if state["prompts_sha256"] != prompts_hash:  # the saved data order would index into different prompts
+        raise UserError(f"the prompts in {state['config']['prompts']} differ from those the run was trained on; resume "
+                        "with the same prompt file, or start a new run.")
     params = dict(m.unet.named_parameters())
-    for name, value in state["trainable"].items():
+    for name, value in state["trainable"].items():  # only the trainable tensors were saved (LoRA: a few MB)
         params[name].data.copy_(value)
     optimizer.load_state_dict(state["optimizer"])
     generator.set_state(state["generator"])
@@ -1086,7 +1104,7 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 
-def all_finite(*values):
+def all_finite(*values):  # every logged number of a step: the loss, each reward, the regularizer
     return all(math.isfinite(v) for v in values)
 
 
@@ -1140,12 +1158,14 @@ def create_output_dir(cfg, existing):
 
 
 def write_json(path, obj):
+    """Write-then-rename, so a crash never leaves a half-written config or summary."""
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=2)
     os.replace(path + ".tmp", path)
 
 
 def warn_long_prompts(tokenizer, prompts):
+    """One warning (not one per prompt) for prompts that CLIP's 77-token window will cut."""
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
     too_long = sum(n > tokenizer.model_max_length for n in lengths)
     if too_long:
@@ -1154,15 +1174,18 @@ def warn_long_prompts(tokenizer, prompts):
 
 
 def train(cfg):
+    # --- everything the user gave is checked before anything heavy is loaded or anything is written ---
     prompts = load_prompts(cfg.prompts)
-    prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()
+    prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()  # a resume must see the same prompts
     resume_from = cfg.resume_checkpoint
     existing = check_output_dir(cfg) if resume_from is None else []
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    m = load_models(cfg)
+    m = load_models(cfg)  # may fail (no network, not SD1.5): still nothing written
     if resume_from is None:
         create_output_dir(cfg, existing)
+
+    # --- optimizer and the run's random streams (all of them go into checkpoints) ---
     params = trainable_parameters(m.unet)
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # our choice: no decay, see Regularizers
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)  # latents, eta, noise, R0+ step, cfg t
@@ -1173,11 +1196,7 @@ def train(cfg):
     summary = {}
     start = 0
     if resume_from:
-        state_hash = torch.load(resume_from, map_location="cpu", weights_only=False)["prompts_sha256"]
-        if state_hash != prompts_hash:
-            raise UserError(f"the prompts in {cfg.prompts} differ from those the run was trained on; resume with the "
-                            "same prompt file, or start a new run.")
-        start = load_checkpoint(resume_from, m, optimizer, generator, order)
+        start = load_checkpoint(resume_from, m, optimizer, generator, order, prompts_hash)
         # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
         lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
         with open(log_path + ".tmp", "w") as f:
@@ -1188,6 +1207,7 @@ def train(cfg):
     n_params = sum(p.numel() for p in params)
     print(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
           f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device}")
+    # the resolved config (defaults + preset + flags) is what a resume starts from
     write_json(os.path.join(out, "config.json"), {k: v for k, v in vars(cfg).items() if k != "resume_checkpoint"})
 
     track_colour = "color" in m.reward_weights  # the toy demo: measure colour accuracy before and after
@@ -1205,9 +1225,10 @@ def train(cfg):
         images = sample_images(m, grid_prompts, grid_seeds, cfg.steps, cfg.resolution, cfg.precision)
         save_grid(images, os.path.join(out, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds)
 
+    # --- the loop: one optimizer step, one log line; checkpoints, grids and signals between steps ---
     from tqdm import tqdm
     if start == 0:
-        write_grid(0)
+        write_grid(0)  # the 'before' picture
     bad_steps, last_checkpoint = 0, resume_from
     with open(log_path, "a") as log, StopOnSignal() as stop:
         bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="R0", dynamic_ncols=True)
@@ -1215,16 +1236,17 @@ def train(cfg):
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            stats, grad_norm, applied = optimizer_step(m, optimizer, params, order, cfg, generator)
+            stats, grad_norm, applied = optimizer_step(m, optimizer, params, order, cfg, generator)  # the algorithm
+            # one JSON line per step: the raw rewards are the numbers to watch (the loss value is a surrogate's)
             record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
                           peak_mem_gb=peak_memory_gb(cfg.device))
-            bad_steps = 0 if applied else bad_steps + 1
+            bad_steps = 0 if applied else bad_steps + 1  # consecutive skipped steps; one good step resets it
             if not applied:
                 record["skipped"] = "non-finite loss, reward or gradient"
                 bar.write(f"step {step + 1}: non-finite loss, reward or gradient; update skipped "
                           f"({bad_steps}/{cfg.max_bad_steps} in a row)")
             log.write(json.dumps(record) + "\n")
-            log.flush()
+            log.flush()  # a crash loses at most the line being written
             bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *m.reward_weights, "reg"]}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:
@@ -1233,16 +1255,18 @@ def train(cfg):
                     f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}. "
                     "Lower --lr or check the rewards, then --resume.", exit_code=3)
             done = step + 1 == cfg.max_steps
+            # checkpoint on schedule, at the end, and when a signal asked us to stop (never a state after a bad step)
             if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stop.signum):
                 last_checkpoint = save_checkpoint(out, step + 1, m, optimizer, generator, order, cfg,
                                                   prompts_hash) or last_checkpoint
             if (step + 1) % cfg.sample_every == 0 or done:
                 write_grid(step + 1)
-            if stop.signum and not done:
+            if stop.signum and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
                 raise TrainingStopped(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
                                       f"python r0.py --resume {out}", exit_code=128 + stop.signum)
 
+    # --- the end: the 'after' measurement and a standard diffusers pipeline of the trained generator ---
     if track_colour:
         summary["colour_accuracy"] = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution,
                                                      cfg.precision)
@@ -1255,6 +1279,7 @@ def train(cfg):
 
 
 def peak_memory_gb(device):
+    """Peak memory of this process so far: CUDA's max allocated (reset every step) or the CPU's peak RSS."""
     if str(device).startswith("cuda"):
         return torch.cuda.max_memory_allocated() / 2**30
     import resource  # CPU: peak resident set size of this process (Linux reports KiB)
@@ -1306,12 +1331,12 @@ def build_parser():
 def resolve_config(args):
     """Defaults <- --tiny preset <- typed flags; or, with --resume, the saved config <- typed flags (only harmless
     ones may differ). Then validate: one clear sentence per mistake, before anything is loaded or written."""
-    typed = vars(args)
+    typed = vars(args)  # only the flags on the command line (argument_default=SUPPRESS)
     cfg = dict(DEFAULTS)
     if typed.get("tiny"):
         cfg.update(TINY_PRESET)
     cfg.update(typed)
-    cfg["resume_checkpoint"] = None
+    cfg["resume_checkpoint"] = None  # the file a resumed run starts from, found below
     if cfg["resume"]:
         run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
         found = checkpoint_files(run_dir)
@@ -1323,11 +1348,13 @@ def resolve_config(args):
                 raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
                                 f"(the run was trained with {', '.join(f'{k}={saved.get(k)}' for k in changed)}); "
                                 "start a new run for that.")
+            # the run's own config, plus the harmless flags just typed; it keeps writing into its own folder
             cfg = {**saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
-        elif cfg["resume"] != "auto":
+        elif cfg["resume"] != "auto":  # 'auto' without a checkpoint simply starts fresh
             raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir}/checkpoints; pass the --output-dir "
                             "of a run that has saved one.")
     cfg = argparse.Namespace(**cfg)
+    # --- validation: each mistake a user can make gets one sentence that says what to do ---
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.precision == "auto":

@@ -22,7 +22,9 @@ import torch
 
 import r0
 
-BASE_STEPS, BASE_GUIDANCE = 25, 7.5  # the base model's usual sampler: 25 steps, classifier-free guidance 7.5
+# The base model's usual sampler, the paper's reference row: 25 steps with classifier-free guidance 7.5 (two UNet
+# evaluations per step, conditional and unconditional: 50 per image, against R0's K).
+BASE_STEPS, BASE_GUIDANCE = 25, 7.5
 
 
 def find_run(path):
@@ -36,7 +38,7 @@ def find_run(path):
     else:
         raise r0.UserError(f"'{path}' holds no trained weights (no pipeline/model_index.json); pass the folder of a "
                            "finished r0.py run (training writes pipeline/ at the end).")
-    run_cfg = None
+    run_cfg = None  # a bare diffusers folder has no r0.py config: then we fall back to defaults (4 steps, 512 px)
     if os.path.isfile(config_path):
         with open(config_path) as f:
             run_cfg = argparse.Namespace(**json.load(f))
@@ -46,8 +48,8 @@ def find_run(path):
 def as_models(parts, device, dtype):
     """(tokenizer, text_encoder, vae, unet, scheduler_config) -> r0.Models for sampling (no rewards, frozen)."""
     tokenizer, text_encoder, vae, unet, scheduler_config = parts
-    r0.check_sd15_shaped(text_encoder, vae, unet, scheduler_config)
-    for module in (text_encoder, vae, unet):
+    r0.check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # the same refusal as training
+    for module in (text_encoder, vae, unet):  # inference only: no gradients, bf16 on a GPU
         module.requires_grad_(False).eval().to(device, dtype)
     alphas_cumprod = r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"]).to(device)
     return r0.Models(tokenizer, text_encoder, vae, unet, None, scheduler_config, alphas_cumprod, {}, {}, device)
@@ -56,16 +58,18 @@ def as_models(parts, device, dtype):
 def load_models(args, device, dtype):
     """(R0 generator, base model or None, run config or None) from --run / --model [--lora] / --tiny."""
     run_cfg = None
-    if args.run:
+    if args.run:  # a trained run: its pipeline/ holds the generator with LoRA already merged in
         pipeline_dir, run_cfg = find_run(args.run)
         generator = r0.load_sd15(pipeline_dir)
-    elif args.tiny:
+    elif args.tiny:  # an untrained tiny model: checks the whole path offline
         generator = (*r0.build_sd15_random("tiny", args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
-    else:
+    else:  # any SD1.5 folder or hub id, e.g. the base model plus --lora
         generator = r0.load_sd15(args.model)
     base = None
-    if args.compare_base:  # with --lora the base is the model just loaded, before the adapters go in
-        base = copy.deepcopy(generator) if args.lora else load_base(args, run_cfg)
+    if args.compare_base:  # with --lora the base UNet is the one just loaded, before the adapters go in
+        base_unet = copy.deepcopy(generator[3]) if args.lora else load_base(args, run_cfg)[3]
+        # R0 trains only the UNet: the text encoder, VAE and tokenizer are the base model's, so share them
+        base = (*generator[:3], base_unet, generator[4])
     if args.lora:  # LoRA adapters of a LoRA run, folded into the UNet
         from diffusers import StableDiffusionPipeline
         tokenizer, text_encoder, vae, unet, scheduler_config = generator
@@ -83,7 +87,7 @@ def load_models(args, device, dtype):
 
 def load_base(args, run_cfg):
     """The model R0 started from: the run's --model (or its tiny twin), else --model / a fresh tiny model."""
-    if run_cfg is not None:
+    if run_cfg is not None:  # the run's config names its base: its --model, or the tiny twin of its seed
         if run_cfg.tiny:
             return (*r0.build_sd15_random("tiny", run_cfg.seed), dict(r0.SD15_SCHEDULER_CONFIG))
         return r0.load_sd15(run_cfg.model)
@@ -101,8 +105,9 @@ def sample_base(m, prompts, seeds, resolution, batch_size):
                                    scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    images = []
+    images = []  # batches of (b,3,H,W) in [0,1]
     for i in range(0, len(prompts), batch_size):
+        # the same x_T per seed as r0.sample_images, so base and R0 rows start from identical noise
         noise = torch.stack([r0.initial_noise(s, resolution, m.device) for s in seeds[i : i + batch_size]])
         out = pipe(prompts[i : i + batch_size], height=resolution, width=resolution, num_inference_steps=BASE_STEPS,
                    guidance_scale=BASE_GUIDANCE, latents=noise.to(m.unet.dtype), output_type="pt").images
@@ -111,6 +116,7 @@ def sample_base(m, prompts, seeds, resolution, batch_size):
 
 
 def timed(fn, device):
+    """(fn(), wall seconds). CUDA runs asynchronously: synchronize before reading the clock, or we time launches."""
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -121,7 +127,8 @@ def timed(fn, device):
 
 
 def mean_se(values):
-    """(mean, standard error of the mean) of a list of numbers."""
+    """(mean, standard error of the mean) of a list of numbers. SE = sample std / sqrt(n): roughly how far the
+    mean would move with other seeds."""
     n = len(values)
     mean = sum(values) / n
     var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
@@ -134,9 +141,10 @@ def score(images, prompts, scorers, device):
     result = {}
     for name, reward in scorers.items():
         values = []
-        for i in range(0, len(images), 8):
+        for i in range(0, len(images), 8):  # small batches: two ViT-H-14 towers at once are large
             values += (100 * reward(images[i : i + 8].to(device), prompts[i : i + 8])).tolist()
         result[f"{name} x100"] = values
+    # colour accuracy: the toy metric of the tiny demo, meaningful on any prompt that names a colour
     colour_prompts = [(img, p) for img, p in zip(images, prompts) if r0.colour_of(p)]
     if colour_prompts:
         got = r0.dominant_colour(torch.stack([img for img, _ in colour_prompts]))
@@ -146,6 +154,7 @@ def score(images, prompts, scorers, device):
 
 
 def parse_steps(text):
+    """'4' or '1,2,4' -> [4] or [1, 2, 4], each within the generator's 1..8."""
     try:
         steps = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
@@ -156,6 +165,7 @@ def parse_steps(text):
 
 
 def check_writable(out):
+    """Fail before sampling (which can take minutes) if the output folder cannot be written."""
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, ".write-test")
@@ -230,12 +240,14 @@ def run(args):
     if args.run:
         find_run(args.run)  # fail on a bad run folder before loading anything heavy
 
+    # --- load the generator (and the base model for --compare-base) ---
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is emulated (slow) on CPUs
     m, base, run_cfg = load_models(args, device, dtype)
-    trained_steps = run_cfg.steps if run_cfg else 4
+    trained_steps = run_cfg.steps if run_cfg else 4  # default: sample as the run was trained (paper: K=4)
     steps_list = steps_arg or ([1, 2, 4] if args.compare_base else [trained_steps])
     resolution = args.resolution or (run_cfg.resolution if run_cfg else (64 if args.tiny else 512))
+    # image i of every prompt uses seed + i: each column of the grid shares its initial noise across rows
     seeds = [args.seed + i for _ in prompts for i in range(args.num_images)]
     all_prompts = [p for p in prompts for _ in range(args.num_images)]
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
@@ -263,6 +275,7 @@ def run(args):
                  captions=all_prompts * len(rows), row_labels=[label for label, _, _, _ in rows])
     print(f"wrote {len(rows) * len(seeds)} images and grid.png to {args.out}")
 
+    # --- score every row with the same reward models (default: those the run was trained with) ---
     if args.score:
         names = args.score_with or (run_cfg.rewards if run_cfg else "hps,clip")
         names = [n.split("=")[0].strip() for n in names.split(",") if n.strip()]
@@ -280,6 +293,7 @@ def run(args):
 
 
 def print_table(table):
+    """The score table on stdout: one row per sampler, mean ± standard error per metric."""
     metrics = [k for k in table[0] if k not in ("row", "unet_evals_per_image", "seconds_per_image")]
     header = f"{'row':<24} {'UNet evals/img':>14} {'s/img':>8} " + " ".join(f"{m:>16}" for m in metrics)
     print(header)

@@ -702,11 +702,22 @@ BENCH_MODES = {"lora": ("64", False), "lora+": ("64", True), "full": ("0", False
 BENCH_SIZE = os.environ.get("R0_BENCH_SIZE", "full")  # 'tiny' checks the benchmark code itself in seconds
 
 
+def bench_timed(fn, repeats, device):
+    """Mean seconds of fn() over `repeats` calls, after one warm-up call (allocator, kernel selection)."""
+    import time
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    fn()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync()
+    return (time.perf_counter() - t0) / repeats
+
+
 def bench_mode(mode, resolution, device, repeats, batch_sizes):
     """One training mode: seconds per step and its parts, images/s and peak memory, for each batch size that fits."""
-    import time as _time
     rank, plus = BENCH_MODES[mode]
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     results = []
     for batch in batch_sizes:
         argv = ["--prompts", PROMPTS, "--output-dir", tempfile.mkdtemp(), "--device", device, "--lora-rank", rank,
@@ -717,14 +728,7 @@ def bench_mode(mode, resolution, device, repeats, batch_sizes):
             params = r0.trainable_parameters(m.unet)
             optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
             order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator(device).manual_seed(0)
-            def timed(fn):
-                fn()  # warm-up (allocator, kernels)
-                sync()
-                t0 = _time.perf_counter()
-                for _ in range(repeats):
-                    fn()
-                sync()
-                return (_time.perf_counter() - t0) / repeats
+            timed = functools.partial(bench_timed, repeats=repeats, device=device)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -771,19 +775,10 @@ def bench_mode(mode, resolution, device, repeats, batch_sizes):
 def bench_sampling(resolution, device, repeats):
     """Seconds per image: R0 at 1, 2, 4 steps vs the base model's 25-step CFG sampler, same architecture and device,
     loaded the way sample.py loads a model; and the parts (UNet calls + one VAE decode + text encoding)."""
-    import time as _time
     import sample
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     dtype, precision = (torch.bfloat16, "bf16") if device.startswith("cuda") else (torch.float32, "fp32")
     m = sample.as_models((*r0.build_sd15_random(BENCH_SIZE), dict(r0.SD15_SCHEDULER_CONFIG)), device, dtype)
-    def timed(fn):
-        fn()
-        sync()
-        t0 = _time.perf_counter()
-        for _ in range(repeats):
-            fn()
-        sync()
-        return (_time.perf_counter() - t0) / repeats
+    timed = functools.partial(bench_timed, repeats=repeats, device=device)
     prompt = ["a red fox in the snow"]
     emb = r0.encode_prompts(m.tokenizer, m.text_encoder, prompt)
     x = torch.randn((1, 4, resolution // 8, resolution // 8), device=device)
