@@ -282,6 +282,34 @@ def test_weight_regularizer_zero_at_init_grows_after_a_step_and_grads_reach_only
     assert r0.weight_regularization(m.unet, m.frozen_unet).item() > 0
 
 
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_weight_regularizer_keeps_no_weight_sized_tensor_for_the_backward(tmp_path, lora_rank):
+    """Its value and gradient are the definition's, and autograd saves nothing but the weights themselves and tiny
+    (r,r) products: a saved difference theta - theta_0 (or LoRA's delta W) would cost GBs on SD1.5."""
+    m = r0.load_models(tiny_cfg(tmp_path, "--lora-rank", str(lora_rank), "--precision", "fp32"))
+    params = r0.trainable_parameters(m.unet)
+    with torch.no_grad():
+        for p in params:
+            p.add_(0.01 * torch.randn_like(p))
+    weights = {p.data_ptr() for p in m.unet.parameters()}
+    weights |= {p.data_ptr() for p in m.frozen_unet.parameters()} if m.frozen_unet is not None else set()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        reg = r0.weight_regularization(m.unet, m.frozen_unet)
+    new_numbers = sum(t.numel() for t in saved if t.data_ptr() not in weights)
+    assert new_numbers <= 2 * lora_rank ** 2 * len(r0.lora_layers(m.unet)) if lora_rank else new_numbers == 0
+    reg.backward()
+    if lora_rank:  # d/dA ||s B A||^2 = 2 s^2 B^T B A, d/dB = 2 s^2 B A A^T
+        for A, B, s in r0.lora_layers(m.unet):
+            torch.testing.assert_close(A.grad, 2 * s ** 2 * B.T @ B @ A, rtol=1e-4, atol=1e-7)
+            torch.testing.assert_close(B.grad, 2 * s ** 2 * B @ A @ A.T, rtol=1e-4, atol=1e-7)
+    else:
+        direct = sum((p - p0).pow(2).sum() for p, p0 in zip(m.unet.parameters(), m.frozen_unet.parameters()))
+        torch.testing.assert_close(reg, direct)
+        for p, p0 in zip(m.unet.parameters(), m.frozen_unet.parameters()):
+            torch.testing.assert_close(p.grad, 2 * (p - p0).detach())
+
+
 def test_lora_regularizer_equals_the_merged_weight_change(tmp_path):
     cfg = tiny_cfg(tmp_path, "--lora-rank", "4", "--precision", "fp32")
     m = r0.load_models(cfg)
