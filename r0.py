@@ -599,12 +599,19 @@ def sd15_tokenizer_offline():
 def build_sd15_random(size="tiny", seed=0):
     """SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code: no download. 'full' has random weights
     (for the benchmark); 'tiny' is shrunk and given a miniature pretraining (see pretrain_tiny_denoiser).
-    Built once per process and (size, seed); every call returns fresh copies."""
-    return copy.deepcopy(_build_sd15_random(size, seed))
+    'tiny' is built once per process and seed (tests need it often) and every call returns fresh copies; 'full' is
+    built anew on each call (a cached copy would hold 4 GB of RAM and inflate the benchmark's peak memory)."""
+    if size == "tiny":
+        return copy.deepcopy(_build_tiny_cached(seed))
+    return _build_sd15_random_seeded(size, seed)
 
 
 @functools.lru_cache(maxsize=2)
-def _build_sd15_random(size, seed):
+def _build_tiny_cached(seed):
+    return _build_sd15_random_seeded("tiny", seed)
+
+
+def _build_sd15_random_seeded(size, seed):
     with torch.random.fork_rng():  # building leaves the global RNG as it found it (cached or not)
         torch.manual_seed(seed)
         return _build_sd15_random_uncached(size, seed)

@@ -722,12 +722,18 @@ def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmark, not a test: speed and memory on SD1.5's real architecture (UNet 860M, VAE, text encoder) and two
 # full-size ViT-H-14 reward towers, all with random weights built in code (offline, the same builders as --tiny).
-#   R0_BENCHMARK=1 python -m pytest -s -q test_r0.py -k benchmark          # GPU: 512 px; CPU: 256 px
-#   R0_BENCHMARK=1 R0_BENCH_RES=512 R0_BENCH_MODES=lora,lora+ ...          # choose resolution / modes
+#   R0_BENCHMARK=1 python -m pytest -s -q test_r0.py -k benchmark
+# Knobs (environment; default on a GPU / on a CPU):
+#   R0_BENCH_MODES      lora,lora+,full,full+,sampling / lora,lora+,sampling
+#   R0_BENCH_RES        512 / 256              pixels
+#   R0_BENCH_BATCHES    1,2,4,8,16 / 1,2       each mode stops at the first batch size that runs out of memory
+#   R0_BENCH_PRECISION  auto                   r0.py's --precision: bf16 on a GPU, fp32 on a CPU
+#   R0_BENCH_REPEATS    5 / 1                  timed repeats after one warm-up
+#   R0_BENCH_SIZE       full                   'tiny' checks the benchmark code itself in seconds
 # Each mode runs in its own process (a clean peak-memory reading). It prints figures; it asserts no timings.
 
 BENCH_MODES = {"lora": ("64", False), "lora+": ("64", True), "full": ("0", False), "full+": ("0", True)}
-BENCH_SIZE = os.environ.get("R0_BENCH_SIZE", "full")  # 'tiny' checks the benchmark code itself in seconds
+BENCH_SIZE = os.environ.get("R0_BENCH_SIZE", "full")
 
 
 def bench_timed(fn, repeats, device):
@@ -743,19 +749,29 @@ def bench_timed(fn, repeats, device):
     return (time.perf_counter() - t0) / repeats
 
 
-def bench_mode(mode, resolution, device, repeats, batch_sizes):
-    """One training mode: seconds per step and its parts, images/s and peak memory, for each batch size that fits."""
+def tensors_gb(tensors):
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**30
+
+
+def bench_mode(mode, resolution, device, precision, repeats, batch_sizes):
+    """One training mode, for each batch size until one runs out of memory: seconds per step and its parts,
+    images/s, peak memory, and the static memory (weights, gradients, AdamW state) counted from the tensors.
+    Yields one row per batch size (printed at once: on a CPU, running out of RAM kills the process)."""
     rank, plus = BENCH_MODES[mode]
-    results = []
+    # before anything is loaded: the Python runtime and libraries (peak RSS counts them; CUDA's allocator does not)
+    runtime_gb = 0.0 if device.startswith("cuda") else r0.peak_memory_gb(device)
+    m = None
     for batch in batch_sizes:
         argv = ["--prompts", PROMPTS, "--output-dir", tempfile.mkdtemp(), "--device", device, "--lora-rank", rank,
-                "--resolution", str(resolution), "--batch-size", str(batch), "--grad-accum", "1"] + (["--r0-plus"] if plus else [])
+                "--resolution", str(resolution), "--batch-size", str(batch), "--grad-accum", "1",
+                "--precision", precision] + (["--r0-plus"] if plus else [])
         cfg = r0.resolve_config(r0.build_parser().parse_args(argv))
         try:
-            m = r0.load_models(cfg, random_size=BENCH_SIZE) if not results else m
-            params = r0.trainable_parameters(m.unet)
-            optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-            order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator(device).manual_seed(0)
+            if m is None:
+                m = r0.load_models(cfg, random_size=BENCH_SIZE)
+                params = r0.trainable_parameters(m.unet)
+                optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+                order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator(device).manual_seed(0)
             timed = functools.partial(bench_timed, repeats=repeats, device=device)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -763,8 +779,15 @@ def bench_mode(mode, resolution, device, repeats, batch_sizes):
             step = timed(lambda: r0.optimizer_step(m, optimizer, params, order, cfg, gen))
             peak = r0.peak_memory_gb(device)
         except torch.OutOfMemoryError:
-            results.append({"mode": mode, "batch": batch, "oom": True})
-            break
+            yield {"mode": mode, "batch": batch, "oom": True}
+            return
+        modules = [m.unet, m.frozen_unet, m.vae, m.text_encoder] + [r.model for r in m.rewards.values()
+                                                                     if hasattr(r, "model")]
+        memory = {"weights": tensors_gb(p for mod in modules if mod is not None for p in mod.parameters()),
+                  "grads": tensors_gb(params),  # set to None after each step; they exist from backward to step
+                  "adamw": tensors_gb(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))}
+        memory["activations"] = peak - runtime_gb - sum(memory.values())  # + allocator caches and transients
+        memory["runtime"] = runtime_gb
         # the parts, each alone, with the same precision and checkpointing settings
         prompts = order.batch(batch)
         h, K = resolution // 8, cfg.steps
@@ -793,18 +816,18 @@ def bench_mode(mode, resolution, device, repeats, batch_sizes):
         # R0: K UNet calls in the graph; R0+: k ~ U{0..K-1} calls without graph, then one in it: (K-1)/2 + 1 on average
         unet_part = (K - 1) / 2 * t_unet_ng + t_unet if plus else K * t_unet
         parts = {"unet": unet_part, "vae": timed(vae_fwd_bwd), "rewards": timed(rewards_fwd_bwd), "text": timed(text)}
-        results.append({"mode": mode, "batch": batch, "resolution": resolution, "device": device,
-                        "s_per_step": step, "images_per_s": batch / step, "peak_gb": peak,
-                        "parts_s": parts, "overhead": 1 - sum(parts.values()) / step,
-                        "trainable_params": sum(p.numel() for p in params)})
-    return results
+        yield {"mode": mode, "batch": batch, "resolution": resolution, "device": device, "precision": cfg.precision,
+               "s_per_step": step, "images_per_s": batch / step, "peak_gb": peak, "memory_gb": memory,
+               "parts_s": parts, "overhead": 1 - sum(parts.values()) / step,
+               "trainable_params": sum(p.numel() for p in params)}
 
 
-def bench_sampling(resolution, device, repeats):
+def bench_sampling(resolution, device, precision, repeats):
     """Seconds per image: R0 at 1, 2, 4 steps vs the base model's 25-step CFG sampler, same architecture and device,
     loaded the way sample.py loads a model; and the parts (UNet calls + one VAE decode + text encoding)."""
     import sample
-    dtype, precision = (torch.bfloat16, "bf16") if device.startswith("cuda") else (torch.float32, "fp32")
+    precision = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(precision, precision)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     m = sample.as_models((*r0.build_sd15_random(BENCH_SIZE), dict(r0.SD15_SCHEDULER_CONFIG)), device, dtype)
     timed = functools.partial(bench_timed, repeats=repeats, device=device)
     prompt = ["a red fox in the snow"]
@@ -823,11 +846,12 @@ def bench_sampling(resolution, device, repeats):
         secs = timed(lambda: r0.sample_images(m, prompt, [0], k, resolution, precision))
         rows[f"R0 {k}-step"] = {"s_per_image": secs, "unet_calls": k, "parts_s": k * t_unet + t_vae + t_text,
                                 "speedup_vs_base": base / secs}
-    return {"resolution": resolution, "device": device, "unet_fwd_s": t_unet, "vae_decode_s": t_vae, "rows": rows}
+    return {"resolution": resolution, "device": device, "precision": precision, "unet_fwd_s": t_unet,
+            "vae_decode_s": t_vae, "rows": rows}
 
 
 def memory_model():
-    """Bytes by mode, from the parameter counts of the full-size models (bf16 frozen, fp32 trainable, AdamW 2x)."""
+    """Parameter counts of the full-size models, for the memory model (bf16 frozen, fp32 trainable, AdamW 2x)."""
     tok, te, vae, unet = r0.build_sd15_random("full")
     tower, _ = r0.build_clip_tower_random("full")
     n = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters()),
@@ -838,36 +862,48 @@ def memory_model():
     return n
 
 
+def bench_worker(*args):
+    """Runs `python test_r0.py bench-mode|bench-sampling ...`; returns (JSON rows, return code, stderr)."""
+    out = subprocess.run([sys.executable, __file__, *map(str, args)], capture_output=True, text=True)
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")], out.returncode, out.stderr
+
+
 @pytest.mark.skipif(not os.environ.get("R0_BENCHMARK"), reason="benchmark: set R0_BENCHMARK=1 (and pytest -s)")
 def test_benchmark():
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    resolution = int(os.environ.get("R0_BENCH_RES", 512 if device == "cuda" else 256))
-    modes = os.environ.get("R0_BENCH_MODES", "lora,lora+,full,full+" if device == "cuda" else "lora,lora+").split(",")
-    repeats = int(os.environ.get("R0_BENCH_REPEATS", 5 if device == "cuda" else 1))
-    batches = "1,2,4,8,16" if device == "cuda" else "1"
-    print(f"\nbenchmark: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU'}, {resolution} px, "
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    env = lambda name, gpu_default, cpu_default: os.environ.get(name, gpu_default if gpu else cpu_default)
+    modes = env("R0_BENCH_MODES", "lora,lora+,full,full+,sampling", "lora,lora+,sampling").split(",")
+    resolution = int(env("R0_BENCH_RES", 512, 256))
+    batches = env("R0_BENCH_BATCHES", "1,2,4,8,16", "1,2").split(",")
+    precision = os.environ.get("R0_BENCH_PRECISION", "auto")
+    repeats = int(env("R0_BENCH_REPEATS", 5, 1))
+    print(f"\nbenchmark: {torch.cuda.get_device_name() if gpu else 'CPU'}, {resolution} px, precision {precision}, "
           f"torch {torch.__version__}, {BENCH_SIZE} models")
-    for mode in modes:  # each mode in a fresh process: peak memory of that mode alone
-        out = subprocess.run([sys.executable, __file__, "bench-mode", mode, str(resolution), device, str(repeats),
-                              batches], capture_output=True, text=True)
-        lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-        assert out.returncode == 0 and lines, out.stderr[-3000:]
-        for r in map(json.loads, lines):
+    for mode in [m for m in modes if m != "sampling"]:  # each mode in a fresh process: its peak memory alone
+        rows, code, err = bench_worker("bench-mode", mode, resolution, device, precision, repeats, ",".join(batches))
+        # a CPU process that runs out of RAM is killed by the kernel (SIGKILL): its rows so far are still printed
+        killed = code == -signal.SIGKILL and len(rows) < len(batches)
+        assert code == 0 or killed, err[-3000:]
+        if killed:
+            rows.append({"mode": mode, "batch": int(batches[len(rows)]), "oom": True})
+        for r in rows:
             if r.get("oom"):
                 print(f"| {mode} | batch {r['batch']} | out of memory |")
                 continue
-            p = r["parts_s"]
-            print(f"| {mode} | batch {r['batch']} | {r['s_per_step']:.3f} s/step | {r['images_per_s']:.3f} img/s | "
-                  f"peak {r['peak_gb']:.2f} GB | parts: UNet {p['unet']:.3f} + VAE {p['vae']:.3f} + rewards "
+            p, mem = r["parts_s"], r["memory_gb"]
+            print(f"| {mode} | {r['precision']} | batch {r['batch']} | {r['s_per_step']:.3f} s/step | "
+                  f"{r['images_per_s']:.3f} img/s | peak {r['peak_gb']:.2f} GB = weights {mem['weights']:.2f} + "
+                  f"grads {mem['grads']:.2f} + AdamW {mem['adamw']:.2f} + activations {mem['activations']:.2f} + "
+                  f"runtime {mem['runtime']:.2f} | parts: UNet {p['unet']:.3f} + VAE {p['vae']:.3f} + rewards "
                   f"{p['rewards']:.3f} + text {p['text']:.3f} s | overhead {r['overhead']:+.1%} |")
-    out = subprocess.run([sys.executable, __file__, "bench-sampling", str(resolution), device, str(repeats)],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-3000:]
-    s = json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])
-    for name, row in s["rows"].items():
-        extra = f" | {row['speedup_vs_base']:.1f}x faster than base" if "speedup_vs_base" in row else ""
-        print(f"| {name} | {row['unet_calls']} UNet calls | {row['s_per_image']:.3f} s/img | parts "
-              f"{row['parts_s']:.3f} s{extra} |")
+    if "sampling" in modes:
+        rows, code, err = bench_worker("bench-sampling", resolution, device, precision, repeats)
+        assert code == 0 and rows, err[-3000:]
+        for name, row in rows[-1]["rows"].items():
+            extra = f" | {row['speedup_vs_base']:.1f}x faster than base" if "speedup_vs_base" in row else ""
+            print(f"| {name} | {rows[-1]['precision']} | {row['unet_calls']} UNet calls | {row['s_per_image']:.3f} "
+                  f"s/img | parts {row['parts_s']:.3f} s{extra} |")
     n = memory_model()
     gb = 1 / 2**30
     print(f"parameters: UNet {n['unet'] / 1e6:.1f}M, VAE {n['vae'] / 1e6:.1f}M, text encoder {n['text'] / 1e6:.1f}M, "
@@ -880,8 +916,11 @@ def test_benchmark():
 
 if __name__ == "__main__":  # the benchmark's worker processes
     if sys.argv[1] == "bench-mode":
-        for row in bench_mode(sys.argv[2], int(sys.argv[3]), sys.argv[4], int(sys.argv[5]),
-                              [int(b) for b in sys.argv[6].split(",")]):
+        if sys.argv[4] == "cpu":  # out of RAM, the kernel should kill this worker, not the process that waits for it
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write("1000")
+        mode, resolution, device, precision, repeats, batches = sys.argv[2:8]
+        for row in bench_mode(mode, int(resolution), device, precision, int(repeats), [int(b) for b in batches.split(",")]):
             print(json.dumps(row), flush=True)
     elif sys.argv[1] == "bench-sampling":
-        print(json.dumps(bench_sampling(int(sys.argv[2]), sys.argv[3], int(sys.argv[4]))))
+        print(json.dumps(bench_sampling(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))))
