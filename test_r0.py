@@ -728,6 +728,7 @@ def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp
 #   R0_BENCH_RES        512 / 256              pixels
 #   R0_BENCH_BATCHES    1,2,4,8,16 / 1,2       each mode stops at the first batch size that runs out of memory
 #   R0_BENCH_PRECISION  auto                   r0.py's --precision: bf16 on a GPU, fp32 on a CPU
+#   R0_BENCH_REWARDS    hps=1.0,clip=1.0       r0.py's --rewards (two ViT-H-14 towers)
 #   R0_BENCH_REPEATS    5 / 1                  timed repeats after one warm-up
 #   R0_BENCH_SIZE       full                   'tiny' checks the benchmark code itself in seconds
 # Each mode runs in its own process (a clean peak-memory reading). It prints figures; it asserts no timings.
@@ -753,7 +754,7 @@ def tensors_gb(tensors):
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
 
-def bench_mode(mode, resolution, device, precision, repeats, batch_sizes):
+def bench_mode(mode, resolution, device, precision, rewards, repeats, batch_sizes):
     """One training mode, for each batch size until one runs out of memory: seconds per step and its parts,
     images/s, peak memory, and the static memory (weights, gradients, AdamW state) counted from the tensors.
     Yields one row per batch size (printed at once: on a CPU, running out of RAM kills the process)."""
@@ -764,7 +765,7 @@ def bench_mode(mode, resolution, device, precision, repeats, batch_sizes):
     for batch in batch_sizes:
         argv = ["--prompts", PROMPTS, "--output-dir", tempfile.mkdtemp(), "--device", device, "--lora-rank", rank,
                 "--resolution", str(resolution), "--batch-size", str(batch), "--grad-accum", "1",
-                "--precision", precision] + (["--r0-plus"] if plus else [])
+                "--precision", precision, "--rewards", rewards] + (["--r0-plus"] if plus else [])
         cfg = r0.resolve_config(r0.build_parser().parse_args(argv))
         try:
             if m is None:
@@ -788,7 +789,7 @@ def bench_mode(mode, resolution, device, precision, repeats, batch_sizes):
                   "adamw": tensors_gb(v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v))}
         memory["activations"] = peak - runtime_gb - sum(memory.values())  # + allocator caches and transients
         memory["runtime"] = runtime_gb
-        # the parts, each alone, with the same precision and checkpointing settings
+        # the parts, each alone, with the same precision and checkpointing settings; a step is nothing else
         prompts = order.batch(batch)
         h, K = resolution // 8, cfg.steps
         emb = r0.encode_prompts(m.tokenizer, m.text_encoder, prompts)
@@ -812,10 +813,16 @@ def bench_mode(mode, resolution, device, precision, repeats, batch_sizes):
                 r0.composed_reward_gradients(m.rewards, m.reward_weights, pixels, x, prompts, emb)
         def text():
             r0.encode_prompts(m.tokenizer, m.text_encoder, prompts)
+        def update():  # the rest of a step: the anchor's forward/backward, clipping, AdamW, over every trainable weight
+            (cfg.weight_reg * r0.weight_regularization(m.unet, m.frozen_unet)).backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         t_unet, t_unet_ng = timed(unet_fwd_bwd), timed(unet_fwd_no_grad)
         # R0: K UNet calls in the graph; R0+: k ~ U{0..K-1} calls without graph, then one in it: (K-1)/2 + 1 on average
         unet_part = (K - 1) / 2 * t_unet_ng + t_unet if plus else K * t_unet
-        parts = {"unet": unet_part, "vae": timed(vae_fwd_bwd), "rewards": timed(rewards_fwd_bwd), "text": timed(text)}
+        parts = {"unet": unet_part, "vae": timed(vae_fwd_bwd), "rewards": timed(rewards_fwd_bwd), "text": timed(text),
+                 "update": timed(update)}
         yield {"mode": mode, "batch": batch, "resolution": resolution, "device": device, "precision": cfg.precision,
                "s_per_step": step, "images_per_s": batch / step, "peak_gb": peak, "memory_gb": memory,
                "parts_s": parts, "overhead": 1 - sum(parts.values()) / step,
@@ -877,11 +884,13 @@ def test_benchmark():
     resolution = int(env("R0_BENCH_RES", 512, 256))
     batches = env("R0_BENCH_BATCHES", "1,2,4,8,16", "1,2").split(",")
     precision = os.environ.get("R0_BENCH_PRECISION", "auto")
+    rewards = os.environ.get("R0_BENCH_REWARDS", "hps=1.0,clip=1.0")
     repeats = int(env("R0_BENCH_REPEATS", 5, 1))
     print(f"\nbenchmark: {torch.cuda.get_device_name() if gpu else 'CPU'}, {resolution} px, precision {precision}, "
-          f"torch {torch.__version__}, {BENCH_SIZE} models")
+          f"rewards {rewards}, torch {torch.__version__}, {BENCH_SIZE} models")
     for mode in [m for m in modes if m != "sampling"]:  # each mode in a fresh process: its peak memory alone
-        rows, code, err = bench_worker("bench-mode", mode, resolution, device, precision, repeats, ",".join(batches))
+        rows, code, err = bench_worker("bench-mode", mode, resolution, device, precision, rewards, repeats,
+                                         ",".join(batches))
         # a CPU process that runs out of RAM is killed by the kernel (SIGKILL): its rows so far are still printed
         killed = code == -signal.SIGKILL and len(rows) < len(batches)
         assert code == 0 or killed, err[-3000:]
@@ -896,7 +905,8 @@ def test_benchmark():
                   f"{r['images_per_s']:.3f} img/s | peak {r['peak_gb']:.2f} GB = weights {mem['weights']:.2f} + "
                   f"grads {mem['grads']:.2f} + AdamW {mem['adamw']:.2f} + activations {mem['activations']:.2f} + "
                   f"runtime {mem['runtime']:.2f} | parts: UNet {p['unet']:.3f} + VAE {p['vae']:.3f} + rewards "
-                  f"{p['rewards']:.3f} + text {p['text']:.3f} s | overhead {r['overhead']:+.1%} |")
+                  f"{p['rewards']:.3f} + text {p['text']:.3f} + update {p['update']:.3f} s | overhead "
+                  f"{r['overhead']:+.1%} |")
     if "sampling" in modes:
         rows, code, err = bench_worker("bench-sampling", resolution, device, precision, repeats)
         assert code == 0 and rows, err[-3000:]
@@ -919,8 +929,9 @@ if __name__ == "__main__":  # the benchmark's worker processes
         if sys.argv[4] == "cpu":  # out of RAM, the kernel should kill this worker, not the process that waits for it
             with open("/proc/self/oom_score_adj", "w") as f:
                 f.write("1000")
-        mode, resolution, device, precision, repeats, batches = sys.argv[2:8]
-        for row in bench_mode(mode, int(resolution), device, precision, int(repeats), [int(b) for b in batches.split(",")]):
+        mode, resolution, device, precision, rewards, repeats, batches = sys.argv[2:9]
+        for row in bench_mode(mode, int(resolution), device, precision, rewards, int(repeats),
+                              [int(b) for b in batches.split(",")]):
             print(json.dumps(row), flush=True)
     elif sys.argv[1] == "bench-sampling":
         print(json.dumps(bench_sampling(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))))
