@@ -18,7 +18,8 @@ Run it:
     python r0.py --prompts prompts.txt                 # SD1.5 + HPS v2.1 + CLIP score, one GPU (LoRA, 512 px)
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
 Hardware the defaults assume: one 24 GB GPU (LoRA rank 64, batch 1 x 4 accumulation, bf16 autocast, gradient
-checkpointing). Full fine-tuning (--lora-rank 0) wants about 30 GB; --r0-plus shortens the backward graph.
+checkpointing). Full fine-tuning (--lora-rank 0) wants about 30 GB (estimated from the README's measured memory
+model); --r0-plus shortens the backward graph.
 
 File layout (top to bottom): config -> generator parameterization (paper 3.2) -> rewards -> reward composition
 -> regularizers (3.3) -> loss and training step -> loading -> training loop -> main.
@@ -95,8 +96,9 @@ DEFAULTS = dict(
 
 # Memory note (LoRA, 512 px, batch 1, R0 4-step backprop): frozen weights in bf16 take 5.7 GB (UNet 859.5M, VAE
 # 83.7M, text encoder 123.1M, two ViT-H-14 reward towers of 986.1M), the 12.75M LoRA-64 weights with gradients
-# and AdamW moments 0.2 GB; activations under gradient checkpointing come on top (README: the measured table and
-# the memory model). Full fine-tuning: + 12.8 GB for fp32 UNet weights/gradients/AdamW + 3.2 GB for theta_0.
+# and AdamW moments 0.2 GB; activations under gradient checkpointing come on top (measured on a CPU in fp32: 2.4 GB
+# per 256 px image; README: the measured table and the memory model). Full fine-tuning: + 12.8 GB for fp32 UNet
+# weights/gradients/AdamW + 3.2 GB for theta_0.
 
 # --tiny: the same code path on tiny random-weight models, sized so the demo learns colour in under 2 minutes
 # on 2 CPU cores. Flags given explicitly on the command line still win.
