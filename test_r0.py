@@ -219,6 +219,41 @@ def test_clip_family_reward_is_the_cosine_of_open_clip_features():
     torch.testing.assert_close(reward(pixels, prompts), cos, rtol=1e-4, atol=1e-5)
 
 
+def test_reward_tower_layout_change_keeps_scores_and_gradients_and_avoids_the_slow_batched_matmul():
+    """ClipFamilyReward runs the image tower sequence-first (r0.sequence_first): same scores and image gradients as
+    open_clip's own batch-first model, and no aten.bmm (the L small products of the slow path) in the forward."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(str(func.overloadpacket))
+            return func(*args, **(kwargs or {}))
+
+    reward = r0.load_reward("hps", "tiny", device="cpu", dtype=torch.float32)
+    plain, _ = r0.build_clip_tower_random("tiny", seed=1)  # the same weights, open_clip's default layout
+    plain.requires_grad_(False).eval()
+    assert reward.model.visual.transformer.batch_first is False and plain.visual.transformer.batch_first is True
+    prompts = ["a red fox", "a blue car"]
+    pixels = torch.rand(2, 3, 64, 64)
+    x1, x2 = pixels.clone().requires_grad_(True), pixels.clone().requires_grad_(True)
+    reward.text_features(prompts)  # cached now, so the forward below runs the image tower only
+    with Ops() as ops:
+        ours = reward(x1, prompts)
+    with torch.no_grad():
+        txt = plain.encode_text(reward.tokenizer(prompts), normalize=True)
+    with Ops() as plain_ops:
+        theirs = (plain.encode_image(r0.clip_preprocess(x2), normalize=True) * txt).sum(-1)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    ours.sum().backward(), theirs.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-7)
+    assert "aten.bmm" in plain_ops.seen, "open_clip's layout no longer takes the slow path: sequence_first may go"
+    assert "aten.bmm" not in ops.seen
+
+
 def test_normalization_gives_each_reward_unit_per_sample_norm_before_weighting(tiny):
     tok, te, vae, unet = tiny
     prompts = ["a red fox", "a blue car", "a photo of a cat"]  # the third names no colour: 0 gradient stays 0
