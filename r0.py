@@ -296,8 +296,8 @@ def sequence_first(transformer):
     """our choice (speed; the same numbers): run open_clip's image transformer in its sequence-first (L,B,D) layout.
     In the default batch-first layout, torch's nn.MultiheadAttention transposes its input to (L,B,D) as a strided
     view; with gradient flowing to the image but not into the frozen weights, matmul cannot fold that view into one
-    matrix product and runs the input projection as L=257 small ones. Measured on CPU, ViT-H-14 forward+backward,
-    256 px, fp32: batch 1 5.8 -> 5.2 s, batch 2 18.7 -> 10.0 s (test_r0.py checks the result is unchanged)."""
+    matrix product and runs the input projection as L=257 small ones: the benchmark's reward part (two towers,
+    256 px, fp32, CPU) took 42.9 s at batch 2 before, 24.4 s after (README). test_r0.py checks the numbers agree."""
     blocks = getattr(transformer, "resblocks", [])
     if getattr(transformer, "batch_first", False) and all(isinstance(getattr(b, "attn", None),
                                                               torch.nn.MultiheadAttention) for b in blocks):
