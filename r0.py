@@ -96,8 +96,8 @@ DEFAULTS = dict(
 
 # Memory note (LoRA, 512 px, batch 1, R0 4-step backprop): frozen weights in bf16 take 5.7 GB (UNet 859.5M, VAE
 # 83.7M, text encoder 123.1M, two ViT-H-14 reward towers of 986.1M), the 12.75M LoRA-64 weights with gradients
-# and AdamW moments 0.2 GB; activations under gradient checkpointing come on top (measured on a CPU in fp32: 2.4 GB
-# per 256 px image; README: the measured table and the memory model). Full fine-tuning: + 12.8 GB for fp32 UNet
+# and AdamW moments 0.2 GB; activations under gradient checkpointing come on top (measured on a CPU in fp32: 2.5 GB
+# at batch 1, 256 px; README: the measured table and the memory model). Full fine-tuning: + 12.8 GB for fp32 UNet
 # weights/gradients/AdamW + 3.2 GB for theta_0.
 
 # --tiny: the same code path on tiny random-weight models, sized so the demo learns colour in under 2 minutes
