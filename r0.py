@@ -900,7 +900,7 @@ def load_prompts(path):
     if os.path.isdir(path):
         raise UserError(f"'{path}' is a directory, not a prompt file; pass --prompts with a text file.")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not text
             lines = f.read().splitlines()
     except UnicodeDecodeError:
         raise UserError(f"prompt file '{path}' is not UTF-8 text; save it as UTF-8.")
