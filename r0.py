@@ -17,9 +17,9 @@ Run it:
     python r0.py --tiny --prompts prompts.txt          # offline demo on CPU: tiny random models, colour reward
     python r0.py --prompts prompts.txt                 # SD1.5 + HPS v2.1 + CLIP score, one GPU (LoRA, 512 px)
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
-Hardware the defaults assume: one 24 GB GPU (LoRA rank 64, batch 1 x 4 accumulation, bf16 autocast, gradient
-checkpointing). Full fine-tuning (--lora-rank 0) wants about 30 GB (estimated from the README's measured memory
-model); --r0-plus shortens the backward graph.
+Hardware the defaults assume: one 24 GB GPU (LoRA rank 64, batch 4, bf16 autocast, gradient checkpointing).
+Full fine-tuning (--lora-rank 0) wants a 40-48 GB card at batch 4 (README: measured GPU memory); --r0-plus
+shortens the backward graph.
 
 File layout (top to bottom): config -> generator parameterization (paper 3.2) -> rewards -> reward composition
 -> regularizers (3.3) -> loss and training step -> loading -> training loop -> main.
@@ -72,8 +72,10 @@ DEFAULTS = dict(
     grad_clip=1.0,              # our choice: clip the global grad norm at 1.0 (standard for fine-tuning)
     # --- optimization ---
     lr=1e-4,                    # our choice: 1e-4 is the usual LoRA rate for SD1.5; use ~1e-5 with --lora-rank 0
-    batch_size=1,               # images per forward; 1 fits 24 GB with full 4-step backprop (memory note below)
-    grad_accum=4,               # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    batch_size=4,               # images per forward. our choice: the largest LoRA micro-batch that fits 24 GB (README,
+                                # GPU table); a GPU step is launch-bound, so 4 x 1 costs little more than 1 x 4.
+                                # If the first step runs out of GPU memory it halves (and doubles grad_accum)
+    grad_accum=1,               # micro-batches per optimizer step: effective batch = batch_size * grad_accum
     max_steps=2000,             # optimizer steps. our choice: the paper does not give its iteration count
     seed=0,
     # --- system ---
@@ -555,6 +557,7 @@ class Models:
     rewards: dict               # name -> reward module
     reward_weights: dict        # name -> w_i
     device: str
+    reload_base: object = None  # () -> (tokenizer, text_encoder, vae, unet) of --model at full precision (the export)
 
 
 def sd15_configs(size):
@@ -742,6 +745,38 @@ def hub_unreachable():
         return True
 
 
+# The hub downloads of the rewards: (what it is, repo, files: any one of them will do, the first is the one to get)
+HUB_FILES = {
+    "hps": ("HPS v2.1 weights", "xswu/HPSv2", ("HPS_v2.1_compressed.pt",)),
+    "clip": ("CLIP-score weights (ViT-H-14 laion2b_s32b_b79k)", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+             ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+}
+
+
+def in_cache(repo, filename):
+    """The local path of a hub file if the Hugging Face cache holds it, else None. Never touches the network."""
+    from huggingface_hub import try_to_load_from_cache
+    path = try_to_load_from_cache(repo, filename)
+    return path if isinstance(path, str) else None
+
+
+def check_downloads(model, reward_names):
+    """Before anything loads: if the hub is unreachable, one sentence names every download the run lacks (the base
+    model, each reward's weights) with the command that fetches it, instead of one failure per run."""
+    missing = []
+    if model and not os.path.isdir(model) and not in_cache(model, "model_index.json"):
+        missing.append(f"the SD1.5 model '{model}' (hf download {model})")
+    for name in reward_names:
+        if name in HUB_FILES:
+            what, repo, files = HUB_FILES[name]
+            if not any(in_cache(repo, f) for f in files):
+                missing.append(f"the {what} (hf download {repo} {files[0]})")
+    if missing and hub_unreachable():
+        raise UserError(f"the Hugging Face hub is unreachable and the local cache lacks {'; '.join(missing)}; download "
+                        f"{'them' if len(missing) > 1 else 'it'} on a machine with network into the same cache "
+                        "(HF_HOME), or run offline with --tiny.")
+
+
 def from_hub(load, what, how):
     """Call load(local_files_only) with the local cache first; go to the network only if it is reachable."""
     # 1. the local cache (or a local folder): instant, and what a pre-downloaded machine uses
@@ -798,32 +833,29 @@ def load_reward(name, random_size, device, dtype):
     if name == "color":
         return ColourReward()
     if random_size:
-        model, tokenizer = build_clip_tower_random(random_size, seed={"hps": 1, "clip": 2}[name])
-    elif name == "hps":
-        from huggingface_hub import hf_hub_download
-        how = ("pre-download it (hf download xswu/HPSv2 HPS_v2.1_compressed.pt), or drop hps from --rewards, "
-               "or run offline with --tiny.")
-        path = from_hub(lambda local: hf_hub_download("xswu/HPSv2", "HPS_v2.1_compressed.pt", local_files_only=local),
-                        "HPS v2.1 weights (xswu/HPSv2, HPS_v2.1_compressed.pt)", how)
-        model = open_clip.create_model("ViT-H-14", pretrained=None)  # architecture only: the file holds it all
-        # HPS v2.1 is a full fine-tune of ViT-H-14 (both towers), saved as a training checkpoint under 'state_dict'
+        model, _ = build_clip_tower_random(random_size, seed={"hps": 1, "clip": 2}[name])
+        return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
+    from huggingface_hub import hf_hub_download
+    what, repo, files = HUB_FILES[name]
+
+    def weights_file(local):  # a cached file first (any of `files`), then a download
+        cached = [path for path in (in_cache(repo, f) for f in files) if path]
+        return cached[0] if cached else hf_hub_download(repo, files[0], local_files_only=local)
+
+    # open_clip is handed the file itself, so it never goes to the network on its own
+    path = from_hub(weights_file, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), drop "
+                    f"{name} from --rewards, or run offline with --tiny.")
+    print(f"{name}: open_clip ViT-H-14 with the weights of {path}")
+    if name == "clip":
+        model = open_clip.create_model("ViT-H-14", pretrained=path)
+    else:  # HPS v2.1 is a full fine-tune of ViT-H-14 (both towers), saved as a training checkpoint under 'state_dict'
+        model = open_clip.create_model("ViT-H-14", pretrained=None)  # the architecture; the weights come next
         state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
         # strict=False tolerates extra keys of newer/older open_clip versions; a *missing* key means a wrong file
         missing, _ = model.load_state_dict(state, strict=False)
         if missing:
             raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
-        tokenizer = open_clip.get_tokenizer("ViT-H-14")
-    else:  # clip
-        how = ("pre-download it (hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K), or drop clip from "
-               "--rewards, or run offline with --tiny.")
-        if hub_unreachable():
-            os.environ["HF_HUB_OFFLINE"] = "1"  # open_clip reads the cache only; a miss raises at once
-        try:
-            model = open_clip.create_model("ViT-H-14", pretrained="laion2b_s32b_b79k")
-        except Exception as err:
-            raise hub_error("the CLIP-score model (ViT-H-14 laion2b_s32b_b79k)", how, err)
-        tokenizer = open_clip.get_tokenizer("ViT-H-14")
-    return ClipFamilyReward(name, model.to(device, dtype), tokenizer)
+    return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
 
 
 def load_models(cfg, random_size=None):
@@ -838,14 +870,15 @@ def load_models(cfg, random_size=None):
         tokenizer, text_encoder, vae, unet = build_sd15_random(random_size, seed=cfg.seed)
         scheduler_config = dict(SD15_SCHEDULER_CONFIG)
     else:
+        check_downloads(cfg.model, parse_rewards(cfg.rewards))  # offline: every missing download in one sentence
         tokenizer, text_encoder, vae, unet, scheduler_config = load_sd15(cfg.model)
     check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # refuse SDXL, v-prediction, ... before any work
     # the schedule is computed from the model's own config (and must match SD1.5's, checked just above)
     alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
     # Frozen (paper): the text encoder and the VAE never change; requires_grad_(False) means the backward pass
     # goes *through* the VAE decoder to the generator without storing gradients for the decoder's own weights.
-    text_encoder.requires_grad_(False).eval().to(device, frozen_dtype)
-    vae.requires_grad_(False).eval().to(device, frozen_dtype)
+    cast(text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
+    cast(vae.requires_grad_(False).eval(), device, frozen_dtype)
     unet.train()  # SD1.5's UNet has no dropout or batch norm, so train() only matters for gradient checkpointing
     frozen_unet = None
     if cfg.lora_rank > 0:
@@ -853,7 +886,7 @@ def load_models(cfg, random_size=None):
         # on the attention projections, adapter weights in fp32 (trained under autocast).
         from peft import LoraConfig
         torch.manual_seed(cfg.seed)  # the adapters' random init depends on the seed alone
-        unet.requires_grad_(False).to(device, frozen_dtype)
+        cast(unet.requires_grad_(False), device, frozen_dtype)
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         for p in unet.parameters():
@@ -879,8 +912,17 @@ def load_models(cfg, random_size=None):
         for r in rewards.values():
             if isinstance(r, ClipFamilyReward):
                 r.model.set_grad_checkpointing(True)
+    # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
+    reload_base = (functools.partial(build_sd15_random, random_size, cfg.seed) if random_size
+                   else lambda: load_sd15(cfg.model)[:4])
     return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod.to(device),
-                  rewards, weights, device)
+                  rewards, weights, device, reload_base)
+
+
+def cast(module, device, dtype):
+    """module.to(device, dtype), as torch.nn.Module does it (diffusers' own .to warns about modules to keep in fp32
+    even when there are none, which SD1.5's models are)."""
+    return torch.nn.Module.to(module, device, dtype)
 
 
 def trainable_parameters(unet):
@@ -979,28 +1021,36 @@ def few_step_scheduler(scheduler_config):
                                      clip_sample=False, thresholding=False, rescale_betas_zero_snr=False)
 
 
-def merged_unet(unet):
-    """An fp32 CPU copy of the generator with LoRA adapters (if any) folded into the weights: a plain UNet."""
-    merged = copy.deepcopy(unet).to("cpu", torch.float32)  # a copy: training (or resuming) keeps the adapters
-    if getattr(merged, "peft_config", None):
-        merged.fuse_lora(lora_scale=1.0)  # W <- W + scaling * B @ A, in fp32
-        merged.unload_lora()  # drop the peft wrappers: plain diffusers layers that any pipeline can load
-    merged.disable_gradient_checkpointing()
-    return merged
+def merged_unet(unet, base):
+    """The trained generator as a plain fp32 diffusers UNet on the CPU: `base`, the source UNet at full precision,
+    with the trained change folded in. LoRA: W = W_0 + scaling * B @ A, in fp32 (peft's own merge); full fine-tuning:
+    the trained fp32 weights. (Training's frozen base UNet is a bf16 copy: folding into it would round SD1.5.)"""
+    base = cast(base.requires_grad_(False), "cpu", torch.float32)
+    if getattr(unet, "peft_config", None):
+        from peft import set_peft_model_state_dict
+        from peft.utils import get_peft_model_state_dict
+        base.add_adapter(copy.deepcopy(unet.peft_config["default"]))  # the same targets, rank and scaling
+        set_peft_model_state_dict(base, get_peft_model_state_dict(unet))  # the trained A and B
+        base.fuse_lora(lora_scale=1.0)  # W <- W + scaling * B @ A
+        base.unload_lora()  # drop the peft wrappers: plain diffusers layers that any pipeline can load
+    else:
+        base.load_state_dict(unet.state_dict())
+    return base
 
 
 def save_pipeline(m, out_dir):
     """<out>/pipeline: a standard diffusers folder whose scheduler is the few-step DDIM one, so
     StableDiffusionPipeline.from_pretrained(out/pipeline)(prompt, num_inference_steps=4, guidance_scale=1.0)
-    reproduces our sampler. LoRA runs also write <out>/lora/pytorch_lora_weights.safetensors, loadable onto the
-    base model with pipe.load_lora_weights(out/lora)."""
+    reproduces our sampler. Its weights are fp32: the text encoder and VAE exactly as in --model (reloaded, since
+    training holds bf16 copies), the UNet with the trained change folded in. LoRA runs also write
+    <out>/lora/pytorch_lora_weights.safetensors, loadable onto the base model with pipe.load_lora_weights(out/lora)."""
     from diffusers import StableDiffusionPipeline
+    tokenizer, text_encoder, vae, base_unet = m.reload_base()
     pipe = StableDiffusionPipeline(
-        vae=copy.deepcopy(m.vae).to("cpu", torch.float32), text_encoder=copy.deepcopy(m.text_encoder).to("cpu", torch.float32),
-        tokenizer=m.tokenizer, unet=merged_unet(m.unet), scheduler=few_step_scheduler(m.scheduler_config),
+        vae=cast(vae, "cpu", torch.float32), text_encoder=cast(text_encoder, "cpu", torch.float32), tokenizer=tokenizer,
+        unet=merged_unet(m.unet, base_unet), scheduler=few_step_scheduler(m.scheduler_config),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    pipe.vae.disable_gradient_checkpointing()  # a training-time setting; the saved folder is for inference
-    pipe.save_pretrained(os.path.join(out_dir, "pipeline"))  # fp32, like the SD1.5 weights it came from
+    pipe.save_pretrained(os.path.join(out_dir, "pipeline"))
     if getattr(m.unet, "peft_config", None):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
@@ -1158,6 +1208,27 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     return stats_sum, grad_norm, applied
 
 
+def first_step(m, optimizer, params, order, cfg, generator):
+    """optimizer_step, but a CUDA out-of-memory error halves --batch-size and doubles --grad-accum (the same
+    effective batch, the same random draws) and tries again; at batch 1 it stops with advice."""
+    rng = (generator.get_state(), order.state_dict())
+    while True:
+        try:
+            return optimizer_step(m, optimizer, params, order, cfg, generator)
+        except torch.OutOfMemoryError:
+            optimizer.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if cfg.batch_size == 1 or cfg.batch_size % 2:
+                raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size}; use --batch-size 1 with a larger "
+                                "--grad-accum, --r0-plus, a smaller --lora-rank or --resolution, or a larger GPU.")
+            cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
+            print(f"out of GPU memory: retrying with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} "
+                  "(the same effective batch)")
+            generator.set_state(rng[0])
+            order.load_state_dict(rng[1])
+            write_config(cfg)
+
+
 def check_output_dir(cfg):
     """Fresh runs, before anything is loaded or written: refuse to mix with another run's files, and make sure the
     folder can be written (checked on its nearest existing parent, so nothing is created yet)."""
@@ -1191,6 +1262,11 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+def write_config(cfg):
+    """<out>/config.json: the resolved config (defaults + preset + flags), what a resume starts from."""
+    write_json(os.path.join(cfg.output_dir, "config.json"), {k: v for k, v in vars(cfg).items() if k != "resume_checkpoint"})
+
+
 def warn_long_prompts(tokenizer, prompts):
     """One warning (not one per prompt) for prompts that CLIP's 77-token window will cut."""
     lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
@@ -1214,7 +1290,8 @@ def train(cfg):
 
     # --- optimizer and the run's random streams (all of them go into checkpoints) ---
     params = trainable_parameters(m.unet)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)  # our choice: no decay, see Regularizers
+    # our choice: no decay (see Regularizers); on a GPU the fused kernel updates every tensor in a few launches
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)  # latents, eta, noise, R0+ step, cfg t
     order = PromptOrder(prompts, cfg.seed)
     warn_long_prompts(m.tokenizer, prompts)
@@ -1235,7 +1312,7 @@ def train(cfg):
     print(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
           f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device}")
     # the resolved config (defaults + preset + flags) is what a resume starts from
-    write_json(os.path.join(out, "config.json"), {k: v for k, v in vars(cfg).items() if k != "resume_checkpoint"})
+    write_config(cfg)
 
     track_colour = "color" in m.reward_weights  # the toy demo: measure colour accuracy before and after
     held_out_seeds = list(range(1000, 1004))  # never used by training draws or the progress grids
@@ -1263,7 +1340,10 @@ def train(cfg):
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            stats, grad_norm, applied = optimizer_step(m, optimizer, params, order, cfg, generator)  # the algorithm
+            if step == start:  # the first step of this process: halve the micro-batch if the GPU runs out of memory
+                stats, grad_norm, applied = first_step(m, optimizer, params, order, cfg, generator)
+            else:
+                stats, grad_norm, applied = optimizer_step(m, optimizer, params, order, cfg, generator)  # the algorithm
             # one JSON line per step: the raw rewards are the numbers to watch (the loss value is a surrogate's)
             record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
                           peak_mem_gb=peak_memory_gb(cfg.device))
@@ -1406,11 +1486,24 @@ def resolve_config(args):
     return cfg
 
 
-def main(argv=None):
+def quiet_libraries():
+    """Keep the console to our progress bar and messages: library warnings that say nothing true or useful to a user
+    of this script (diffusers passing huggingface_hub a deprecated argument; open_clip announcing 'random weights'
+    for the architecture that the HPS weights are loaded into next) are not shown; errors still are."""
+    import logging
+    import warnings
     from diffusers.utils import logging as diffusers_logging
-    diffusers_logging.set_verbosity_error()  # keep the console to our progress bar and messages
     import transformers
+    diffusers_logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+    handler = logging.StreamHandler()  # open_clip logs to the root logger; without a handler of ours, its first
+    handler.setLevel(logging.ERROR)    # message installs one that also repeats every library's warnings
+    logging.basicConfig(handlers=[handler], level=logging.ERROR)
+    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+
+
+def main(argv=None):
+    quiet_libraries()
     try:
         cfg = resolve_config(build_parser().parse_args(argv))
         train(cfg)

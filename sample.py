@@ -50,7 +50,7 @@ def as_models(parts, device, dtype):
     tokenizer, text_encoder, vae, unet, scheduler_config = parts
     r0.check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # the same refusal as training
     for module in (text_encoder, vae, unet):  # inference only: no gradients, bf16 on a GPU
-        module.requires_grad_(False).eval().to(device, dtype)
+        r0.cast(module.requires_grad_(False).eval(), device, dtype)
     alphas_cumprod = r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"]).to(device)
     return r0.Models(tokenizer, text_encoder, vae, unet, None, scheduler_config, alphas_cumprod, {}, {}, device)
 
@@ -203,10 +203,7 @@ def build_parser():
 
 
 def main(argv=None):
-    from diffusers.utils import logging as diffusers_logging
-    diffusers_logging.set_verbosity_error()
-    import transformers
-    transformers.utils.logging.disable_progress_bar()
+    r0.quiet_libraries()
     try:
         run(build_parser().parse_args(argv))
     except r0.UserError as err:
@@ -280,6 +277,8 @@ def run(args):
         names = args.score_with or (run_cfg.rewards if run_cfg else "hps,clip")
         names = [n.split("=")[0].strip() for n in names.split(",") if n.strip()]
         tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
+        if not tiny:
+            r0.check_downloads(None, names)  # offline: every missing reward download in one sentence
         scorers = {n: r0.load_reward(n, "tiny" if tiny else None, device, dtype) for n in names if n in ("hps", "clip")}
         table = []
         for label, evals, images, secs in rows:

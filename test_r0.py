@@ -24,6 +24,8 @@ import r0
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PROMPTS = os.path.join(HERE, "prompts.txt")
+# Every test names its device: "cpu" everywhere, and these few run only where a CUDA GPU is (they skip elsewhere).
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
 def tiny_cfg(tmp_path, *extra):
@@ -136,6 +138,22 @@ def test_random_eta_is_drawn_per_sample_and_per_step(tiny):
         ref = ddim_reference(unet, latents[i : i + 1], emb[i : i + 1], K, eta=[float(e[i]) for e in etas],
                              step_noises=[n[i : i + 1] for n in noises])
         torch.testing.assert_close(ours[i : i + 1], ref, rtol=1e-4, atol=1e-4)
+
+
+@CUDA
+@torch.no_grad()
+def test_sampler_on_cuda_equals_diffusers_ddim_and_bf16_sampling_stays_close_to_fp32(tiny):
+    import sample
+    tok, te, vae, unet = (copy.deepcopy(x) for x in tiny)
+    gpu = sample.as_models((tok, te, vae, unet, dict(r0.SD15_SCHEDULER_CONFIG)), "cuda", torch.float32)
+    prompts = ["a red fox in the snow", "a blue car"]
+    emb = r0.encode_prompts(tok, gpu.text_encoder, prompts)
+    latents = torch.stack([r0.initial_noise(s, 64, "cuda") for s in (0, 1)])
+    ours = r0.generate(gpu.unet, latents, emb, 4, gpu.alphas_cumprod, eta=0.0)
+    torch.testing.assert_close(ours, ddim_reference(gpu.unet, latents, emb, 4), rtol=1e-4, atol=1e-4)
+    fp32 = r0.sample_images(gpu, prompts, [0, 1], 4, 64, "fp32")
+    bf16 = sample.as_models((tok, te, vae, unet, dict(r0.SD15_SCHEDULER_CONFIG)), "cuda", torch.bfloat16)
+    assert (r0.sample_images(bf16, prompts, [0, 1], 4, 64, "bf16") - fp32).abs().mean() < 0.05
 
 
 def test_r0_plus_cuts_the_graph_before_the_sampled_step(tiny):
@@ -376,11 +394,12 @@ def test_weight_regularizer_keeps_no_weight_sized_tensor_for_the_backward(tmp_pa
 def test_lora_regularizer_equals_the_merged_weight_change(tmp_path):
     cfg = tiny_cfg(tmp_path, "--lora-rank", "4", "--precision", "fp32")
     m = r0.load_models(cfg)
-    base = r0.merged_unet(m.unet).state_dict()
+    source = lambda: r0.build_sd15_random("tiny", seed=cfg.seed)[3]  # the base UNet at full precision
+    base = r0.merged_unet(m.unet, source()).state_dict()
     with torch.no_grad():
         for p in r0.trainable_parameters(m.unet):
             p.add_(0.01 * torch.randn_like(p))
-    merged = r0.merged_unet(m.unet).state_dict()
+    merged = r0.merged_unet(m.unet, source()).state_dict()
     direct = sum((merged[k] - base[k]).pow(2).sum() for k in base)  # ||theta - theta_0||^2 on merged weights
     torch.testing.assert_close(r0.weight_regularization(m.unet, None), direct, rtol=1e-3, atol=1e-6)
 
@@ -539,9 +558,6 @@ def test_optimizer_step_applies_the_clipped_gradient_of_the_micro_batch_mean(tmp
     assert all(p.grad is None for p in params)  # gradients freed after the step
 
 
-CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
 @pytest.mark.parametrize("device, precision", [("cpu", "fp32"), pytest.param("cuda", "bf16", marks=CUDA)])
 def test_tiny_training_raises_the_colour_reward(tmp_path, device, precision):
     """A short run with gradient checkpointing must learn colour: the colour reward on fixed held-out seeds (eta=0,
@@ -576,6 +592,35 @@ def tiny_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny_run")
     cfg = tiny_cfg(tmp, "--max-steps", "3", "--batch-size", "2", "--precision", "fp32")
     return tmp / "run", r0.train(cfg)
+
+
+def test_exported_pipeline_holds_the_source_weights_at_full_precision_after_a_bf16_run(tmp_path):
+    """Training casts the frozen parts to bf16; pipeline/ must not inherit that rounding: every weight training did
+    not change equals the source model's fp32 weight exactly, and the adapted ones are W_0 + scaling * B @ A."""
+    from diffusers import StableDiffusionPipeline
+    from peft.tuners.lora import LoraLayer
+    cfg = tiny_cfg(tmp_path, "--max-steps", "1", "--batch-size", "2", "--prompts", few_prompts(),
+                   "--sample-every", "1000")
+    assert cfg.precision == "bf16" and cfg.lora_rank > 0
+    m = r0.train(cfg)
+    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=cfg.seed)  # the source, fp32
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", local_files_only=True)
+    for exported, source in ((pipe.vae, vae), (pipe.text_encoder, te)):
+        src = source.state_dict()
+        assert all(v.dtype == torch.float32 and torch.equal(v, src[k]) for k, v in exported.state_dict().items())
+    src, out = unet.state_dict(), pipe.unet.state_dict()
+    assert src.keys() == out.keys()
+    adapted = {}
+    for name, module in m.unet.named_modules():
+        if isinstance(module, LoraLayer):
+            A, B = module.lora_A["default"].weight, module.lora_B["default"].weight
+            adapted[f"{name}.weight"] = src[f"{name}.weight"] + module.scaling["default"] * (B @ A).detach()
+    assert adapted and any(not torch.equal(adapted[k], src[k]) for k in adapted)  # training changed something
+    for k, v in out.items():
+        if k in adapted:
+            torch.testing.assert_close(v, adapted[k], rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(v, src[k]), k
 
 
 def test_saved_pipeline_reproduces_generate_and_lora_weights_load_onto_the_base(tiny_run):
@@ -742,6 +787,49 @@ def test_missing_model_offline_fails_fast_with_what_to_do(tmp_path):
     assert "Traceback" not in out.stderr and "--tiny" in out.stderr and "someone/not-cached-sd15" in out.stderr
 
 
+HUB_PIECES = {"sd": ("stable-diffusion-v1-5/stable-diffusion-v1-5", "model_index.json"),
+              "hps": ("xswu/HPSv2", "HPS_v2.1_compressed.pt"),
+              "clip": ("laion/CLIP-ViT-H-14-laion2B-s32B-b79K", "open_clip_model.safetensors")}
+
+
+@pytest.mark.parametrize("missing", [("sd",), ("hps",), ("clip",), ("sd", "hps", "clip")])
+def test_offline_every_missing_download_is_named_in_one_sentence(tmp_path, monkeypatch, capsys, missing):
+    """The real path with the hub unreachable (HF_HUB_OFFLINE=1) and a Hugging Face cache that lacks some pieces:
+    one sentence names exactly those, each with its `hf download` line; exit 2; nothing written."""
+    import huggingface_hub
+    cache = tmp_path / "hub"
+    for piece, (repo, filename) in HUB_PIECES.items():  # the cache layout huggingface_hub writes
+        if piece not in missing:
+            folder = cache / f"models--{repo.replace('/', '--')}"
+            (folder / "refs").mkdir(parents=True)
+            (folder / "refs" / "main").write_text("0" * 40)
+            (folder / "snapshots" / ("0" * 40)).mkdir(parents=True)
+            (folder / "snapshots" / ("0" * 40) / filename).write_text("stand-in")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    with pytest.raises(SystemExit) as exit_info:
+        r0.main(["--prompts", PROMPTS, "--output-dir", str(tmp_path / "out"), "--device", "cpu",
+                 "--rewards", "hps=1.0,clip=1.0"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "unreachable" in err, err
+    for piece, (repo, filename) in HUB_PIECES.items():
+        assert (f"hf download {repo}" in err) == (piece in missing), (piece, err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_library_noise_is_kept_off_the_console():
+    """What r0.py's real path calls, after r0.quiet_libraries() (as main() runs it): open_clip building the ViT
+    that the HPS weights go into ('No pretrained weights loaded ... initialized randomly'), casting diffusers models
+    to bf16 ('modules that should be kept in float32: []'): none of it reaches the console."""
+    code = ("import logging, r0, torch, open_clip, diffusers; r0.quiet_libraries(); "
+            "open_clip.create_model('ViT-B-32', pretrained=None); unet_cfg, vae_cfg, _ = r0.sd15_configs('tiny'); "
+            "r0.cast(diffusers.AutoencoderKL(**vae_cfg), 'cpu', torch.bfloat16); "
+            "r0.cast(diffusers.UNet2DConditionModel(**unet_cfg), 'cpu', torch.bfloat16); "
+            "logging.getLogger('x').error('errors still show')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=HERE, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip() == "ERROR:x:errors still show" and out.stdout == "", out.stderr
+
+
 def test_non_epsilon_or_non_sd15_models_are_refused(tiny):
     tok, te, vae, unet = tiny
     with pytest.raises(r0.UserError, match="epsilon"):
@@ -787,6 +875,8 @@ def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
     assert {"step", "trainable", "optimizer", "generator", "torch_rng", "cuda_rng", "python_rng", "order",
             "config", "prompts_sha256"} <= set(a)
     assert a["trainable"].keys() == b["trainable"].keys()
+    # train() builds AdamW with --lr and no weight decay (the anchor to theta_0 replaces decay toward 0)
+    assert [(g["lr"], g["weight_decay"]) for g in a["optimizer"]["param_groups"]] == [(resumed.lr, 0.0)]
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])  # bitwise
     for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
         assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -953,6 +1043,37 @@ def test_cfg_reward_gradient_is_eps_u_minus_eps_c_and_a_step_along_it_raises_log
     assert (log_p_c(stepped) > log_p_c(x0)).all() and (gap_after < gap).all()
 
 
+def test_out_of_gpu_memory_on_the_first_step_halves_the_micro_batch_and_keeps_the_run_exact(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """A micro-batch too large for the GPU: the first step retries at half the batch and twice the accumulation
+    (the same effective batch and the same random draws), until it fits; at batch 1, one sentence."""
+    real_step = r0.r0_step
+
+    def small_gpu(m, prompts, cfg, generator):  # memory for 2 images at most
+        if len(prompts) > 2:
+            torch.randn(1, generator=generator)  # some random draws happen before the memory runs out
+            raise torch.OutOfMemoryError("CUDA out of memory. (simulated)")
+        return real_step(m, prompts, cfg, generator)
+
+    monkeypatch.setattr(r0, "r0_step", small_gpu)
+    r0.train(run_cfg(tmp_path / "a", "--batch-size", "8", "--grad-accum", "1", "--max-steps", "2"))
+    out = capsys.readouterr().out
+    assert "--batch-size 4 --grad-accum 2" in out and "--batch-size 2 --grad-accum 4" in out
+    saved = json.load(open(tmp_path / "a" / "config.json"))
+    assert (saved["batch_size"], saved["grad_accum"]) == (2, 4)  # what a --resume continues with
+    monkeypatch.setattr(r0, "r0_step", real_step)
+    r0.train(run_cfg(tmp_path / "b", "--batch-size", "2", "--grad-accum", "4", "--max-steps", "2"))
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "step_000002.pt", weights_only=False) for d in "ab")
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in b["trainable"])
+
+    def no_gpu_memory(m, prompts, cfg, generator):
+        raise torch.OutOfMemoryError("CUDA out of memory. (simulated)")
+
+    monkeypatch.setattr(r0, "r0_step", no_gpu_memory)
+    with pytest.raises(r0.UserError, match="out of GPU memory at --batch-size 1"):
+        r0.train(run_cfg(tmp_path / "c", "--batch-size", "2", "--max-steps", "1"))
+
+
 @pytest.mark.parametrize("make, message", [
     (lambda d: d.mkdir(), "is a directory"),
     (lambda d: d.write_text(""), "holds no prompts"),
@@ -1040,6 +1161,51 @@ def bench_timed(fn, repeats, device):
     return (time.perf_counter() - t0) / repeats
 
 
+# dense bf16 peak of the GPUs we know (from their data sheets), for the model FLOP utilization; R0_BENCH_PEAK_TFLOPS
+# names another card's. Matched against torch.cuda.get_device_name() in this order.
+PEAK_BF16_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.4), ("H200", 989.4), ("A100", 312.0), ("L40S", 362.1),
+                    ("RTX 4090", 165.2), ("A10G", 70.0), ("L4", 121.0)]
+
+
+def peak_flops(device):
+    if os.environ.get("R0_BENCH_PEAK_TFLOPS"):
+        return float(os.environ["R0_BENCH_PEAK_TFLOPS"]) * 1e12
+    if not device.startswith("cuda"):
+        return None
+    name = torch.cuda.get_device_name()
+    return next((tf * 1e12 for key, tf in PEAK_BF16_TFLOPS if key in name), None)
+
+
+def bench_utilization(fn, device, seconds):
+    """(share of the wall time the GPU is busy, FLOPs of one call of fn). The busy share is the kernel time that
+    torch.profiler records over one call, over `seconds` (the mean wall time of an unprofiled call): well under 1,
+    the step waits on the CPU launching kernels. FLOPs are counted by torch.utils.flop_counter (matmuls and
+    convolutions, the recomputation of gradient checkpointing included)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils.flop_counter import flop_registry
+
+    class FlopCount(TorchDispatchMode):  # FlopCounterMode's own arithmetic, without its module tracker (whose
+        flops = 0                        # hooks refuse the reward's torch.autograd.grad)
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket in flop_registry:
+                self.flops += flop_registry[func.overloadpacket](*args, **(kwargs or {}), out_val=out)
+            return out
+
+    with FlopCount() as counter:
+        fn()
+    busy = None
+    if device.startswith("cuda"):
+        from torch.profiler import ProfilerActivity, profile
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6 / seconds
+    return busy, counter.flops
+
+
 def tensors_gb(tensors):
     return sum(t.numel() * t.element_size() for t in tensors) / 2**30
 
@@ -1061,14 +1227,16 @@ def bench_mode(mode, resolution, device, precision, rewards, repeats, batch_size
             if m is None:
                 m = r0.load_models(cfg, random_size=BENCH_SIZE)
                 params = r0.trainable_parameters(m.unet)
-                optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+                optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.startswith("cuda"))
                 order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator(device).manual_seed(0)
             timed = functools.partial(bench_timed, repeats=repeats, device=device)
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
-            step = timed(lambda: r0.optimizer_step(m, optimizer, params, order, cfg, gen))
+            one_step = lambda: r0.optimizer_step(m, optimizer, params, order, cfg, gen)
+            step = timed(one_step)
             peak = r0.peak_memory_gb(device)
+            busy, flops = bench_utilization(one_step, device, step)
         except torch.OutOfMemoryError:
             yield {"mode": mode, "batch": batch, "oom": True}
             return
@@ -1115,7 +1283,8 @@ def bench_mode(mode, resolution, device, precision, rewards, repeats, batch_size
                  "update": timed(update)}
         yield {"mode": mode, "batch": batch, "resolution": resolution, "device": device, "precision": cfg.precision,
                "s_per_step": step, "images_per_s": batch / step, "peak_gb": peak, "memory_gb": memory,
-               "parts_s": parts, "overhead": 1 - sum(parts.values()) / step,
+               "parts_s": parts, "overhead": 1 - sum(parts.values()) / step, "gpu_busy": busy,
+               "tflops": flops / step / 1e12, "mfu": flops / step / peak_flops(device) if peak_flops(device) else None,
                "trainable_params": sum(p.numel() for p in params)}
 
 
@@ -1196,7 +1365,8 @@ def test_benchmark():
                   f"grads {mem['grads']:.2f} + AdamW {mem['adamw']:.2f} + activations {mem['activations']:.2f} + "
                   f"runtime {mem['runtime']:.2f} | parts: UNet {p['unet']:.3f} + VAE {p['vae']:.3f} + rewards "
                   f"{p['rewards']:.3f} + text {p['text']:.3f} + update {p['update']:.3f} s | overhead "
-                  f"{r['overhead']:+.1%} |")
+                  f"{r['overhead']:+.1%} | " + (f"GPU busy {r['gpu_busy']:.0%} | " if r["gpu_busy"] is not None else "")
+                  + f"{r['tflops']:.3f} TFLOP/s" + (f" = MFU {r['mfu']:.1%}" if r["mfu"] is not None else "") + " |")
     if "sampling" in modes:
         rows, code, err = bench_worker("bench-sampling", resolution, device, precision, repeats)
         assert code == 0 and rows, err[-3000:]

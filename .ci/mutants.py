@@ -1,0 +1,153 @@
+"""Mutation pass over r0.py's training step: put one realistic bug at a time into a copy of the project, run the test
+suite against it, and report which bugs the suite catches. A maintainer's tool, not part of CI.
+
+    python .ci/mutants.py                        # every mutant against test_r0.py
+    python .ci/mutants.py --tests OLD_test.py    # the same mutants against another version of the suite
+    python .ci/mutants.py --only 3,7             # some mutants
+
+A mutant is caught when any test fails. To save time each mutant first runs the fast tests most likely to catch
+it (FIRST_PASS, those the suite has, in that order, stopping at the first failure) and only a survivor runs the
+whole suite (on both cores if pytest-xdist is installed); a mutant that survives has passed the whole suite.
+Mutants are plain string replacements: each must match r0.py exactly once.
+"""
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (what the bug does to training, the text in r0.py, its replacement)
+MUTANTS = [
+    ("random eta off in r0_step", "m.alphas_cumprod, random_eta=True, generator=generator,",
+     "m.alphas_cumprod, random_eta=False, generator=generator,"),
+    ("weight regularizer left out of the loss", "loss = surrogate + cfg.weight_reg * reg", "loss = surrogate"),
+    ("R0+ without the graph cut", "last_step, grad_from_step = k, k", "last_step, grad_from_step = k, 0"),
+    ("R0+ draws k from 0..K-2 only", "k = int(torch.randint(0, K, (1,)", "k = int(torch.randint(0, K - 1, (1,)"),
+    ("grad accumulation not divided by the micro-batches", "(loss / cfg.grad_accum).backward()", "loss.backward()"),
+    ("non-finite gradient behind a finite loss applied", "applied = finite and math.isfinite(grad_norm)",
+     "applied = finite"),
+    ("latent-space (cfg) term dropped from the surrogate",
+     "surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B", "surrogate = -(g_pix * pixels).sum() / B"),
+    ("gradient clipping disabled", "clip_grad_norm_(params, cfg.grad_clip)", "clip_grad_norm_(params, float('inf'))"),
+    ("eta drawn once per batch, not per sample",
+     "eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)",
+     "eta_i = torch.rand(1, generator=generator, device=x.device).expand(B).reshape(B, 1, 1, 1)"),
+    ("gradient normalized per batch, not per sample", "norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))",
+     "norm = g.norm()"),
+    ("reward weights ignored", "grads[reward.space] += weights[name] * normalize_per_sample(grad.float())",
+     "grads[reward.space] += normalize_per_sample(grad.float())"),
+    ("reward gradients not normalized", "grads[reward.space] += weights[name] * normalize_per_sample(grad.float())",
+     "grads[reward.space] += weights[name] * grad.float()"),
+    ("surrogate sign flipped (reward minimized)", "surrogate = -((g_pix * pixels).sum()", "surrogate = ((g_pix * pixels).sum()"),
+    ("surrogate not divided by the batch size", "(g_lat * x0_hat).sum()) / B", "(g_lat * x0_hat).sum())"),
+    ("cfg reward direction flipped", "return gap, eps_u - eps_c", "return gap, eps_c - eps_u"),
+    ("cfg reward without the unconditional branch",
+     "emb = torch.cat([text_emb, self.uncond_emb.expand(B, -1, -1).to(text_emb.dtype)])",
+     "emb = torch.cat([text_emb, text_emb])"),
+    ("x0_hat with (1 - a_t) instead of its square root", "return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5",
+     "return (x_t - (1 - alpha_bar_t) * eps) / alpha_bar_t**0.5"),
+    ("DDIM-eta update without its noise term", " + sigma * step_noise", ""),
+    ("R0+ rewards x_t instead of x0_hat of step k",
+     "if i == last_step < num_steps - 1:  # R0+: the rewards look at this intermediate x0_hat\n                return x0_hat",
+     "if i == last_step < num_steps - 1:  # R0+: the rewards look at this intermediate x0_hat\n                return x"),
+    ("grad_from_step ignored by generate", "torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_step)",
+     "torch.set_grad_enabled(torch.is_grad_enabled())"),
+    ("decoded pixels left in [-1,1]", "return (images / 2 + 0.5).clamp(0, 1)", "return images.clamp(0, 1)"),
+    ("LoRA regularizer without the scaling", "total = total + scaling ** 2 * ((B.T @ B) * (A @ A.T)).sum()",
+     "total = total + ((B.T @ B) * (A @ A.T)).sum()"),
+    ("full fine-tuning regularizer as a mean", 'F.mse_loss(p, p0, reduction="sum")', 'F.mse_loss(p, p0, reduction="mean")'),
+    ("gradients never zeroed between steps", "optimizer.zero_grad(set_to_none=True)  # free the gradients",
+     "pass  # free the gradients"),
+    ("AdamW with weight decay (pulls weights to 0)", "lr=cfg.lr, weight_decay=0.0, fused", "lr=cfg.lr, weight_decay=1e-2, fused"),
+    ("--lr ignored", "torch.optim.AdamW(params, lr=cfg.lr,", "torch.optim.AdamW(params, lr=1e-4,"),
+    ("text features not normalized", "self.tokenizer(missing).to(device), normalize=True)",
+     "self.tokenizer(missing).to(device), normalize=False)"),
+    ("CLIP normalization skipped in preprocessing", "return (x - mean) / std  # (B,3,224,224)", "return x  # (B,3,224,224)"),
+    ("resume does not restore the generator", 'generator.set_state(state["generator"])', "pass"),
+    ("a bad step still counts as a good one", "bad_steps = 0 if applied else bad_steps + 1", "bad_steps = 0"),
+]
+
+# fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
+# pass, in this order, before the whole suite
+FIRST_PASS = [
+    "test_surrogate_gradient_equals_the_direct_per_sample_per_reward_computation",
+    "test_r0_plus_rewards_x0_hat_of_step_k_with_one_unet_call_in_the_graph_and_k_covers_every_step",
+    "test_optimizer_step_applies_the_clipped_gradient_of_the_micro_batch_mean",
+    "test_a_non_finite_micro_batch_leaves_weights_and_optimizer_state_untouched",
+    "test_cfg_reward_gradient_is_eps_u_minus_eps_c_and_a_step_along_it_raises_log_p_c_given_x",
+    "test_random_eta_is_drawn_per_sample_and_per_step",
+    "test_a_cfg_only_run_moves_the_generator",
+    "test_x0_from_eps_inverts_forward_diffusion_and_matches_ddim",
+    "test_sampler_eta0_equals_diffusers_ddim",
+    "test_sampler_eta_positive_matches_ddim_with_the_same_noise_and_is_seeded",
+    "test_r0_plus_cuts_the_graph_before_the_sampled_step",
+    "test_clip_preprocess_agrees_with_open_clip_transform",
+    "test_clip_family_reward_is_the_cosine_of_open_clip_features",
+    "test_every_reward_passes_gradient_to_its_input_and_none_to_its_model",
+    "test_normalization_gives_each_reward_unit_per_sample_norm_before_weighting",
+    "test_weight_regularizer_zero_at_init_grows_after_a_step_and_grads_reach_only_the_unet",
+    "test_weight_regularizer_keeps_no_weight_sized_tensor_for_the_backward",
+    "test_lora_regularizer_equals_the_merged_weight_change",
+]
+
+
+def run_pytest(folder, test_file, extra):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONDONTWRITEBYTECODE": "1"}
+    if "-n" in extra:  # one thread per xdist worker: the workers, not torch's threads, share the cores
+        env["OMP_NUM_THREADS"] = "1"
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", test_file, *extra]
+    out = subprocess.run(cmd, cwd=folder, capture_output=True, text=True, env=env)
+    last = (out.stdout.strip().splitlines() or [""])[-1]
+    return out.returncode, last
+
+
+def have_xdist():
+    try:
+        import xdist  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tests", default=os.path.join(HERE, "test_r0.py"), help="the test file to judge")
+    p.add_argument("--only", help="comma-separated mutant numbers (1-based)")
+    args = p.parse_args()
+    source = open(os.path.join(HERE, "r0.py")).read()
+    chosen = [int(i) for i in args.only.split(",")] if args.only else range(1, len(MUTANTS) + 1)
+    caught = 0
+    print(f"| # | mutant | verdict | by | seconds |\n|---|---|---|---|---|", flush=True)
+    for i in ([0] if not args.only else []) + list(chosen):  # 0: no mutant, the control: the suite must pass
+        name, old, new = MUTANTS[i - 1] if i else ("none (control)", "", "")
+        assert not i or source.count(old) == 1, f"mutant {i} ({name}) does not match r0.py exactly once"
+        with tempfile.TemporaryDirectory() as d:
+            for f in ("sample.py", "prompts.txt"):
+                shutil.copy(os.path.join(HERE, f), d)
+            shutil.copy(args.tests, os.path.join(d, "test_r0.py"))
+            open(os.path.join(d, "r0.py"), "w").write(source.replace(old, new) if i else source)
+            t0 = time.time()
+            suite = open(args.tests).read()
+            first = [f"test_r0.py::{t}" for t in FIRST_PASS if f"def {t}(" in suite]
+            code, last = run_pytest(d, first[0], first[1:]) if first and i else (0, "")
+            by = "first pass"
+            if code == 0:  # survived the first pass: the whole suite decides
+                code, last = run_pytest(d, "test_r0.py", ["-n", "2"] if have_xdist() else [])
+                by = "whole suite"
+        verdict = "survived" if code == 0 else "caught"
+        if not i:
+            assert code == 0, f"the suite fails without any mutant: {last}"
+            print(f"| 0 | none (control) | passes | whole suite: {last} | {time.time() - t0:.0f} |", flush=True)
+            continue
+        caught += code != 0
+        print(f"| {i} | {name} | {verdict} | {by}: {last} | {time.time() - t0:.0f} |", flush=True)
+    print(f"\ncaught {caught} of {len(chosen)} mutants")
+
+
+if __name__ == "__main__":
+    main()
