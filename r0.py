@@ -81,8 +81,7 @@ DEFAULTS = dict(
     # --- system ---
     device="auto",              # cuda if available, else cpu
     precision="auto",           # bf16 autocast with fp32 trainable weights and bf16 frozen models; 'auto' = bf16
-                                # on GPU, fp32 on CPU. our choice: CPUs without bf16 units emulate it, 3.4x slower
-                                # (measured on the tiny demo); the tests force bf16 on CPU to cover the GPU path
+                                # on GPU, fp32 on CPU (our choice: CPUs without bf16 units emulate it, slowly)
     grad_checkpointing=True,    # recompute activations in backward: UNet, VAE decoder, reward towers
     # --- logging ---
     sample_every=100,           # write a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)
@@ -96,11 +95,7 @@ DEFAULTS = dict(
     overwrite=False,            # replace a run already in output_dir
 )
 
-# Memory note (LoRA, 512 px, batch 1, R0 4-step backprop): frozen weights in bf16 take 5.7 GB (UNet 859.5M, VAE
-# 83.7M, text encoder 123.1M, two ViT-H-14 reward towers of 986.1M), the 12.75M LoRA-64 weights with gradients
-# and AdamW moments 0.2 GB; activations under gradient checkpointing come on top (measured on a CPU in fp32: 2.5 GB
-# at batch 1, 256 px; README: the measured table and the memory model). Full fine-tuning: + 12.8 GB for fp32 UNet
-# weights/gradients/AdamW + 3.2 GB for theta_0.
+# What fits which GPU (measured peaks per mode and batch, and the memory model): README, "Expected cost".
 
 # --tiny: the same code path on tiny random-weight models, sized so the demo learns colour in under 2 minutes
 # on 2 CPU cores. Flags given explicitly on the command line still win.
@@ -1209,8 +1204,8 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
 
 
 def first_step(m, optimizer, params, order, cfg, generator):
-    """optimizer_step, but a CUDA out-of-memory error halves --batch-size and doubles --grad-accum (the same
-    effective batch, the same random draws) and tries again; at batch 1 it stops with advice."""
+    """optimizer_step; if the GPU runs out of memory, again at half the micro-batch and twice the accumulation (the
+    same effective batch and random draws). At batch 1 (or another odd batch) it stops with advice."""
     rng = (generator.get_state(), order.state_dict())
     while True:
         try:
@@ -1218,15 +1213,15 @@ def first_step(m, optimizer, params, order, cfg, generator):
         except torch.OutOfMemoryError:
             optimizer.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
-            if cfg.batch_size == 1 or cfg.batch_size % 2:
+            if cfg.batch_size % 2:
                 raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size}; use --batch-size 1 with a larger "
                                 "--grad-accum, --r0-plus, a smaller --lora-rank or --resolution, or a larger GPU.")
             cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
             print(f"out of GPU memory: retrying with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} "
                   "(the same effective batch)")
-            generator.set_state(rng[0])
+            generator.set_state(rng[0])  # the retry draws what the first try drew
             order.load_state_dict(rng[1])
-            write_config(cfg)
+            write_config(cfg)  # a --resume continues with the batch that fits
 
 
 def check_output_dir(cfg):
