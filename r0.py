@@ -5,24 +5,28 @@ Paper: Yihong Luo, Tianyang Hu, Weijian Luo, Kenji Kawaguchi, Jing Tang,
 "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv 2503.13070 (v1, March 2025).
 (v2 of the same arXiv id is renamed "Reward-Instruct: A Reward-Centric Approach to Fast Photo-Realistic
 Image Generation", NeurIPS 2025.) The official repository holds no code; this file is a from-scratch
-reference. Every choice the paper does not pin down is marked "our choice:" with the reason.
+reference. Lines marked "paper:" follow the paper; every choice it does not pin down is marked "our choice:"
+(or "our reading:" where we interpret its text), with the reason.
 
-The method in three lines: take the pretrained SD1.5 UNet, run it as a K-step (K=4) generator from pure noise,
-decode, score the images with several differentiable reward models, and push the per-reward-normalized reward
-gradients back into the UNet weights, while regularizers (weight anchor, LoRA, random eta) stop reward hacking:
+The method: take the pretrained SD1.5 UNet, run it as a K-step (K=4) generator from pure noise, decode, score the
+images with several differentiable reward models, and push the reward gradients back into the UNet weights, while
+regularizers (a weight anchor, LoRA, random eta) stop the generator from hacking the rewards. The paper's objective:
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-No training images, no diffusion loss, no distillation loss: only prompts.
+What is actually optimized is not the gradient of this L: each reward's image gradient g_i = d r_i / d x is
+normalized per sample before the weighted sum (paper Fig. 8), so every step moves theta along
+    E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dtheta ]  -  2 lambda (theta - theta_0)
+(then gradient clipping and AdamW). No single loss has this gradient. r0_step builds a *surrogate*,
+-<stopgrad(g), x> / B + lambda ||theta - theta_0||^2, whose gradient is exactly this direction and whose value
+means nothing: watch the logged rewards. No training images, no diffusion loss, no distillation loss: only prompts.
 
 Run it:
     python r0.py --tiny --prompts prompts.txt          # offline demo on CPU: tiny random models, colour reward
-    python r0.py --prompts prompts.txt                 # SD1.5 + HPS v2.1 + CLIP score, one GPU (LoRA, 512 px)
+    python r0.py --prompts prompts.txt                 # SD1.5 + HPS v2.1 + CLIP score, one 24 GB GPU (LoRA, 512 px)
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
-Hardware the defaults assume: one 24 GB GPU (LoRA rank 64, batch 4, bf16 autocast, gradient checkpointing).
-Full fine-tuning (--lora-rank 0) wants a 40-48 GB card at batch 4 (README: measured GPU memory); --r0-plus
-shortens the backward graph.
 
-File layout (top to bottom): config -> generator parameterization (paper 3.2) -> rewards -> reward composition
--> regularizers (3.3) -> loss and training step -> loading -> training loop -> main.
+File layout, in the paper's order: generator parameterization (3.2) -> rewards -> reward composition ->
+regularizers (3.3) -> the training step (R0 and R0+, section 4). Everything after the line "Plumbing" serves the
+method (config, matching and speed details, loading, checkpoints, the loop, the command line).
 """
 
 import argparse
@@ -46,94 +50,21 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
-# Config. Every default below is for a real SD1.5 run on one 24 GB GPU; --tiny swaps in TINY_PRESET.
-# The command line overrides any of them; unknown flags are an error (argparse).
-
-DEFAULTS = dict(
-    # --- model ---
-    model="stable-diffusion-v1-5/stable-diffusion-v1-5",  # hub id or local diffusers folder of an SD1.5 model
-    tiny=False,                 # tiny random-weight SD1.5-shaped models built in code (offline, CPU, seconds)
-    # --- data ---
-    prompts=None,               # text file, one prompt a line ('#' comments and blank lines skipped)
-    output_dir="runs/r0",       # everything a run writes goes here
-    # --- generator (paper 3.2) ---
-    steps=4,                    # K, the number of generator steps (paper: 4). 1..8
-    resolution=512,             # image side in pixels (SD1.5 was trained at 512); a multiple of 8
-    r0_plus=False,              # R0+ (paper 4): rewards on x0_hat of a random intermediate step
-    # --- rewards ---
-    # our choice: HPS v2.1 and CLIP score at equal weight. Gradients are normalized per reward, so the weights
-    # say how hard each reward pulls relative to the others, independent of each model's gradient scale;
-    # CLIP score keeps text alignment while HPS pushes human preference (each checks the other's hacking).
-    rewards="hps=1.0,clip=1.0",
-    # --- regularizers (paper 3.3) ---
-    lora_rank=64,               # 0 = full fine-tuning. our choice: LoRA 64 (fits 24 GB, and low rank is itself
-                                # a regularizer, paper 3.3); full fine-tuning needs ~30 GB (estimate, README)
-    weight_reg=1e-2,            # lambda in lambda*||theta - theta_0||^2. our choice, see weight_regularization()
-    grad_clip=1.0,              # our choice: clip the global grad norm at 1.0 (standard for fine-tuning)
-    # --- optimization ---
-    lr=1e-4,                    # our choice: 1e-4 is the usual LoRA rate for SD1.5; use ~1e-5 with --lora-rank 0
-    batch_size=4,               # images per forward. our choice: the largest LoRA micro-batch that fits 24 GB (README,
-                                # GPU table); a GPU step is launch-bound, so 4 x 1 costs little more than 1 x 4.
-                                # If the first step runs out of GPU memory it halves (and doubles grad_accum)
-    grad_accum=1,               # micro-batches per optimizer step: effective batch = batch_size * grad_accum
-    max_steps=2000,             # optimizer steps. our choice: the paper does not give its iteration count
-    seed=0,
-    # --- system ---
-    device="auto",              # cuda if available, else cpu
-    precision="auto",           # bf16 autocast with fp32 trainable weights and bf16 frozen models; 'auto' = bf16
-                                # on GPU, fp32 on CPU (our choice: CPUs without bf16 units emulate it, slowly)
-    grad_checkpointing=True,    # recompute activations in backward: UNet, VAE decoder, reward towers
-    # --- logging ---
-    sample_every=100,           # write a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)
-    num_sample_prompts=4,       # prompts in that grid, spread over the prompt file
-    num_sample_seeds=2,         # seeds per prompt in that grid
-    # --- surviving long runs ---
-    checkpoint_every=200,       # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
-    keep_checkpoints=3,         # older checkpoints are deleted
-    max_bad_steps=10,           # non-finite steps in a row (each skipped) before the run stops
-    resume=None,                # a run folder, or 'auto'
-    overwrite=False,            # replace a run already in output_dir
-)
-
-# What fits which GPU (measured peaks per mode and batch, and the memory model): README, "Expected cost".
-
-# --tiny: the same code path on tiny random-weight models, sized so the demo learns colour in under 2 minutes
-# on 2 CPU cores. Flags given explicitly on the command line still win.
-TINY_PRESET = dict(
-    output_dir="runs/tiny",
-    resolution=64,              # 8x8 latents
-    rewards="color=1.0",        # the toy reward: match the colour word of the prompt (see ColourReward)
-    lora_rank=8,
-    lr=1e-2,                    # tiny models from a miniature pretraining need a bigger step than SD1.5
-    batch_size=16,
-    grad_accum=1,
-    max_steps=200,
-    grad_checkpointing=False,   # saves no memory worth having at this size and costs ~40% time; the tests
-                                # switch it on so that the GPU's checkpointing path is exercised
-    sample_every=50,
-    checkpoint_every=50,
-    num_sample_prompts=6,
-    num_sample_seeds=4,
-)
-
-
-class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file, no network). main() prints it as one sentence."""
-
-
-# -----------------------------------------------------------------------------------------------------------
 # Generator parameterization (paper section 3.2)
 #
-# The pretrained epsilon-prediction UNet becomes a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I):
-#   step k at timestep t (SD1.5's DDPM schedule, alpha_bar_t = prod_{s<=t} (1 - beta_s)):
+# The pretrained epsilon-prediction UNet becomes a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I).
+# Step k at timestep t (SD1.5's DDPM schedule, alpha_bar_t = prod_{s<=t} (1 - beta_s), written a_t):
 #       eps    = unet(x_t, t, c)
-#       x0_hat = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                                   (Tweedie / DDIM eq. 12)
-#   last step: return x0_hat (the clean sample); otherwise move to the next timestep s with the DDIM-eta update
+#       x0_hat = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)                 (DDIM paper eq. 9: the "predicted x0")
+# then the DDIM-eta update to the next timestep s (DDIM eqs. 12 and 16):
 #       sigma  = eta * sqrt((1 - a_s) / (1 - a_t)) * sqrt(1 - a_t / a_s)
 #       x_s    = sqrt(a_s) * x0_hat + sqrt(1 - a_s - sigma^2) * eps + sigma * noise
-# Training draws eta ~ U[0, 1] per step and per sample ("random eta sampling", a regularizer: the weights must
-# serve a whole family of generation paths). Inference uses eta = 0 (deterministic). No classifier-free guidance
-# inside the generator: one UNet call per step.
+# The last step has no next timestep: there a_s := 1, so sigma = 0 and the update returns x0_hat itself; the
+# generator's output is the last step's x0_hat (for K = 6, 7 see the note in generate).
+# paper: random eta sampling during training (a regularizer: the weights must serve a whole family of generation
+# paths); our reading of its form: DDIM's eta, drawn eta ~ U[0, 1] independently per step and per sample, and
+# eta = 0 (deterministic DDIM) at inference. paper: no classifier-free guidance inside the generator (one UNet
+# call per step).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain length
 
@@ -145,7 +76,7 @@ def sd15_alphas_cumprod(beta_start=0.00085, beta_end=0.012, num_train_timesteps=
 
 
 def few_step_timesteps(num_steps):
-    """'Trailing' spacing: t_k = round(1000 - k * 1000/K) - 1, so K=4 -> [999, 749, 499, 249].
+    """our choice: 'trailing' spacing, t_k = round(1000 - k * 1000/K) - 1, so K=4 -> [999, 749, 499, 249].
     The first step starts at t=999, the pure-noise end, which a few-step sampler needs (the 'leading' spacing of
     SD1.5's default scheduler would start at t=751 from pure noise and leave visible noise)."""
     assert 1 <= num_steps <= NUM_TRAIN_TIMESTEPS, num_steps
@@ -162,7 +93,7 @@ def x0_from_eps(x_t, eps, alpha_bar_t):
 def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_eta=False, generator=None,
              last_step=None, grad_from_step=0):
     """The few-step generator g_theta. Returns the clean latent (B,4,h,w) (SD latent scale): the final step's
-    x0_hat (exactly, for the paper's K=4), or with last_step set, that intermediate step's x0_hat (R0+).
+    x0_hat, or with last_step set, that intermediate step's x0_hat (R0+).
 
     noise:          (B,4,h,w) x_T ~ N(0, I), the generator's input z
     text_emb:       (B,77,768) SD1.5 text-encoder hidden states (the condition c)
@@ -174,9 +105,10 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     """
     timesteps = few_step_timesteps(num_steps)
     last_step = num_steps - 1 if last_step is None else last_step
-    # diffusers' DDIMScheduler moves from t to s = t - 1000 // K (for K that divides 1000 this is exactly the next
-    # trailing timestep; for K = 3, 6, 7 it lands 1 away from it). We use the same rule so that a trained UNet is
-    # a drop-in for the standard DDIMScheduler at every K.
+    stop_early = last_step < num_steps - 1  # R0+: return an intermediate step's x0_hat
+    # our choice: move from t to s = t - 1000 // K, diffusers' DDIMScheduler rule (for K that divides 1000 this is
+    # exactly the next trailing timestep; for K = 3, 6, 7 it lands 1 away from it), so that a trained UNet is a
+    # drop-in for the standard DDIMScheduler at every K.
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()  # python floats: one device sync here instead of two per step
     B = noise.shape[0]
@@ -187,11 +119,11 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
             eps = unet(x, t_batch, encoder_hidden_states=text_emb).sample.float()  # (B,4,h,w), fp32 arithmetic
             x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
-            if i == last_step < num_steps - 1:  # R0+: the rewards look at this intermediate x0_hat
+            if stop_early and i == last_step:  # R0+: the rewards look at this intermediate x0_hat
                 return x0_hat
             s = t - jump
-            # final step: s < 0 for K = 1..5 and 8, where a_s := 1 makes the update return x0_hat exactly; for K = 6, 7
-            # it lands on t = 0 (a_0 = 0.9991) and DDIM takes that last tiny step, so we take it too
+            # the last step: s < 0 for K = 1..5 and 8, where a_s := 1 makes the update return x0_hat exactly; for
+            # K = 6, 7 it lands on t = 0 (a_0 = 0.9991) and DDIM takes that last tiny step, so we take it too
             a_s = alphas[s] if s >= 0 else 1.0
             if random_eta:  # per sample, per step: shape (B,1,1,1)
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
@@ -221,16 +153,373 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 # -----------------------------------------------------------------------------------------------------------
 # Rewards
 #
-# Paper: HPS v2.1, ImageReward and CLIP score (plus, from its Diff-Instruct++ lineage, an implicit
-# classifier-free-guidance reward). Here:
+# paper: HPS v2.1, ImageReward and CLIP score, plus (from its Diff-Instruct++ lineage) an implicit
+# classifier-free-guidance reward. Here:
 #   hps   HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt; r = cos(image features, text features)
 #   clip  CLIP score: open_clip ViT-H-14 laion2b_s32b_b79k; r = cos(image features, text features)
 #   cfg   implicit CFG reward of the frozen base UNet; defined through its gradient (see ImplicitCfgReward)
-#   color toy reward for the offline demo and the tests: mean image colour vs the colour word in the prompt
-# ImageReward, the paper's third reward, is BLIP-based and needs a package outside this project's stack
-# (image-reward); it is left out. Our choice: the CLIP score takes its role of keeping text alignment.
-# Every reward maps pixels in [0,1] (or latents, for cfg) to one score per sample, differentiably in the image.
-# Text features never carry gradient (computed once per prompt under no_grad and cached).
+#   color toy reward for the offline demo and the tests (ColourReward, under Plumbing)
+# ImageReward, the paper's third reward, is not in this file yet; our choice meanwhile: the CLIP score keeps the
+# text alignment that ImageReward would also reward.
+#
+# The reward interface, all a reward needs in order to be trained on:
+#   space = "pixels": forward(pixels (B,3,H,W) in [0,1], prompts: list of B str, text_emb) -> (B,) scores, which
+#                     autograd can differentiate with respect to pixels (no PIL, no no_grad on the image path);
+#   space = "latents": gradient(latents (B,4,h,w), prompts, text_emb, generator) -> (values (B,), ascent
+#                     direction (B,4,h,w)), for a reward defined through its gradient (cfg);
+#   optionally enable_gradient_checkpointing(), called when --grad-checkpointing is on.
+# Reward models are frozen; text features never carry gradient. Adding a reward takes three steps:
+#   1. a class with that interface (ClipFamilyReward is a template);
+#   2. a branch in load_reward(): its real weights, and a tiny random-weight twin for --tiny and the tests;
+#   3. its name in REWARD_NAMES (and its hub files in HUB_FILES, so an offline machine is told what is missing).
+
+REWARD_NAMES = ("hps", "clip", "cfg", "color")
+
+
+class ClipFamilyReward(torch.nn.Module):
+    """hps and clip: r(x, c) = cos(f_img(preprocess(x)), f_txt(c)), without the logit scale.
+    (Tables report 100 x this cosine.) The open_clip model is frozen; only the image path carries gradient."""
+
+    space = "pixels"
+
+    def __init__(self, name, clip_model, tokenizer):
+        super().__init__()
+        self.name, self.model, self.tokenizer = name, clip_model, tokenizer
+        self.model.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
+        sequence_first(self.model.visual.transformer)  # speed only, same numbers (see sequence_first)
+        self.image_size = clip_model.visual.image_size
+        self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
+        self._text_cache = {}  # prompt -> (D,) normalized text feature; text towers run once per prompt
+
+    @torch.no_grad()  # text features carry no gradient: only the image path does
+    def text_features(self, prompts):
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]  # new prompts, in order, once
+        if missing:
+            device = next(self.model.parameters()).device
+            feats = self.model.encode_text(self.tokenizer(missing).to(device), normalize=True).float()  # (M,D)
+            self._text_cache.update(zip(missing, feats))
+        return torch.stack([self._text_cache[p] for p in prompts])  # (B,D), unit norm
+
+    def forward(self, pixels, prompts, text_emb=None):
+        dtype = next(self.model.parameters()).dtype  # bf16 on a GPU run: cast the image to the tower's precision
+        # clip_preprocess: open_clip's Resize -> CenterCrop -> Normalize, as differentiable torch ops (Plumbing)
+        image = clip_preprocess(pixels, self.image_size).to(dtype)  # (B,3,224,224)
+        img_feat = self.model.encode_image(image, normalize=True).float()  # (B,D), unit norm
+        return (img_feat * self.text_features(prompts)).sum(-1)  # (B,) cosine in [-1,1]
+
+    def enable_gradient_checkpointing(self):
+        self.model.set_grad_checkpointing(True)
+
+
+class ImplicitCfgReward:
+    """cfg: the implicit classifier-free-guidance reward of the frozen base model (Diff-Instruct++ lineage).
+    Its gradient at the generated latent x0_hat: noise x0_hat to a random level t,
+        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) n,
+    and ascend log p(c | x_t). By Bayes, grad_{x_t} log p(c|x_t) = grad log p(x_t|c) - grad log p(x_t)
+    = -(eps_c - eps_u) / sqrt(1 - a_t), and the chain rule through x_t adds dx_t/dx0_hat = sqrt(a_t), so
+        d log p(c | x_t) / d x0_hat = sqrt(a_t) / sqrt(1 - a_t) * (eps_u - eps_c).
+    our choice: drop the factor sqrt(a_t / (1 - a_t)) (any per-sample positive factor w(t) cancels in the
+    per-sample normalization of the reward composition, so it only matters through which t are drawn) and draw
+    t ~ U{20..980}. The reward has no cheap scalar value: we log the guidance gap ||eps_c - eps_u||^2 per
+    element instead, as 'cfg_gap' (it is not a reward: it shrinks as the generator's images agree with c)."""
+
+    space = "latents"
+    log_as = "cfg_gap"  # the logged number is the guidance gap, not a reward value
+
+    def __init__(self, base_eps, uncond_emb, alphas_cumprod, t_min=20, t_max=980):
+        self.base_eps, self.uncond_emb, self.alphas_cumprod = base_eps, uncond_emb, alphas_cumprod
+        self.t_min, self.t_max = t_min, t_max
+
+    @torch.no_grad()
+    def gradient(self, latents, prompts, text_emb, generator=None):
+        B = latents.shape[0]
+        t = torch.randint(self.t_min, self.t_max + 1, (B,), generator=generator, device=latents.device)
+        a_t = self.alphas_cumprod.to(latents.device)[t].view(B, 1, 1, 1)
+        n = torch.randn(latents.shape, generator=generator, device=latents.device)
+        x_t = a_t.sqrt() * latents + (1 - a_t).sqrt() * n  # (B,4,h,w)
+        # one batched call for conditional and unconditional noise estimates, like a CFG pipeline
+        emb = torch.cat([text_emb, self.uncond_emb.expand(B, -1, -1).to(text_emb.dtype)])  # (2B,77,D)
+        eps_c, eps_u = self.base_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
+        gap = ((eps_c - eps_u) ** 2).flatten(1).mean(1)  # (B,) logged, not optimized directly
+        return gap, eps_u - eps_c  # (B,), (B,4,h,w) latent-space ascent direction
+
+
+def make_base_eps(unet, frozen_unet):
+    """eps of the frozen base model theta_0, for the cfg reward: the frozen copy (full fine-tuning) or the same
+    UNet with its LoRA adapters switched off (LoRA mode) -- no second copy of the weights needed."""
+    def base_eps(x, t, emb):  # (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w) noise estimate of theta_0
+        if frozen_unet is not None:
+            return frozen_unet(x, t, encoder_hidden_states=emb).sample
+        unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, this *is* the base model
+        try:
+            return unet(x, t, encoder_hidden_states=emb).sample
+        finally:
+            unet.enable_adapters()
+    return base_eps
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Reward composition (paper Fig. 8: normalized gradients beat raw ones)
+#
+#   x   = decode(x0_hat)                                 (B,3,H,W) in [0,1]
+#   g_i = d r_i(x, c) / d x                              a backward through reward model i only, not the generator
+#   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   each reward pulls with the same per-sample strength w_i
+#   surrogate = - sum(stopgrad(g) * x) / B               d surrogate / d theta = - g . dx/dtheta / B
+# our reading: the norm is taken per sample (each image's gradient has norm w_i), not over the batch, so one image
+# with a huge gradient cannot drown the others. The image rewards are normalized in pixel space and cfg in latent
+# space (where its gradient lives): each has norm w_i in its own space, so cfg=1,hps=1 is not an equal pull on
+# theta; set the weights with that in mind (the decoder's Jacobian scales the pixel-space term).
+
+def normalize_per_sample(g, eps=1e-8):
+    """g / ||g|| for each sample separately: (B,...) -> (B,...), each sample of unit L2 norm (or 0 if g was 0)."""
+    norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))  # (B,1,1,1)
+    return g / (norm + eps)
+
+
+def reward_gradient(reward, x, prompts, text_emb, generator=None):
+    """(scores (B,), d score / d x (same shape as x)) for one reward, backpropagating through the reward model
+    only: x is detached, so the generator's graph is untouched here."""
+    if hasattr(reward, "gradient"):  # a reward defined through its gradient (cfg)
+        return reward.gradient(x.detach(), prompts, text_emb, generator)
+    x = x.detach().requires_grad_(True)
+    with torch.enable_grad():
+        scores = reward(x, prompts, text_emb)  # (B,)
+        (grad,) = torch.autograd.grad(scores.sum(), x)
+    return scores.detach(), grad
+
+
+def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None):
+    """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg); plus the logged values."""
+    grads = {"pixels": torch.zeros_like(pixels), "latents": torch.zeros_like(latents)}
+    scores = {}
+    for name, reward in rewards.items():
+        x = pixels if reward.space == "pixels" else latents
+        score, grad = reward_gradient(reward, x, prompts, text_emb, generator)
+        grads[reward.space] += weights[name] * normalize_per_sample(grad.float())
+        scores[getattr(reward, "log_as", name)] = score  # (B,) raw, for logging
+    return grads["pixels"], grads["latents"], scores
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Regularizers (paper section 3.3)
+#   1. weight regularization  lambda * ||theta - theta_0||^2   (keeps the generator near the pretrained model)
+#   2. LoRA: a low-rank update is itself a constraint (and the way to fit a 24 GB GPU)
+#   3. random eta sampling: in generate(random_eta=True)
+#   4. per-reward gradient normalization + several complementary rewards: in the reward composition
+# Plus our engineering choices: gradient clipping at 1.0 and AdamW with weight_decay 0 (the anchor to theta_0
+# replaces decay toward 0, which would pull the pretrained weights somewhere meaningless).
+# No KL term, no diffusion loss, no distillation loss.
+
+def make_trainable(unet, cfg, device, frozen_dtype):
+    """What theta is, and where theta_0 lives. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
+    unet.train()  # SD1.5's UNet has no dropout or batch norm, so train() only matters for gradient checkpointing
+    if cfg.lora_rank > 0:
+        # LoRA: theta = theta_0 + delta W, delta W = scaling * B @ A on each adapted layer; theta_0 is the frozen
+        # base weights themselves (half precision), no copy needed. our choice, as diffusers' own SD LoRA training:
+        # adapters on the attention projections (to_q, to_k, to_v, to_out), alpha = rank (scaling 1), A Gaussian
+        # and B zero at init (so theta = theta_0 at step 0), adapter weights in fp32 (trained under autocast).
+        from peft import LoraConfig
+        torch.manual_seed(cfg.seed)  # the adapters' random init depends on the seed alone
+        cast(unet.requires_grad_(False), device, frozen_dtype)
+        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
+                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+        for p in unet.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()
+        return None
+    # Full fine-tuning: every UNet weight in fp32, and a frozen fp32 copy theta_0 for the anchor (fp32 so that
+    # ||theta - theta_0|| is exactly 0 at the start; the copy also serves as the base model of the cfg reward).
+    unet.to(device, torch.float32)
+    return copy.deepcopy(unet).requires_grad_(False).eval()
+
+
+def trainable_parameters(unet):
+    """What the optimizer updates: the LoRA adapters, or every UNet weight in full fine-tuning."""
+    return [p for p in unet.parameters() if p.requires_grad]
+
+
+def lora_layers(unet):
+    """The LoRA-adapted layers of a peft-injected UNet: [(lora_A, lora_B, scaling)] for the active adapter."""
+    from peft.tuners.lora import LoraLayer
+    layers = []
+    for module in unet.modules():
+        if isinstance(module, LoraLayer):
+            for name in module.active_adapters:
+                if name in module.lora_A:
+                    layers.append((module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]))
+    return layers
+
+
+def weight_regularization(unet, frozen_unet):
+    """||theta - theta_0||^2.
+    Full fine-tuning: sum over all UNet parameters against the frozen fp32 copy theta_0.
+    LoRA: theta - theta_0 = delta W = scaling * B @ A per adapted layer, so the same quantity is
+          sum_layers ||scaling * B @ A||_F^2 (the frozen base weights cancel out).
+    our choice: lambda = 1e-2 (--weight-reg); the paper gives no value and we have not tuned it on SD1.5. Because
+    the reward gradient has a fixed per-sample scale (normalized), lambda sets how large the update may grow before
+    the anchor pulls back as hard as the rewards push. 'reg' and every reward are logged: raise lambda if rewards
+    keep rising while the samples degrade (hacking), lower it if the rewards stall while 'reg' keeps growing.
+    Both sums are written so that autograd keeps no weight-sized tensor for the backward (tested):"""
+    if frozen_unet is None:  # LoRA
+        total = 0.0
+        for A, B, scaling in lora_layers(unet):  # A (r,in), B (out,r)
+            # ||B @ A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)): two (r,r) matrices instead of the
+            # (out,in) delta W of every adapted layer in the graph
+            A, B = A.float(), B.float()
+            total = total + scaling ** 2 * ((B.T @ B) * (A @ A.T)).sum()
+        return torch.as_tensor(total, dtype=torch.float32)
+    # mse_loss(sum) is ||p - p0||^2 with only p and p0 themselves saved for the backward; (p - p0).pow(2).sum()
+    # would save the difference, a second copy of every weight, held until the backward
+    return sum(F.mse_loss(p, p0, reduction="sum") for p, p0 in zip(unet.parameters(), frozen_unet.parameters()))
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The training step: R0, and R0+ (paper section 4). One micro-batch, then one optimizer step.
+#
+#    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> VAE decode --> x (pixels in [0,1])
+#                      \______ R0+: steps before k run without gradient; x0_hat is taken at step k ______/
+#
+#    x --> r_hps(x), r_clip(x), ...   x0_hat --> cfg           each: a backward through that reward model only
+#          g_hps,    g_clip, ...                 g_cfg          (the image gradient, detached from the generator)
+#    g = sum_i w_i g_i / ||g_i||  (per sample, in pixel or latent space)
+#    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
+#    ONE backward of that through the decoder and the UNet steps (whatever the number of rewards)
+#    --> clip the gradient norm --> AdamW step on theta
+
+def r0_step(m, prompts, cfg, generator):
+    """One micro-batch of R0 (or R0+). Returns (loss, stats); the caller calls loss.backward().
+    m: Models (unet, frozen_unet, vae, text encoder, rewards, ...), prompts: list of B strings."""
+    B, K = len(prompts), cfg.steps
+    h = cfg.resolution // 8
+    text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,768), no grad
+    noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z ~ N(0,I)
+    if cfg.r0_plus:
+        # R0+ (paper 4): supervise x0_hat at a random step k; steps before k run without gradient, so the
+        # backward graph holds one UNet call instead of K: faster, less memory, and every step gets direct signal.
+        # our reading: k drawn uniformly from all K steps (k = K-1 is plain R0's output), one k per micro-batch.
+        k = int(torch.randint(0, K, (1,), generator=generator, device=m.device))
+        last_step, grad_from_step = k, k
+    else:
+        last_step, grad_from_step = K - 1, 0  # R0: backprop through all K steps
+    with autocast(m.device, cfg.precision):  # bf16 on a GPU (Plumbing: autocast)
+        x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=True, generator=generator,
+                          last_step=last_step, grad_from_step=grad_from_step)  # (B,4,h,w), in the graph
+        pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1], in the graph
+        g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
+                                                         text_emb, generator)
+    # The surrogate whose gradient w.r.t. theta is -(normalized, weighted reward gradient) . d(x)/d(theta).
+    # Its *value* means nothing (it is -g.x); watch the logged rewards, not the loss.
+    surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
+    reg = weight_regularization(m.unet, m.frozen_unet)
+    loss = surrogate + cfg.weight_reg * reg
+    stats = {name: s.float().mean().item() for name, s in scores.items()}
+    stats.update(reg=reg.item(), surrogate=surrogate.item())
+    return loss, stats
+
+
+def make_optimizer(params, cfg):
+    # our choice: AdamW without weight decay (see Regularizers); on a GPU the fused kernel updates every tensor in a
+    # few launches
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
+
+
+def optimizer_step(m, optimizer, params, order, cfg, generator):
+    """One optimizer step over --grad-accum micro-batches: the mean of their gradients, clipped (our choice: global
+    norm 1.0), then AdamW. A non-finite loss, reward or gradient skips the update: weights and optimizer state stay
+    exactly as they were. Returns (stats, grad_norm before clipping, applied)."""
+    stats_sum, finite = {}, True
+    for _ in range(cfg.grad_accum):
+        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)
+        stats["loss"] = loss.item()
+        finite = finite and all(math.isfinite(v) for v in stats.values())
+        if finite:  # no point pushing NaNs through the graph
+            (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
+    applied = finite and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    return stats_sum, grad_norm, applied
+
+
+# ===========================================================================================================
+# Plumbing. The method is complete above; everything below serves it: the config, details that serve matching
+# or speed, loading, prompts and images, checkpoints, the training loop and the command line.
+# ===========================================================================================================
+
+# -----------------------------------------------------------------------------------------------------------
+# Config. Every default is for a real SD1.5 run on one 24 GB GPU (README: measured memory per mode and batch);
+# --tiny swaps in TINY_PRESET. Flags typed on the command line override both; unknown flags are an error.
+
+DEFAULTS = dict(
+    # our choice: vanilla SD1.5 (the paper's Table 1 fine-tunes Realistic Vision, an SD1.5 fine-tune; any SD1.5-shaped
+    # diffusers model or folder can be given)
+    model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+    tiny=False,                 # tiny random-weight SD1.5-shaped models built in code (offline, CPU)
+    prompts=None,               # text file, one prompt a line ('#' comments and blank lines skipped)
+    output_dir="runs/r0",       # everything a run writes goes here
+    # --- generator (paper 3.2, 4) ---
+    steps=4,                    # K, the number of generator steps (paper: 4). 1..8
+    resolution=512,             # image side in pixels (SD1.5 was trained at 512); a multiple of 8
+    r0_plus=False,              # R0+ (paper 4): rewards on x0_hat of a random intermediate step
+    # --- rewards --- our choice: HPS v2.1 and CLIP score at equal weight (the weights are relative pulls, since
+    # gradients are normalized per reward); CLIP keeps text alignment while HPS pushes preference, each checking
+    # the other's hacking. A name without '=weight' means weight 1.0.
+    rewards="hps=1.0,clip=1.0",
+    # --- regularizers (paper 3.3) ---
+    lora_rank=64,               # 0 = full fine-tuning. our choice: LoRA 64 fits 24 GB and low rank is itself a
+                                # regularizer; full fine-tuning needs a larger GPU (README)
+    weight_reg=1e-2,            # lambda in lambda*||theta - theta_0||^2. our choice, see weight_regularization()
+    grad_clip=1.0,              # our choice: clip the global grad norm at 1.0 (standard for fine-tuning)
+    # --- optimization (the paper gives none of these) ---
+    lr=1e-4,                    # our choice: the usual LoRA rate for SD1.5; use ~1e-5 with --lora-rank 0
+    batch_size=4,               # our choice: the largest LoRA micro-batch that fits 24 GB (README). If the first
+                                # step runs out of GPU memory it halves (and grad_accum doubles)
+    grad_accum=1,               # micro-batches per optimizer step: effective batch = batch_size * grad_accum
+    max_steps=2000,             # optimizer steps. our choice
+    seed=0,
+    # --- system ---
+    device="auto",              # cuda if available, else cpu
+    precision="auto",           # bf16 autocast with fp32 trainable weights and bf16 frozen models; 'auto' = bf16
+                                # on GPU, fp32 on CPU (our choice: CPUs without bf16 units emulate it, slowly)
+    grad_checkpointing=True,    # recompute activations in backward: UNet, VAE decoder, reward towers
+    # --- logging and long runs ---
+    sample_every=100,           # a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)
+    num_sample_prompts=4,       # prompts in that grid, spread over the prompt file
+    num_sample_seeds=2,         # seeds per prompt in that grid
+    checkpoint_every=200,       # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
+    keep_checkpoints=3,         # older checkpoints are deleted
+    max_bad_steps=10,           # non-finite steps in a row (each skipped) before the run stops
+    resume=None,                # a run folder, or 'auto'
+    overwrite=False,            # replace a run already in output_dir
+)
+
+# --tiny: the same code path on tiny random-weight models, sized for a demo of a few minutes on a CPU.
+TINY_PRESET = dict(
+    output_dir="runs/tiny",
+    resolution=64,              # 8x8 latents
+    rewards="color=1.0",        # the toy reward: match the colour word of the prompt (see ColourReward)
+    lora_rank=8,
+    lr=1e-2,                    # tiny models from a miniature pretraining need a bigger step than SD1.5
+    batch_size=16,
+    max_steps=200,
+    grad_checkpointing=False,   # saves nothing worth having at this size (the tests switch it on, for the GPU path)
+    sample_every=50,
+    checkpoint_every=50,
+    num_sample_prompts=6,
+    num_sample_seeds=4,
+)
+
+
+class UserError(Exception):
+    """A mistake the user can fix (bad flag, missing file, no network). main() prints it as one sentence."""
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Details the method uses, kept out of its way: matching open_clip's preprocessing exactly, a speed-up of the reward
+# towers, the toy colour reward of the offline demo, parsing --rewards, and the precision context.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalization, used by ViT-H-14 and HPS v2.1
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -258,43 +547,12 @@ def clip_preprocess(pixels, size=224):
     return (x - mean) / std  # (B,3,224,224) CLIP-normalized
 
 
-class ClipFamilyReward(torch.nn.Module):
-    """hps and clip: r(x, c) = cos(f_img(preprocess(x)), f_txt(c)), without the logit scale.
-    (Tables report 100 x this cosine.) The open_clip model is frozen; only the image path carries gradient."""
-
-    space = "pixels"
-
-    def __init__(self, name, clip_model, tokenizer):
-        super().__init__()
-        self.name, self.model, self.tokenizer = name, clip_model, tokenizer
-        self.model.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
-        sequence_first(self.model.visual.transformer)
-        self.image_size = clip_model.visual.image_size
-        self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
-        self._text_cache = {}  # prompt -> (D,) normalized text feature; text towers run once per prompt
-
-    @torch.no_grad()  # text features carry no gradient: only the image path does
-    def text_features(self, prompts):
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]  # new prompts, in order, once
-        if missing:
-            device = next(self.model.parameters()).device
-            feats = self.model.encode_text(self.tokenizer(missing).to(device), normalize=True).float()  # (M,D)
-            self._text_cache.update(zip(missing, feats))
-        return torch.stack([self._text_cache[p] for p in prompts])  # (B,D), unit norm
-
-    def forward(self, pixels, prompts, text_emb=None):
-        dtype = next(self.model.parameters()).dtype  # bf16 on a GPU run: cast the image to the tower's precision
-        image = clip_preprocess(pixels, self.image_size).to(dtype)  # (B,3,224,224)
-        img_feat = self.model.encode_image(image, normalize=True).float()  # (B,D), unit norm
-        return (img_feat * self.text_features(prompts)).sum(-1)  # (B,) cosine in [-1,1]
-
-
 def sequence_first(transformer):
     """our choice (speed; the same numbers): run open_clip's image transformer in its sequence-first (L,B,D) layout.
     In the default batch-first layout, torch's nn.MultiheadAttention transposes its input to (L,B,D) as a strided
     view; with gradient flowing to the image but not into the frozen weights, matmul cannot fold that view into one
-    matrix product and runs the input projection as L=257 small ones: the benchmark's reward part (two towers,
-    256 px, fp32, CPU) took 42.9 s at batch 2 before, 24.4 s after (README). test_r0.py checks the numbers agree."""
+    matrix product and runs the input projection as L=257 small ones (README: the reward part's time before and
+    after). test_r0.py checks that scores and image gradients agree with open_clip's own layout."""
     blocks = getattr(transformer, "resblocks", [])
     if getattr(transformer, "batch_first", False) and all(isinstance(getattr(b, "attn", None),
                                                               torch.nn.MultiheadAttention) for b in blocks):
@@ -341,52 +599,8 @@ class ColourReward(torch.nn.Module):
         return -((mean - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
 
 
-class ImplicitCfgReward:
-    """cfg: the implicit classifier-free-guidance reward of the frozen base model (Diff-Instruct++ lineage).
-    Its gradient at the generated latent x0_hat: noise x0_hat to a random level t,
-        x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) n,
-    and take  (eps_base(x_t, t, uncond) - eps_base(x_t, t, c)) * w(t),  the direction that raises log p(c | x_t)
-    (Bayes: grad log p(c|x) = grad log p(x|c) - grad log p(x) = -(eps_c - eps_u) / sqrt(1 - a_t)).
-    The reward has no cheap scalar value; we log the guidance gap ||eps_c - eps_u||^2 per element instead.
-    our choice: w(t) = 1 and t ~ U{20..980}. Any per-sample w(t) cancels in the per-sample gradient
-    normalization of the reward composition, so w only matters through which t are drawn."""
-
-    space = "latents"
-
-    def __init__(self, base_eps, uncond_emb, alphas_cumprod, t_min=20, t_max=980):
-        self.base_eps, self.uncond_emb, self.alphas_cumprod = base_eps, uncond_emb, alphas_cumprod
-        self.t_min, self.t_max = t_min, t_max
-
-    @torch.no_grad()
-    def gradient(self, latents, prompts, text_emb, generator=None):
-        B = latents.shape[0]
-        t = torch.randint(self.t_min, self.t_max + 1, (B,), generator=generator, device=latents.device)
-        a_t = self.alphas_cumprod.to(latents.device)[t].view(B, 1, 1, 1)
-        n = torch.randn(latents.shape, generator=generator, device=latents.device)
-        x_t = a_t.sqrt() * latents + (1 - a_t).sqrt() * n  # (B,4,h,w)
-        # one batched call for conditional and unconditional noise estimates, like a CFG pipeline
-        emb = torch.cat([text_emb, self.uncond_emb.expand(B, -1, -1).to(text_emb.dtype)])  # (2B,77,D)
-        eps_c, eps_u = self.base_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
-        gap = ((eps_c - eps_u) ** 2).flatten(1).mean(1)  # (B,) logged, not optimized directly
-        return gap, eps_u - eps_c  # (B,), (B,4,h,w) latent-space ascent direction
-
-
-def make_base_eps(unet, frozen_unet):
-    """eps of the frozen base model theta_0, for the cfg reward: the frozen copy (full fine-tuning) or the same
-    UNet with its LoRA adapters switched off (LoRA mode) -- no second copy of the weights needed."""
-    def base_eps(x, t, emb):  # (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w) noise estimate of theta_0
-        if frozen_unet is not None:
-            return frozen_unet(x, t, encoder_hidden_states=emb).sample
-        unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, this *is* the base model
-        try:
-            return unet(x, t, encoder_hidden_states=emb).sample
-        finally:
-            unet.enable_adapters()
-    return base_eps
-
-
 def parse_rewards(spec):
-    """'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}, with clear errors for anything else."""
+    """'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5} ('hps' alone means weight 1.0), with clear errors."""
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, sep, value = item.partition("=")
@@ -408,127 +622,6 @@ def parse_rewards(spec):
     return weights
 
 
-REWARD_NAMES = ("hps", "clip", "cfg", "color")
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Reward composition (paper Fig. 8: normalized gradients beat raw ones)
-#
-#   x   = decode(x0_hat)                                 (B,3,H,W) in [0,1]
-#   g_i = d r_i(x, c) / d x                              one cheap backward through reward model i only
-#   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   each reward pulls with the same per-sample strength w_i
-#   surrogate = - sum(stopgrad(g) * x) / B               d surrogate / d theta = - g . dx/dtheta / B
-# Then ONE backward of the surrogate through the VAE decoder and the generator, whatever the number of rewards:
-# the expensive part of the graph (4 UNet steps + decoder) is traversed once, not once per reward.
-
-def normalize_per_sample(g, eps=1e-8):
-    """g / ||g|| for each sample separately: (B,...) -> (B,...), each sample of unit L2 norm (or 0 if g was 0)."""
-    norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))  # (B,1,1,1)
-    return g / (norm + eps)
-
-
-def reward_gradient(reward, x, prompts, text_emb, generator=None):
-    """(scores (B,), d score / d x (same shape as x)) for one reward, backpropagating through the reward model
-    only: x is detached, so the generator's graph is untouched here."""
-    if hasattr(reward, "gradient"):  # a reward defined through its gradient (cfg)
-        return reward.gradient(x.detach(), prompts, text_emb, generator)
-    x = x.detach().requires_grad_(True)
-    with torch.enable_grad():
-        scores = reward(x, prompts, text_emb)  # (B,)
-        (grad,) = torch.autograd.grad(scores.sum(), x)
-    return scores.detach(), grad
-
-
-def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None):
-    """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg); plus raw scores."""
-    grads = {"pixels": torch.zeros_like(pixels), "latents": torch.zeros_like(latents)}
-    scores = {}
-    for name, reward in rewards.items():
-        x = pixels if reward.space == "pixels" else latents
-        score, grad = reward_gradient(reward, x, prompts, text_emb, generator)
-        grads[reward.space] += weights[name] * normalize_per_sample(grad.float())
-        scores[name] = score  # (B,) raw, for logging
-    return grads["pixels"], grads["latents"], scores
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Regularizers (paper section 3.3)
-#   1. weight regularization  lambda * ||theta - theta_0||^2   (keeps the generator near the pretrained model)
-#   2. LoRA: a low-rank update is itself a constraint (and the way to fit a 24 GB GPU)
-#   3. random eta sampling: in generate(random_eta=True)
-#   4. per-reward gradient normalization + several complementary rewards: in the reward composition
-# Plus our engineering choices: gradient clipping at 1.0 and AdamW with weight_decay 0 (the anchor to theta_0
-# replaces decay toward 0, which would pull the pretrained weights somewhere meaningless).
-# No KL term, no diffusion loss, no distillation loss.
-
-def lora_layers(unet):
-    """The LoRA-adapted layers of a peft-injected UNet: [(lora_A, lora_B, scaling)] for the active adapter."""
-    from peft.tuners.lora import LoraLayer
-    layers = []
-    for module in unet.modules():
-        if isinstance(module, LoraLayer):
-            for name in module.active_adapters:
-                if name in module.lora_A:
-                    layers.append((module.lora_A[name].weight, module.lora_B[name].weight, module.scaling[name]))
-    return layers
-
-
-def weight_regularization(unet, frozen_unet):
-    """||theta - theta_0||^2.
-    Full fine-tuning: sum over all UNet parameters against the frozen fp32 copy theta_0.
-    LoRA: theta - theta_0 = delta W = scaling * B @ A per adapted layer, so the same quantity is
-          sum_layers ||scaling * B @ A||_F^2 (the frozen base weights cancel out).
-    our choice: lambda = 1e-2 (--weight-reg); the paper gives no value and we have not tuned it on SD1.5. Because
-    the reward gradient has a fixed per-sample scale (normalized), lambda sets how large the update may grow before
-    the anchor pulls back as hard as the rewards push. 'reg' and every reward are logged: raise lambda if rewards
-    keep rising while the samples degrade (hacking), lower it if the rewards stall while 'reg' keeps growing.
-    Both sums are written so that autograd keeps no weight-sized tensor for the backward (measured and tested):"""
-    if frozen_unet is None:  # LoRA
-        total = 0.0
-        for A, B, scaling in lora_layers(unet):  # A (r,in), B (out,r)
-            # ||B @ A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)): two (r,r) matrices instead of the
-            # (out,in) delta W, which summed over SD1.5's adapted layers would be 93.5M numbers (0.35 GB) in the graph
-            A, B = A.float(), B.float()
-            total = total + scaling ** 2 * ((B.T @ B) * (A @ A.T)).sum()
-        return torch.as_tensor(total, dtype=torch.float32)
-    # mse_loss(sum) is ||p - p0||^2 with only p and p0 themselves saved for the backward; (p - p0).pow(2).sum()
-    # would save the difference, a second copy of all 860M weights (3.2 GB) held until the backward
-    return sum(F.mse_loss(p, p0, reduction="sum") for p, p0 in zip(unet.parameters(), frozen_unet.parameters()))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Loss and one training step: the whole algorithm, using the pieces above.
-
-def r0_step(m, prompts, cfg, generator):
-    """One micro-batch of R0 (or R0+). Returns (loss, stats); the caller calls loss.backward().
-    m: Models (unet, frozen_unet, vae, text encoder, rewards, ...), prompts: list of B strings."""
-    B, K = len(prompts), cfg.steps
-    h = cfg.resolution // 8
-    text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,768), no grad
-    noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z ~ N(0,I)
-    if cfg.r0_plus:
-        # R0+ (paper 4): supervise x0_hat at a random step k; steps before k run without gradient, so the
-        # backward graph holds one UNet call instead of K: faster, less memory, and every step gets direct signal.
-        k = int(torch.randint(0, K, (1,), generator=generator, device=m.device))
-        last_step, grad_from_step = k, k
-    else:
-        last_step, grad_from_step = K - 1, 0  # R0: backprop through all K steps
-    with autocast(m.device, cfg.precision):
-        x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=True, generator=generator,
-                          last_step=last_step, grad_from_step=grad_from_step)  # (B,4,h,w), in the graph
-        pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1], in the graph
-        g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
-                                                         text_emb, generator)
-    # The surrogate whose gradient w.r.t. theta is -(normalized, weighted reward gradient) . d(x)/d(theta).
-    # Its *value* means nothing (it is -g.x); watch the logged rewards, not the loss.
-    surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
-    reg = weight_regularization(m.unet, m.frozen_unet)
-    loss = surrogate + cfg.weight_reg * reg
-    stats = {name: s.float().mean().item() for name, s in scores.items()}
-    stats.update(reg=reg.item(), surrogate=surrogate.item())
-    return loss, stats
-
-
 def autocast(device, precision):
     """bf16 autocast on GPU *and* CPU (so the tests exercise the GPU's precision path), or nothing for fp32."""
     if precision == "fp32":
@@ -538,7 +631,6 @@ def autocast(device, precision):
 
 # -----------------------------------------------------------------------------------------------------------
 # Loading: SD1.5 from the hub or a folder, reward towers, and the tiny random-weight twins used by --tiny/tests.
-# (Everything from here on is plumbing; the algorithm is above.)
 
 @dataclass
 class Models:
@@ -616,34 +708,28 @@ def build_sd15_random(size="tiny", seed=0):
     (for the benchmark); 'tiny' is shrunk and given a miniature pretraining (see pretrain_tiny_denoiser).
     'tiny' is built once per process and seed (tests need it often) and every call returns fresh copies; 'full' is
     built anew on each call (a cached copy would hold 4 GB of RAM and inflate the benchmark's peak memory)."""
-    if size == "tiny":
-        return copy.deepcopy(_build_tiny_cached(seed))
-    return _build_sd15_random_seeded(size, seed)
+    return copy.deepcopy(_build_tiny_cached(seed)) if size == "tiny" else _build_sd15_random(size, seed)
 
 
 @functools.lru_cache(maxsize=2)
 def _build_tiny_cached(seed):
-    return _build_sd15_random_seeded("tiny", seed)
+    return _build_sd15_random("tiny", seed)
 
 
-def _build_sd15_random_seeded(size, seed):
-    with torch.random.fork_rng():  # building leaves the global RNG as it found it (cached or not)
-        torch.manual_seed(seed)
-        return _build_sd15_random_uncached(size, seed)
-
-
-def _build_sd15_random_uncached(size, seed):
+def _build_sd15_random(size, seed):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     unet_cfg, vae_cfg, text_cfg = sd15_configs(size)
-    unet = UNet2DConditionModel(**unet_cfg)
-    vae = AutoencoderKL(**vae_cfg)
-    text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
-    tokenizer = sd15_tokenizer_offline()
-    if size == "tiny":  # our choice: miniature pretrainings, so the toy starts where R0 starts (see below)
-        pretrain_tiny_decoder(vae, seed)
-        prompts = ["a photo", "a red fox", "a blue car", "a green tree"]
-        pretrain_tiny_denoiser(unet, encode_prompts(tokenizer, text_encoder, prompts), seed)
+    with torch.random.fork_rng():  # building leaves the global RNG as it found it (cached or not)
+        torch.manual_seed(seed)
+        unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=49406, eos_token_id=49407,
+                                                    pad_token_id=49407))
+        tokenizer = sd15_tokenizer_offline()
+        if size == "tiny":  # our choice: miniature pretrainings, so the toy starts where R0 starts (see below)
+            pretrain_tiny_decoder(vae, seed)
+            prompts = ["a photo", "a red fox", "a blue car", "a green tree"]
+            pretrain_tiny_denoiser(unet, encode_prompts(tokenizer, text_encoder, prompts), seed)
     return tokenizer, text_encoder, vae, unet
 
 
@@ -656,22 +742,18 @@ SD15_LATENT_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829,
 def pretrain_tiny_decoder(vae, seed, steps=100, batch=16, lr=1e-2):
     """Our choice, for the tiny models only: teach the tiny VAE decoder SD1.5's colour behaviour (latent channel
     means map almost linearly to RGB, SD15_LATENT_RGB). A random decoder paints mid-gray whatever the latent (its
-    GroupNorms standardize global shifts away), which would leave the colour reward nothing to learn from.
-    Deterministic for a seed; a few seconds on a CPU."""
+    GroupNorms standardize global shifts away), which would leave the colour reward nothing to learn from."""
     g = torch.Generator().manual_seed(seed)
     latent_rgb = torch.tensor(SD15_LATENT_RGB)  # (4,3)
-    opt = torch.optim.Adam(list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters()), lr=lr)
     h = vae.config.sample_size // 8
-    for _ in range(steps):
+
+    def loss():
         # toy latents: textures plus a per-image global shift (the part that sets an image's colour)
         z = 1.5 * torch.randn((batch, 4, h, h), generator=g) + torch.randn((batch, 4, 1, 1), generator=g)
         target = torch.einsum("bchw,cd->bdhw", z, latent_rgb).clamp(-1, 1)  # (B,3,h,w) in [-1,1]
         target = F.interpolate(target, scale_factor=8, mode="bilinear")  # (B,3,8h,8w)
-        loss = F.mse_loss(vae.decode(z / vae.config.scaling_factor).sample, target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    vae.zero_grad(set_to_none=True)
+        return F.mse_loss(vae.decode(z / vae.config.scaling_factor).sample, target)
+    fit([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], loss, steps, lr)
 
 
 def pretrain_tiny_denoiser(unet, text_emb, seed, steps=60, batch=16, lr=3e-3):
@@ -679,42 +761,41 @@ def pretrain_tiny_denoiser(unet, text_emb, seed, steps=60, batch=16, lr=3e-3):
     from a denoiser. R0 fine-tunes a *pretrained* UNet; a random one predicts an eps unrelated to x_t, so the first
     step's x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns any text signal.
     A few dozen steps of the standard DDPM loss ||eps_theta(x_t, t, c) - eps||^2 on toy latents fix that. The toy
-    data ignore the text, so colour conditioning must still be learned from the reward alone. Deterministic for a
-    seed; a few seconds on a CPU."""
+    data ignore the text, so colour conditioning must still be learned from the reward alone. Deterministic."""
     g = torch.Generator().manual_seed(seed)
     alphas_cumprod = sd15_alphas_cumprod()
-    opt = torch.optim.Adam(unet.parameters(), lr=lr)
     h = unet.config.sample_size
-    for _ in range(steps):
+
+    def loss():
         z0, eps = torch.randn((2, batch, 4, h, h), generator=g)  # toy data z0 ~ N(0, I): random colour textures
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward diffusion of the toy data
         c = text_emb[torch.randint(0, len(text_emb), (batch,), generator=g)]
-        loss = F.mse_loss(unet(x_t, t, encoder_hidden_states=c).sample, eps)
+        return F.mse_loss(unet(x_t, t, encoder_hidden_states=c).sample, eps)
+    fit(list(unet.parameters()), loss, steps, lr)
+
+
+def fit(params, loss, steps, lr):
+    """A few Adam steps on loss(): the tiny models' miniature pretrainings. Leaves no gradients behind."""
+    opt = torch.optim.Adam(params, lr=lr)
+    for _ in range(steps):
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss().backward()
         opt.step()
-    unet.zero_grad(set_to_none=True)
+    opt.zero_grad(set_to_none=True)
 
 
 def build_clip_tower_random(size="tiny", seed=0):
     """An open_clip CLIP model with random weights: 'full' = ViT-H-14 (the HPS v2.1 / CLIP-score architecture),
     'tiny' = the same classes, shrunk. Returns (model, tokenizer)."""
     import open_clip
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
     with torch.random.fork_rng():  # leave the global RNG as we found it
         torch.manual_seed(seed)
-        return _build_clip_tower_random(size)
-
-
-def _build_clip_tower_random(size):
-    import open_clip
-    if size == "full":
-        return open_clip.create_model("ViT-H-14", pretrained=None), open_clip.get_tokenizer("ViT-H-14")
-    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
-    model = open_clip.CLIP(embed_dim=32,
-                           vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=32, image_size=224),
-                           text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
+        model = open_clip.create_model("ViT-H-14", pretrained=None) if size == "full" else open_clip.CLIP(
+            embed_dim=32, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=32, image_size=224),
+            text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
     return model, open_clip.get_tokenizer("ViT-H-14")  # ViT-H-14's tokenizer is open_clip's bundled BPE
 
 
@@ -828,7 +909,7 @@ def load_reward(name, random_size, device, dtype):
     if name == "color":
         return ColourReward()
     if random_size:
-        model, _ = build_clip_tower_random(random_size, seed={"hps": 1, "clip": 2}[name])
+        model, _ = build_clip_tower_random(random_size, seed=1 + REWARD_NAMES.index(name))
         return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
     from huggingface_hub import hf_hub_download
     what, repo, files = HUB_FILES[name]
@@ -874,24 +955,7 @@ def load_models(cfg, random_size=None):
     # goes *through* the VAE decoder to the generator without storing gradients for the decoder's own weights.
     cast(text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
     cast(vae.requires_grad_(False).eval(), device, frozen_dtype)
-    unet.train()  # SD1.5's UNet has no dropout or batch norm, so train() only matters for gradient checkpointing
-    frozen_unet = None
-    if cfg.lora_rank > 0:
-        # LoRA, the way diffusers' own LoRA training does it: frozen base weights (half precision), peft adapters
-        # on the attention projections, adapter weights in fp32 (trained under autocast).
-        from peft import LoraConfig
-        torch.manual_seed(cfg.seed)  # the adapters' random init depends on the seed alone
-        cast(unet.requires_grad_(False), device, frozen_dtype)
-        unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
-                                    target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
-    else:
-        # Full fine-tuning: fp32 trainable weights and a frozen fp32 copy theta_0 for the anchor (fp32 so that
-        # ||theta - theta_0|| is exactly 0 at the start; the copy also serves as the base model of the cfg reward).
-        unet.to(device, torch.float32)
-        frozen_unet = copy.deepcopy(unet).requires_grad_(False).eval()
+    frozen_unet = make_trainable(unet, cfg, device, frozen_dtype)  # theta (LoRA or all weights) and theta_0
     # The reward models, one per --rewards name (frozen, half precision; loaded once and kept on the device)
     weights = parse_rewards(cfg.rewards)
     rewards = {}
@@ -905,8 +969,8 @@ def load_models(cfg, random_size=None):
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
         for r in rewards.values():
-            if isinstance(r, ClipFamilyReward):
-                r.model.set_grad_checkpointing(True)
+            if hasattr(r, "enable_gradient_checkpointing"):
+                r.enable_gradient_checkpointing()
     # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
     reload_base = (functools.partial(build_sd15_random, random_size, cfg.seed) if random_size
                    else lambda: load_sd15(cfg.model)[:4])
@@ -918,12 +982,6 @@ def cast(module, device, dtype):
     """module.to(device, dtype), as torch.nn.Module does it (diffusers' own .to warns about modules to keep in fp32
     even when there are none, which SD1.5's models are)."""
     return torch.nn.Module.to(module, device, dtype)
-
-
-def trainable_parameters(unet):
-    """What the optimizer updates: the LoRA adapters, or every UNet weight in full fine-tuning."""
-    return [p for p in unet.parameters() if p.requires_grad]
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Prompts, images, the saved pipeline
@@ -1175,33 +1233,8 @@ class StopOnSignal:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
 
-
-def all_finite(*values):  # every logged number of a step: the loss, each reward, the regularizer
-    return all(math.isfinite(v) for v in values)
-
-
 # -----------------------------------------------------------------------------------------------------------
 # Training loop
-
-def optimizer_step(m, optimizer, params, order, cfg, generator):
-    """One optimizer step over --grad-accum micro-batches. A non-finite loss, reward or gradient skips the update:
-    weights and optimizer state stay exactly as they were. Returns (stats, grad_norm, applied)."""
-    stats_sum, finite = {}, True
-    for _ in range(cfg.grad_accum):
-        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)
-        stats["loss"] = loss.item()
-        finite = finite and all_finite(*stats.values())
-        if finite:  # no point pushing NaNs through the graph
-            (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
-        for k, v in stats.items():
-            stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
-    applied = finite and math.isfinite(grad_norm)
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
-    return stats_sum, grad_norm, applied
-
 
 def first_step(m, optimizer, params, order, cfg, generator):
     """optimizer_step; if the GPU runs out of memory, again at half the micro-batch and twice the accumulation (the
@@ -1285,8 +1318,7 @@ def train(cfg):
 
     # --- optimizer and the run's random streams (all of them go into checkpoints) ---
     params = trainable_parameters(m.unet)
-    # our choice: no decay (see Regularizers); on a GPU the fused kernel updates every tensor in a few launches
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
+    optimizer = make_optimizer(params, cfg)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed)  # latents, eta, noise, R0+ step, cfg t
     order = PromptOrder(prompts, cfg.seed)
     warn_long_prompts(m.tokenizer, prompts)
@@ -1303,6 +1335,9 @@ def train(cfg):
         os.replace(log_path + ".tmp", log_path)
         summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
         print(f"resumed from {resume_from} (step {start})")
+        if start >= cfg.max_steps:
+            print(f"the run is already at step {start} of --max-steps {cfg.max_steps}: nothing to train; the pipeline "
+                  "and summary are written again from its last checkpoint (raise --max-steps to train further).")
     n_params = sum(p.numel() for p in params)
     print(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
           f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device}")
@@ -1349,7 +1384,9 @@ def train(cfg):
                           f"({bad_steps}/{cfg.max_bad_steps} in a row)")
             log.write(json.dumps(record) + "\n")
             log.flush()  # a crash loses at most the line being written
-            bar.set_postfix({k: f"{record[k]:.4g}" for k in ["loss", *m.reward_weights, "reg"]}
+            # the numbers to watch: each reward (cfg: its guidance gap) and the regularizer; the surrogate 'loss' is
+            # only in log.jsonl, since its value means nothing
+            bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:
                 raise TrainingStopped(
@@ -1376,7 +1413,9 @@ def train(cfg):
               f"(before: {summary['colour_accuracy_before']:.1%})")
     save_pipeline(m, out)
     write_json(summary_path, summary)
-    print(f"done: samples in {out}/samples, diffusers pipeline in {out}/pipeline")
+    lora = f", LoRA adapters in {out}/lora" if getattr(m.unet, "peft_config", None) else ""
+    print(f"done: progress grids in {out}/samples, diffusers pipeline in {out}/pipeline{lora}, checkpoints in "
+          f"{out}/checkpoints, log in {out}/log.jsonl, summary in {out}/summary.json")
     return m
 
 
@@ -1396,34 +1435,36 @@ def build_parser():
     # preset, or (on --resume) the saved config -- and we can tell which ones were typed.
     p = argparse.ArgumentParser(description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
                                 argument_default=argparse.SUPPRESS)
-    D, T = DEFAULTS, TINY_PRESET
-    p.add_argument("--model", help=f"hub id or local diffusers folder of an SD1.5 model (default {D['model']})")
+    def d(key):  # "(default X)", and the --tiny value where --tiny changes it
+        return f"(default {DEFAULTS[key]}" + (f"; --tiny: {TINY_PRESET[key]})" if key in TINY_PRESET else ")")
+    p.add_argument("--model", help=f"hub id or local diffusers folder of an SD1.5 model {d('model')}")
     p.add_argument("--tiny", action="store_true", help="tiny random-weight models, offline, CPU (the demo)")
     p.add_argument("--prompts", help="prompt file, one prompt a line")
-    p.add_argument("--output-dir", help=f"run folder (default {D['output_dir']}; --tiny: {T['output_dir']})")
-    p.add_argument("--steps", type=int, help=f"generator steps K, 1..8 (default {D['steps']})")
-    p.add_argument("--resolution", type=int, help=f"image side in pixels (default {D['resolution']}; --tiny: {T['resolution']})")
+    p.add_argument("--output-dir", help=f"run folder {d('output_dir')}")
+    p.add_argument("--steps", type=int, help=f"generator steps K, 1..8 {d('steps')}")
+    p.add_argument("--resolution", type=int, help=f"image side in pixels {d('resolution')}")
     p.add_argument("--r0-plus", action="store_true", help="R0+: rewards on x0_hat of a random intermediate step")
-    p.add_argument("--rewards", help=f"name=weight list from {', '.join(REWARD_NAMES)} (default {D['rewards']}; --tiny: {T['rewards']})")
-    p.add_argument("--lora-rank", type=int, help=f"LoRA rank; 0 = full fine-tuning (default {D['lora_rank']}; --tiny: {T['lora_rank']})")
-    p.add_argument("--weight-reg", type=float, help=f"lambda of lambda*||theta - theta_0||^2 (default {D['weight_reg']})")
-    p.add_argument("--grad-clip", type=float, help=f"max global gradient norm (default {D['grad_clip']})")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate (default {D['lr']}; --tiny: {T['lr']})")
-    p.add_argument("--batch-size", type=int, help=f"images per micro-batch (default {D['batch_size']}; --tiny: {T['batch_size']})")
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step (default {D['grad_accum']})")
-    p.add_argument("--max-steps", type=int, help=f"optimizer steps (default {D['max_steps']}; --tiny: {T['max_steps']})")
-    p.add_argument("--seed", type=int, help=f"(default {D['seed']})")
+    p.add_argument("--rewards", help=f"name=weight list from {', '.join(REWARD_NAMES)}; a name alone means weight 1.0 "
+                                      f"{d('rewards')}")
+    p.add_argument("--lora-rank", type=int, help=f"LoRA rank; 0 = full fine-tuning {d('lora_rank')}")
+    p.add_argument("--weight-reg", type=float, help=f"lambda of lambda*||theta - theta_0||^2 {d('weight_reg')}")
+    p.add_argument("--grad-clip", type=float, help=f"max global gradient norm {d('grad_clip')}")
+    p.add_argument("--lr", type=float, help=f"AdamW learning rate {d('lr')}")
+    p.add_argument("--batch-size", type=int, help=f"images per micro-batch {d('batch_size')}")
+    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step {d('grad_accum')}")
+    p.add_argument("--max-steps", type=int, help=f"optimizer steps {d('max_steps')}")
+    p.add_argument("--seed", type=int, help=f"{d('seed')}")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default auto)")
     p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
                    help="bf16 autocast (frozen models in bf16) or fp32; auto = bf16 on GPU, fp32 on CPU")
     p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
-                   help="recompute activations in backward (default on; off for --tiny)")
-    p.add_argument("--sample-every", type=int, help=f"progress grid every N steps (default {D['sample_every']})")
-    p.add_argument("--num-sample-prompts", type=int, help=f"prompts in the progress grid (default {D['num_sample_prompts']})")
-    p.add_argument("--num-sample-seeds", type=int, help=f"seeds per prompt in the grid (default {D['num_sample_seeds']})")
-    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every N steps (default {D['checkpoint_every']})")
-    p.add_argument("--keep-checkpoints", type=int, help=f"keep the newest N checkpoints (default {D['keep_checkpoints']})")
-    p.add_argument("--max-bad-steps", type=int, help=f"stop after N non-finite steps in a row (default {D['max_bad_steps']})")
+                   help=f"recompute activations in backward {d('grad_checkpointing')}")
+    p.add_argument("--sample-every", type=int, help=f"progress grid every N steps {d('sample_every')}")
+    p.add_argument("--num-sample-prompts", type=int, help=f"prompts in the progress grid {d('num_sample_prompts')}")
+    p.add_argument("--num-sample-seeds", type=int, help=f"seeds per prompt in the grid {d('num_sample_seeds')}")
+    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every N steps {d('checkpoint_every')}")
+    p.add_argument("--keep-checkpoints", type=int, help=f"keep the newest N checkpoints {d('keep_checkpoints')}")
+    p.add_argument("--max-bad-steps", type=int, help=f"stop after N non-finite steps in a row {d('max_bad_steps')}")
     p.add_argument("--resume", help="a run folder to continue from its latest checkpoint, or 'auto' (= --output-dir, "
                                     "if it has a checkpoint)")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
