@@ -6,8 +6,9 @@ Few-step images from an R0 generator, side by side with the base model, scored: 
     python sample.py --tiny --prompt "a red fox" --compare-base --score              # offline, no run needed
 
 Everything model-related comes from r0.py (loaders, the few-step sampler, rewards, grids); this file only picks
-what to sample, times it, scores it and writes it. Output (--out): one PNG per image, grid.png (rows = samplers,
-prompt under each image) and, with --score, scores.json.
+what to sample, times it, scores it and writes it. Output (--out, created only once the inputs are known good): one
+PNG per image, grid.png (one block per sampler, prompt under each image, at most GRID_COLUMNS images a line and the
+first GRID_MAX_IMAGES images of each sampler, so it stays viewable) and, with --score, scores.json.
 """
 
 import argparse
@@ -25,6 +26,11 @@ import r0
 # The base model's usual sampler, the paper's reference row: 25 steps with classifier-free guidance 7.5 (two UNet
 # evaluations per step, conditional and unconditional: 50 per image, against R0's K).
 BASE_STEPS, BASE_GUIDANCE = 25, 7.5
+
+# grid.png stays viewable however many images are sampled: each sampler's images wrap after GRID_COLUMNS, and only
+# its first GRID_MAX_IMAGES are shown (every image is written as its own PNG anyway). At SD1.5's 512 px and 4
+# samplers (base + R0 1/2/4): 8 x 512 = 4096 px wide, 4 samplers x 2 lines x 526 px = 4208 px high, at most.
+GRID_COLUMNS, GRID_MAX_IMAGES = 8, 16
 
 
 def find_run(path):
@@ -66,10 +72,15 @@ def load_models(args, device, dtype):
     else:  # any SD1.5 folder or hub id, e.g. the base model plus --lora
         generator = r0.load_sd15(args.model)
     base = None
-    if args.compare_base:  # with --lora the base UNet is the one just loaded, before the adapters go in
-        base_unet = copy.deepcopy(generator[3]) if args.lora else load_base(args, run_cfg)[3]
-        # R0 trains only the UNet: the text encoder, VAE and tokenizer are the base model's, so share them
-        base = (*generator[:3], base_unet, generator[4])
+    if args.compare_base:  # with --lora the base model is the one just loaded, before the adapters go in
+        if args.lora:
+            base_unet, base_scheduler_config = copy.deepcopy(generator[3]), dict(generator[4])
+        else:
+            *_, base_unet, base_scheduler_config = load_base(args, run_cfg)
+        # R0 trains only the UNet: the text encoder, VAE and tokenizer are the base model's, so share them. The
+        # scheduler config is the base model's own (SD1.5: DDIM-readable, leading spacing, steps_offset 1, final
+        # alpha not 1), never the run's: a run's pipeline/ holds the few-step (trailing) one, made for R0's sampler.
+        base = (*generator[:3], base_unet, base_scheduler_config)
     if args.lora:  # LoRA adapters of a LoRA run, folded into the UNet
         from diffusers import StableDiffusionPipeline
         tokenizer, text_encoder, vae, unet, scheduler_config = generator
@@ -96,13 +107,21 @@ def load_base(args, run_cfg):
     return r0.load_sd15(args.model)
 
 
+def base_scheduler(scheduler_config):
+    """The base model's sampler: diffusers' DDIM read from the base model's own scheduler config. For SD1.5 (a PNDM
+    config, which DDIM reads too) that is 'leading' timestep spacing, steps_offset 1 and set_alpha_to_one False:
+    at 25 steps, t = 961, 921, ..., 1, the way SD1.5 is usually sampled."""
+    from diffusers import DDIMScheduler
+    return DDIMScheduler.from_config(scheduler_config)
+
+
 @torch.no_grad()
 def sample_base(m, prompts, seeds, resolution, batch_size):
     """The base model's usual sampler (a standard diffusers pipeline and scheduler: DDIM, 25 steps, CFG 7.5), from
     the same initial noise per seed as the R0 rows. (N,3,H,W) in [0,1]."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-                                   scheduler=DDIMScheduler.from_config(m.scheduler_config), safety_checker=None,
+                                   scheduler=base_scheduler(m.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     images = []  # batches of (b,3,H,W) in [0,1]
@@ -165,14 +184,42 @@ def parse_steps(text):
 
 
 def check_writable(out):
-    """Fail before sampling (which can take minutes) if the output folder cannot be written."""
+    """Fail before loading and sampling (minutes) if --out cannot be written, without creating anything: like
+    r0.check_output_dir, check the nearest folder that exists (--out itself, or the parent it would be made in).
+    The folder is made only after sampling, so a bad run folder or flag leaves no empty --out behind."""
+    parent = os.path.abspath(out)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise r0.UserError(f"cannot write to --out {out} ({parent} is not a writable folder); pick a folder you can "
+                           "write to.")
+
+
+def make_out_dir(out):
+    """Create --out once there is something to write (the check above can still be beaten by a race or a quota)."""
     try:
         os.makedirs(out, exist_ok=True)
-        probe = os.path.join(out, ".write-test")
-        open(probe, "w").close()
-        os.remove(probe)
     except OSError as err:
         raise r0.UserError(f"cannot write to --out {out} ({err.strerror}); pick a folder you can write to.")
+
+
+def save_sampler_grid(rows, captions, path):
+    """grid.png: one block per sampler, read like a table. rows: [(label, (N,3,H,W) images)], captions: N prompts.
+    Only the first GRID_MAX_IMAGES images of each sampler are shown, GRID_COLUMNS a line; the sampler's label is left
+    of each of its lines and the prompt under each image. A block's last line is padded with blank (white) cells, so
+    the next sampler starts on a fresh line and image i sits in the same cell of every block.
+    Returns how many images of each sampler the grid shows."""
+    n = min(len(captions), GRID_MAX_IMAGES)
+    ncols = min(n, GRID_COLUMNS)
+    lines = math.ceil(n / ncols)  # lines per sampler block
+    pad = lines * ncols - n
+    images, texts, labels = [], [], []
+    for label, imgs in rows:
+        images += [imgs[:n], torch.ones(pad, *imgs.shape[1:])]
+        texts += captions[:n] + [""] * pad
+        labels += [label] * lines
+    r0.save_grid(torch.cat(images), path, ncols, captions=texts, row_labels=labels)  # r0 draws it, row-major
+    return n
 
 
 def build_parser():
@@ -233,9 +280,15 @@ def run(args):
     bad = [n for n in (args.score_with or "").split(",") if n.strip() and n.strip() not in ("hps", "clip", "color")]
     if bad:
         raise r0.UserError(f"unknown reward '{bad[0].strip()}' in --score-with; choose from hps, clip, color.")
-    check_writable(args.out)
-    if args.run:
-        find_run(args.run)  # fail on a bad run folder before loading anything heavy
+    check_writable(args.out)  # checks only: --out is created after sampling, once there is something to write
+    run_cfg = find_run(args.run)[1] if args.run else None  # fail on a bad run folder before loading anything heavy
+    # the rewards to score with (default: those the run was trained with); a --tiny run or --tiny scores with
+    # random-weight reward towers (offline), so its hps/clip numbers check the plumbing, not image quality
+    names = args.score_with or (run_cfg.rewards if run_cfg else "hps,clip")
+    names = [n.split("=")[0].strip() for n in names.split(",") if n.strip()]
+    tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
+    if args.score and not tiny:
+        r0.check_downloads(None, names)  # offline: every missing reward download in one sentence, before sampling
 
     # --- load the generator (and the base model for --compare-base) ---
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -263,32 +316,35 @@ def run(args):
         images, secs = timed(few_step, device)
         rows.append((f"R0 {k}-step", k, images, secs / len(seeds)))
 
-    # --- write images and the captioned grid ---
+    # --- write every image as its own PNG, and the captioned grid (wrapped and capped: see save_sampler_grid) ---
+    make_out_dir(args.out)
     for label, _, images, _ in rows:
         tag = label.split(" CFG")[0].replace(" ", "_")
         for img, p, s in zip(images, all_prompts, seeds):
             r0.save_grid(img[None], os.path.join(args.out, f"{tag}_{prompts.index(p):03d}_seed{s}.png"), 1)
-    r0.save_grid(torch.cat([images for _, _, images, _ in rows]), os.path.join(args.out, "grid.png"), len(seeds),
-                 captions=all_prompts * len(rows), row_labels=[label for label, _, _, _ in rows])
+    shown = save_sampler_grid([(label, images) for label, _, images, _ in rows], all_prompts,
+                              os.path.join(args.out, "grid.png"))
     print(f"wrote {len(rows) * len(seeds)} images and grid.png to {args.out}")
+    if shown < len(seeds):
+        print(f"grid.png shows the first {shown} of {len(seeds)} images of each row; every image is written as its "
+              "own PNG.")
 
-    # --- score every row with the same reward models (default: those the run was trained with) ---
+    # --- score every row with the same reward models ---
     if args.score:
-        names = args.score_with or (run_cfg.rewards if run_cfg else "hps,clip")
-        names = [n.split("=")[0].strip() for n in names.split(",") if n.strip()]
-        tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
-        if not tiny:
-            r0.check_downloads(None, names)  # offline: every missing reward download in one sentence
         scorers = {n: r0.load_reward(n, "tiny" if tiny else None, device, dtype) for n in names if n in ("hps", "clip")}
         table = []
         for label, evals, images, secs in rows:
             scores = score(images, all_prompts, scorers, device)
             table.append({"row": label, "unet_evals_per_image": evals, "seconds_per_image": secs,
                           **{k: dict(zip(("mean", "se"), mean_se(v))) for k, v in scores.items()}})
+        random_weights = tiny and bool(scorers)  # hps/clip from random-weight tiny towers: not real scores
         print_table(table)
+        if random_weights:
+            print(f"note: {' and '.join(scorers)} are scored by random-weight tiny reward towers (--tiny), not "
+                  "the real HPS v2.1 / CLIP weights: the numbers check the pipeline, not image quality.")
         with open(os.path.join(args.out, "scores.json"), "w") as f:
-            json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds), "rows": table}, f,
-                      indent=2)
+            json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds),
+                       "random_weights": random_weights, "rows": table}, f, indent=2)
 
 
 def print_table(table):

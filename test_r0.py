@@ -732,6 +732,107 @@ def test_sample_py_tiny_needs_no_run(tmp_path):
                                             "R0_4-step_000_seed0.png", "R0_4-step_000_seed1.png", "grid.png"]
 
 
+def test_sample_py_grid_wraps_and_caps_so_it_stays_viewable(tmp_path, capsys):
+    """18 images per sampler: grid.png is GRID_COLUMNS (8) images wide and shows the first GRID_MAX_IMAGES (16) of
+    each sampler on 2 lines, the sampler's block starting on a fresh line; every image still gets its own PNG.
+    (Before: one column per image, e.g. 53376 px wide for 104 prompts x 4 images.)"""
+    import numpy as np
+    from PIL import Image
+    import sample
+    out = tmp_path / "a" / "b"  # a nested --out that does not exist yet: made once the images are there
+    sample.main(["--tiny", "--prompts", PROMPTS, "--max-prompts", "9", "--num-images", "2", "--steps", "1,2",
+                 "--out", str(out), "--device", "cpu"])
+    stdout = capsys.readouterr().out
+    assert "grid.png shows the first 16 of 18 images of each row" in stdout and "own PNG" in stdout
+    files = os.listdir(out)
+    assert sum(f.startswith("R0_1-step_") for f in files) == sum(f.startswith("R0_2-step_") for f in files) == 18
+    # the bound: 8 columns of (upscaled) 128 px images plus the label column; 2 samplers x 2 lines of image + caption
+    label_w = 6 * len("R0 1-step") + 8  # r0.save_grid's label column for the longest label
+    grid = Image.open(out / "grid.png")
+    assert grid.size == (label_w + 8 * 128, 2 * 2 * (128 + 14))
+    # the R0 2-step block starts on line 2 (after the 1-step block's 2 lines), its first cell image 0 of that row
+    first = Image.open(out / "R0_2-step_000_seed0.png").convert("RGB").resize((128, 128), Image.NEAREST)
+    cell = grid.crop((label_w, 2 * (128 + 14), label_w + 128, 2 * (128 + 14) + 128))
+    assert np.array_equal(np.asarray(cell), np.asarray(first))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--run", "{tmp}/nope"], "does not exist"),
+    (["--run", "{empty}"], "holds no trained weights"),
+    (["--model", "{run}/pipeline", "--lora", "{empty}"], "holds no pytorch_lora_weights"),  # fails after loading
+    (["--tiny", "--out", "{file}/sub"], "cannot write to --out"),
+])
+def test_sample_py_creates_no_output_folder_before_its_inputs_are_good(tiny_run, tmp_path, capsys, argv, message):
+    """A refused command leaves no --out behind (not even an empty one): one sentence, exit code 2, no traceback."""
+    import sample
+    run, _ = tiny_run
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    fill = {"{tmp}": str(tmp_path), "{run}": str(run), "{empty}": str(tmp_path / "empty"),
+            "{file}": str(tmp_path / "file")}
+    argv = [next((a.replace(k, v) for k, v in fill.items() if k in a), a) for a in argv]
+    out = argv[argv.index("--out") + 1] if "--out" in argv else str(tmp_path / "out" / "sub")
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([*argv, "--prompt", "a red fox", "--out", out, "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(out) and not (tmp_path / "out").exists()
+
+
+def test_sample_py_score_on_a_tiny_model_says_its_towers_have_random_weights(tmp_path, capsys):
+    """--tiny scores hps/clip with random-weight towers: a line under the table and scores.json say so; colour
+    accuracy alone needs no tower, and then nothing is flagged."""
+    import sample
+    sample.main(["--tiny", "--prompt", "a red fox", "--steps", "1", "--score", "--out", str(tmp_path / "towers"),
+                 "--device", "cpu"])
+    stdout = capsys.readouterr().out
+    assert "random-weight tiny reward towers" in stdout and "hps and clip" in stdout
+    assert "grid.png shows the first" not in stdout  # one image: the whole grid
+    scores = json.load(open(tmp_path / "towers" / "scores.json"))
+    assert scores["random_weights"] is True and {"hps x100", "clip x100"} <= set(scores["rows"][0])
+    sample.main(["--tiny", "--prompt", "a red fox", "--steps", "1", "--score", "--score-with", "color",
+                 "--out", str(tmp_path / "colour"), "--device", "cpu"])
+    assert "random-weight" not in capsys.readouterr().out
+    assert json.load(open(tmp_path / "colour" / "scores.json"))["random_weights"] is False
+
+
+def test_sample_py_base_row_uses_the_base_models_own_ddim_schedule(tiny_run, tmp_path, monkeypatch):
+    """--compare-base samples the base model as SD1.5 is sampled (DDIM, leading spacing, steps_offset 1, final alpha
+    not 1: t = 961, 921, ..., 1), not with the run's few-step (trailing) scheduler config; with --lora, the
+    --model's own scheduler config."""
+    from diffusers import DDIMScheduler, PNDMScheduler, StableDiffusionPipeline
+    import sample
+    run, _ = tiny_run
+    reference = DDIMScheduler.from_config(r0.SD15_SCHEDULER_CONFIG)
+    reference.set_timesteps(sample.BASE_STEPS)
+    assert reference.timesteps[0] == 961 and reference.timesteps[-1] == 1
+
+    def check(scheduler):  # the scheduler after the pipeline set it up for BASE_STEPS steps
+        c = scheduler.config
+        assert (c.timestep_spacing, c.steps_offset, c.set_alpha_to_one) == ("leading", 1, False)
+        assert torch.equal(scheduler.timesteps, reference.timesteps)
+
+    # a run folder: its pipeline/ holds the few-step scheduler, the base row must not take it
+    args = sample.build_parser().parse_args(["--run", str(run), "--prompt", "x", "--compare-base"])
+    m, base, _ = sample.load_models(args, "cpu", torch.float32)
+    assert m.scheduler_config["timestep_spacing"] == "trailing" and m.scheduler_config["set_alpha_to_one"]
+    built, base_scheduler = [], sample.base_scheduler  # keep the scheduler sample_base builds, as its pipeline leaves it
+    monkeypatch.setattr(sample, "base_scheduler", lambda config: built.append(base_scheduler(config)) or built[-1])
+    sample.sample_base(base, ["a red fox"], [0], 64, 1)
+    check(built[0])
+    # --model with --lora: the base row reads the --model's own config (here a PNDM one, as SD1.5 ships)
+    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
+                            scheduler=PNDMScheduler.from_config(r0.SD15_SCHEDULER_CONFIG), safety_checker=None,
+                            feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path / "base")
+    args = sample.build_parser().parse_args(["--model", str(tmp_path / "base"), "--lora", str(run / "lora"),
+                                             "--prompt", "x", "--compare-base"])
+    _, base, _ = sample.load_models(args, "cpu", torch.float32)
+    scheduler = sample.base_scheduler(base.scheduler_config)
+    scheduler.set_timesteps(sample.BASE_STEPS)
+    check(scheduler)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--run", "no/such/run", "--prompt", "a fox"], "does not exist"),
     (["--run", "{empty}", "--prompt", "a fox"], "holds no trained weights"),
