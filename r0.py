@@ -16,8 +16,8 @@ What is actually optimized is not the gradient of this L: each reward's image gr
 normalized per sample before the weighted sum (paper Fig. 8), so every step moves theta along
     E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dtheta ]  -  2 lambda (theta - theta_0)
 (then gradient clipping and AdamW). No single loss has this gradient. r0_step builds a *surrogate*,
--<stopgrad(g), x> / B + lambda ||theta - theta_0||^2, whose gradient is exactly this direction and whose value
-means nothing: watch the logged rewards. No training images, no diffusion loss, no distillation loss: only prompts.
+-<stopgrad(g), x> / B + lambda ||theta - theta_0||^2, whose negative gradient is exactly this direction (so
+descending it moves theta along it) and whose value means nothing: watch the logged rewards. No training images, no diffusion loss, no distillation loss: only prompts.
 
 Run it:
     python r0.py --tiny --prompts prompts.txt          # offline demo on CPU: tiny random models, colour reward
@@ -62,8 +62,8 @@ import torch.nn.functional as F
 # The last step has no next timestep: there a_s := 1, so sigma = 0 and the update returns x0_hat itself; the
 # generator's output is the last step's x0_hat (for K = 6, 7 see the note in generate).
 # paper: random eta sampling during training (a regularizer: the weights must serve a whole family of generation
-# paths); our reading of its form: DDIM's eta, drawn eta ~ U[0, 1] independently per step and per sample, and
-# eta = 0 (deterministic DDIM) at inference. paper: no classifier-free guidance inside the generator (one UNet
+# paths); our reading of its form: DDIM's eta (0: deterministic DDIM, 1: DDPM's ancestral step), drawn
+# eta ~ U[0, 1] independently per step and per sample, and eta = 0 at inference. paper: no classifier-free guidance inside the generator (one UNet
 # call per step).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain length
@@ -93,7 +93,8 @@ def x0_from_eps(x_t, eps, alpha_bar_t):
 def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_eta=False, generator=None,
              last_step=None, grad_from_step=0):
     """The few-step generator g_theta. Returns the clean latent (B,4,h,w) (SD latent scale): the final step's
-    x0_hat, or with last_step set, that intermediate step's x0_hat (R0+).
+    x0_hat (for K = 6, 7 after DDIM's last tiny step to t=0, see below), or with last_step set, that intermediate
+    step's x0_hat (R0+).
 
     noise:          (B,4,h,w) x_T ~ N(0, I), the generator's input z
     text_emb:       (B,77,768) SD1.5 text-encoder hidden states (the condition c)
@@ -110,14 +111,15 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     # exactly the next trailing timestep; for K = 3, 6, 7 it lands 1 away from it), so that a trained UNet is a
     # drop-in for the standard DDIMScheduler at every K.
     jump = NUM_TRAIN_TIMESTEPS // num_steps
-    alphas = alphas_cumprod.tolist()  # python floats: one device sync here instead of two per step
+    alphas = alphas_cumprod.tolist()  # python floats (Models keeps this tensor on the CPU: no device sync)
     B = noise.shape[0]
     x = noise.float()  # (B,4,h,w)
     for i, t in enumerate(timesteps[: last_step + 1]):
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_step):
             a_t = alphas[t]
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
-            eps = unet(x, t_batch, encoder_hidden_states=text_emb).sample.float()  # (B,4,h,w), fp32 arithmetic
+            # the UNet computes in its own dtype (bf16 on a GPU); the DDIM arithmetic stays in fp32
+            eps = unet(x.to(unet.dtype), t_batch, encoder_hidden_states=text_emb.to(unet.dtype)).sample.float()
             x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
             if stop_early and i == last_step:  # R0+: the rewards look at this intermediate x0_hat
                 return x0_hat
@@ -136,9 +138,11 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
 
 
 def decode(vae, latents):
-    """SD latents (B,4,h,w) -> pixels (B,3,8h,8w) in [0,1], the same arithmetic as StableDiffusionPipeline."""
-    images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()  # (B,3,H,W) ~[-1,1]
-    return (images / 2 + 0.5).clamp(0, 1)
+    """SD latents (B,4,h,w) -> pixels (B,3,8h,8w) in [0,1], the same arithmetic as StableDiffusionPipeline. The frozen
+    VAE runs in its own dtype, also inside the training step's autocast (see own_dtype, under Plumbing)."""
+    with own_dtype(latents.device):
+        images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()  # (B,3,H,W) ~[-1,1]
+    return (images / 2 + 0.5).clamp(0, 1)  # as the pipeline does; a clamped pixel passes no reward gradient
 
 
 @torch.no_grad()
@@ -159,18 +163,19 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   clip  CLIP score: open_clip ViT-H-14 laion2b_s32b_b79k; r = cos(image features, text features)
 #   cfg   implicit CFG reward of the frozen base UNet; defined through its gradient (see ImplicitCfgReward)
 #   color toy reward for the offline demo and the tests (ColourReward, under Plumbing)
-# ImageReward, the paper's third reward, is not in this file yet; our choice meanwhile: the CLIP score keeps the
-# text alignment that ImageReward would also reward.
+# ImageReward, the paper's third reward, is not implemented here; our choice: the CLIP score keeps the text
+# alignment that ImageReward would also reward.
 #
 # The reward interface, all a reward needs in order to be trained on:
-#   space = "pixels": forward(pixels (B,3,H,W) in [0,1], prompts: list of B str, text_emb) -> (B,) scores, which
-#                     autograd can differentiate with respect to pixels (no PIL, no no_grad on the image path);
-#   space = "latents": gradient(latents (B,4,h,w), prompts, text_emb, generator) -> (values (B,), ascent
-#                     direction (B,4,h,w)), for a reward defined through its gradient (cfg);
+#   space: "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (it reads x0_hat: (B,4,h,w));
+#   forward(x, prompts: list of B str, text_emb) -> (B,) scores that autograd can differentiate in x (no PIL, no
+#       no_grad on the image path); or, for a reward with no cheap value, gradient(x, prompts, text_emb, generator)
+#       -> (logged values (B,), ascent direction shaped like x), as cfg does;
 #   optionally enable_gradient_checkpointing(), called when --grad-checkpointing is on.
 # Reward models are frozen; text features never carry gradient. Adding a reward takes three steps:
 #   1. a class with that interface (ClipFamilyReward is a template);
-#   2. a branch in load_reward(): its real weights, and a tiny random-weight twin for --tiny and the tests;
+#   2. a branch in load_reward(): its real weights, and a tiny random-weight twin for --tiny and the tests (a reward
+#      that needs the generator's own UNet, like cfg, is built in load_models() instead);
 #   3. its name in REWARD_NAMES (and its hub files in HUB_FILES, so an offline machine is told what is missing).
 
 REWARD_NAMES = ("hps", "clip", "cfg", "color")
@@ -204,7 +209,8 @@ class ClipFamilyReward(torch.nn.Module):
         dtype = next(self.model.parameters()).dtype  # bf16 on a GPU run: cast the image to the tower's precision
         # clip_preprocess: open_clip's Resize -> CenterCrop -> Normalize, as differentiable torch ops (Plumbing)
         image = clip_preprocess(pixels, self.image_size).to(dtype)  # (B,3,224,224)
-        img_feat = self.model.encode_image(image, normalize=True).float()  # (B,D), unit norm
+        with own_dtype(pixels.device):  # the frozen tower computes in its own dtype, like the VAE
+            img_feat = self.model.encode_image(image, normalize=True).float()  # (B,D), unit norm
         return (img_feat * self.text_features(prompts)).sum(-1)  # (B,) cosine in [-1,1]
 
     def enable_gradient_checkpointing(self):
@@ -218,10 +224,11 @@ class ImplicitCfgReward:
     and ascend log p(c | x_t). By Bayes, grad_{x_t} log p(c|x_t) = grad log p(x_t|c) - grad log p(x_t)
     = -(eps_c - eps_u) / sqrt(1 - a_t), and the chain rule through x_t adds dx_t/dx0_hat = sqrt(a_t), so
         d log p(c | x_t) / d x0_hat = sqrt(a_t) / sqrt(1 - a_t) * (eps_u - eps_c).
-    our choice: drop the factor sqrt(a_t / (1 - a_t)) (any per-sample positive factor w(t) cancels in the
-    per-sample normalization of the reward composition, so it only matters through which t are drawn) and draw
-    t ~ U{20..980}. The reward has no cheap scalar value: we log the guidance gap ||eps_c - eps_u||^2 per
-    element instead, as 'cfg_gap' (it is not a reward: it shrinks as the generator's images agree with c)."""
+    (The score of a noised sample is -eps / sqrt(1 - a_t), conditional or not.) our choice: drop the factor
+    sqrt(a_t / (1 - a_t)): any positive per-sample factor cancels completely in the per-sample normalization of the
+    reward composition, so only the distribution of t matters, t ~ U{20..980}; the unconditional c is the empty
+    prompt, as in SD1.5's own guidance. The reward has no cheap value: we log the guidance gap ||eps_c - eps_u||^2
+    per element instead, as 'cfg_gap' (a diagnostic, not a reward value)."""
 
     space = "latents"
     log_as = "cfg_gap"  # the logged number is the guidance gap, not a reward value
@@ -234,7 +241,7 @@ class ImplicitCfgReward:
     def gradient(self, latents, prompts, text_emb, generator=None):
         B = latents.shape[0]
         t = torch.randint(self.t_min, self.t_max + 1, (B,), generator=generator, device=latents.device)
-        a_t = self.alphas_cumprod.to(latents.device)[t].view(B, 1, 1, 1)
+        a_t = self.alphas_cumprod[t].view(B, 1, 1, 1)  # alphas_cumprod on the latents' device
         n = torch.randn(latents.shape, generator=generator, device=latents.device)
         x_t = a_t.sqrt() * latents + (1 - a_t).sqrt() * n  # (B,4,h,w)
         # one batched call for conditional and unconditional noise estimates, like a CFG pipeline
@@ -320,7 +327,7 @@ def make_trainable(unet, cfg, device, frozen_dtype):
         # and B zero at init (so theta = theta_0 at step 0), adapter weights in fp32 (trained under autocast).
         from peft import LoraConfig
         torch.manual_seed(cfg.seed)  # the adapters' random init depends on the seed alone
-        cast(unet.requires_grad_(False), device, frozen_dtype)
+        cast(unet.requires_grad_(False), device, frozen_dtype)  # cast = module.to (Plumbing)
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
         for p in unet.parameters():
@@ -355,11 +362,11 @@ def weight_regularization(unet, frozen_unet):
     Full fine-tuning: sum over all UNet parameters against the frozen fp32 copy theta_0.
     LoRA: theta - theta_0 = delta W = scaling * B @ A per adapted layer, so the same quantity is
           sum_layers ||scaling * B @ A||_F^2 (the frozen base weights cancel out).
-    our choice: lambda = 1e-2 (--weight-reg); the paper gives no value and we have not tuned it on SD1.5. Because
+    our choice: lambda = 1e-2 (--weight-reg); the paper gives no value, and this one is untuned (README). Because
     the reward gradient has a fixed per-sample scale (normalized), lambda sets how large the update may grow before
     the anchor pulls back as hard as the rewards push. 'reg' and every reward are logged: raise lambda if rewards
     keep rising while the samples degrade (hacking), lower it if the rewards stall while 'reg' keeps growing.
-    Both sums are written so that autograd keeps no weight-sized tensor for the backward (tested):"""
+    Both sums keep no weight-sized tensor in the autograd graph."""
     if frozen_unet is None:  # LoRA
         total = 0.0
         for A, B, scaling in lora_layers(unet):  # A (r,in), B (out,r)
@@ -429,7 +436,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     exactly as they were. Returns (stats, grad_norm before clipping, applied)."""
     stats_sum, finite = {}, True
     for _ in range(cfg.grad_accum):
-        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)
+        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)  # order: PromptOrder, shuffled epochs
         stats["loss"] = loss.item()
         finite = finite and all(math.isfinite(v) for v in stats.values())
         if finite:  # no point pushing NaNs through the graph
@@ -623,10 +630,19 @@ def parse_rewards(spec):
 
 
 def autocast(device, precision):
-    """bf16 autocast on GPU *and* CPU (so the tests exercise the GPU's precision path), or nothing for fp32."""
+    """bf16 autocast on GPU *and* CPU (so the tests exercise the GPU's precision path), or nothing for fp32. It is
+    there for the UNet, whose trainable weights are fp32 (LoRA adapters, or all of them) and compute in bf16."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def own_dtype(device):
+    """Autocast off: frozen models already in bf16 (the VAE, the reward towers) compute in their own dtype, as
+    diffusers runs them. our choice (speed, same exactness): under autocast each of their GroupNorms, LayerNorms and
+    softmaxes would be promoted to fp32 with a cast before and after (CUDA's bf16 norm kernels accumulate in fp32
+    anyway); at 512 px the VAE decoder's GroupNorms are large. test_r0.py checks that both ways agree."""
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -640,7 +656,7 @@ class Models:
     unet: object                # the generator g_theta (trainable: all weights, or LoRA adapters)
     frozen_unet: object         # theta_0 copy for full fine-tuning, None with LoRA
     scheduler_config: dict      # the base model's scheduler config (for the saved pipeline)
-    alphas_cumprod: torch.Tensor
+    alphas_cumprod: torch.Tensor  # (1000,) on the CPU: generate() reads it as Python floats
     rewards: dict               # name -> reward module
     reward_weights: dict        # name -> w_i
     device: str
@@ -908,6 +924,7 @@ def load_reward(name, random_size, device, dtype):
     import open_clip
     if name == "color":
         return ColourReward()
+    assert name in ("hps", "clip"), name  # a new reward gets its own branch above this line
     if random_size:
         model, _ = build_clip_tower_random(random_size, seed=1 + REWARD_NAMES.index(name))
         return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
@@ -962,7 +979,7 @@ def load_models(cfg, random_size=None):
     for name in weights:
         if name == "cfg":
             uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
-            rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod)
+            rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(device))
         else:
             rewards[name] = load_reward(name, random_size, device, frozen_dtype)
     if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
@@ -974,7 +991,7 @@ def load_models(cfg, random_size=None):
     # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
     reload_base = (functools.partial(build_sd15_random, random_size, cfg.seed) if random_size
                    else lambda: load_sd15(cfg.model)[:4])
-    return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod.to(device),
+    return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod,
                   rewards, weights, device, reload_base)
 
 
@@ -1013,17 +1030,20 @@ def sample_prompts(prompts, n):
 
 @torch.no_grad()
 def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batch_size=8):
-    """Images (N,3,H,W) in [0,1] of the few-step generator, one per (prompt, seed), deterministic per seed."""
+    """Images (N,3,H,W) in [0,1] of the few-step generator, one per (prompt, seed), deterministic per seed.
+    Every model computes in its own dtype, as in diffusers' pipeline; autocast only for a UNet that holds fp32 weights
+    (a run's progress grids). The results stay on the device until the end: no host sync per batch."""
+    noise = torch.stack([initial_noise(s, resolution, "cpu") for s in seeds]).to(m.device)  # (N,4,h,w), one copy
+    fp32_unet = precision == "bf16" and any(p.dtype == torch.float32 for p in m.unet.parameters())
     images = []
     for i in range(0, len(prompts), batch_size):
-        ps, ss = prompts[i : i + batch_size], seeds[i : i + batch_size]
-        noise = torch.stack([initial_noise(s, resolution, m.device) for s in ss])  # (b,4,h,w)
-        gen = torch.Generator(m.device).manual_seed(ss[0])  # the eta>0 draws; unused at eta=0
-        with autocast(m.device, precision):
-            text_emb = encode_prompts(m.tokenizer, m.text_encoder, ps)
-            latents = generate(m.unet, noise, text_emb, steps, m.alphas_cumprod, eta=eta, generator=gen)
-            images.append(decode(m.vae, latents).float().cpu())
-    return torch.cat(images)
+        gen = torch.Generator(m.device).manual_seed(seeds[i])  # the eta>0 draws; unused at eta=0
+        text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts[i : i + batch_size])
+        with autocast(m.device, precision) if fp32_unet else contextlib.nullcontext():
+            latents = generate(m.unet, noise[i : i + batch_size], text_emb, steps, m.alphas_cumprod, eta=eta,
+                               generator=gen)
+        images.append(decode(m.vae, latents))  # (b,3,H,W) fp32 in [0,1]
+    return torch.cat(images).cpu()
 
 
 def initial_noise(seed, resolution, device):

@@ -57,7 +57,7 @@ def as_models(parts, device, dtype):
     r0.check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # the same refusal as training
     for module in (text_encoder, vae, unet):  # inference only: no gradients, bf16 on a GPU
         r0.cast(module.requires_grad_(False).eval(), device, dtype)
-    alphas_cumprod = r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"]).to(device)
+    alphas_cumprod = r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
     return r0.Models(tokenizer, text_encoder, vae, unet, None, scheduler_config, alphas_cumprod, {}, {}, device)
 
 

@@ -156,6 +156,59 @@ def test_sampler_on_cuda_equals_diffusers_ddim_and_bf16_sampling_stays_close_to_
     assert (r0.sample_images(bf16, prompts, [0, 1], 4, 64, "bf16") - fp32).abs().mean() < 0.05
 
 
+@torch.no_grad()
+def test_bf16_sampler_runs_like_diffusers_pipeline_on_the_same_bf16_modules(tiny):
+    """sample.py's path in bf16 (every module bf16, no autocast: each computes in its own dtype, as diffusers does)
+    gives diffusers' StableDiffusionPipeline images (few-step DDIM, guidance 1) to bf16 precision; and the fp32 images
+    to within what bf16 allows."""
+    from diffusers import StableDiffusionPipeline
+    import sample
+    tok, te, vae, unet = (copy.deepcopy(x) for x in tiny)
+    parts = (tok, te, vae, unet, dict(r0.SD15_SCHEDULER_CONFIG))
+    bf16 = sample.as_models(parts, "cpu", torch.bfloat16)
+    prompts, seeds = ["a red fox in the snow", "a blue car", "a green tree"], [3, 4, 5]
+    ours = r0.sample_images(bf16, prompts, seeds, 4, 64, "bf16", batch_size=2)
+    pipe = StableDiffusionPipeline(vae=bf16.vae, text_encoder=bf16.text_encoder, tokenizer=tok, unet=bf16.unet,
+                                   scheduler=r0.few_step_scheduler(bf16.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    latents = torch.stack([r0.initial_noise(s, 64, "cpu") for s in seeds]).to(torch.bfloat16)
+    ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="pt").images.float()
+    assert ours.dtype == torch.float32 and ours.shape == ref.shape
+    assert (ours - ref).abs().max() < 0.03 and (ours - ref).abs().mean() < 0.005  # measured: 0.011, 0.002
+    fp32 = r0.sample_images(sample.as_models(parts, "cpu", torch.float32), prompts, seeds, 4, 64, "fp32")
+    assert (ours - fp32).abs().mean() < 0.005  # measured: 0.002 (diffusers: 0.003)
+
+
+def test_frozen_bf16_models_without_autocast_give_the_autocast_pixels_and_image_gradients(tiny):
+    """decode() and the reward towers switch autocast off inside the training step (r0.own_dtype): their outputs and
+    the gradients they pass back agree, to bf16 precision, with running them under autocast (norms promoted to
+    fp32), which is what the step did before."""
+    import contextlib
+    tok, te, vae, _ = tiny
+    vae = r0.cast(copy.deepcopy(vae).requires_grad_(False).eval(), "cpu", torch.bfloat16)
+    model, _ = r0.build_clip_tower_random("tiny", seed=1)
+    tower = r0.ClipFamilyReward("hps", r0.cast(model, "cpu", torch.bfloat16), __import__("open_clip").get_tokenizer("ViT-H-14"))
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    prompts = ["a red fox", "a blue car"]
+
+    def run():
+        x = z.clone().requires_grad_(True)
+        with r0.autocast("cpu", "bf16"):
+            pixels = r0.decode(vae, x)
+            score = tower(pixels, prompts)
+        (gx,) = torch.autograd.grad((pixels.square().mean() + score.sum()), x)
+        return pixels.detach(), score.detach(), gx
+
+    own = run()
+    with pytest.MonkeyPatch.context() as mp:  # the old way: frozen models computed under the step's autocast
+        mp.setattr(r0, "own_dtype", lambda device: contextlib.nullcontext())
+        promoted = run()
+    for a, b in zip(own, promoted):
+        assert a.dtype == b.dtype == torch.float32 and torch.isfinite(a).all()
+        assert (a - b).abs().max() <= 0.02 * b.abs().max() + 1e-3, (a - b).abs().max()
+    assert own[2].abs().sum() > 0  # gradients reach the latents through both frozen models
+
+
 def test_r0_plus_cuts_the_graph_before_the_sampled_step(tiny):
     tok, te, vae, unet = tiny
     unet = copy.deepcopy(unet).train()
@@ -1404,32 +1457,55 @@ def bench_mode(mode, resolution, device, precision, rewards, repeats, batch_size
                "trainable_params": sum(p.numel() for p in params)}
 
 
-def bench_sampling(resolution, device, precision, repeats):
-    """Seconds per image: R0 at 1, 2, 4 steps vs the base model's 25-step CFG sampler, same architecture and device,
-    loaded the way sample.py loads a model; and the parts (UNet calls + one VAE decode + text encoding)."""
+def bench_sampling(resolution, device, precision, repeats, batches):
+    """Seconds per image at each batch size: R0 at 1, 2, 4 steps (r0.sample_images, what sample.py uses) beside
+    diffusers' StableDiffusionPipeline with our few-step scheduler and guidance 1 (what a run's pipeline/ gives) and
+    the base model's 25-step CFG sampler, on the same modules, loaded the way sample.py loads them. The ideal
+    speed-up of K steps over the base is the ratio of their UNet and VAE FLOPs, (50 U + D) / (K U + D), counted by
+    torch.utils.flop_counter at batch 1; parts: UNet calls + one VAE decode + text encoding, each timed alone."""
+    from diffusers import StableDiffusionPipeline
+    from torch.utils.flop_counter import FlopCounterMode
     import sample
     precision = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(precision, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     m = sample.as_models((*r0.build_sd15_random(BENCH_SIZE), dict(r0.SD15_SCHEDULER_CONFIG)), device, dtype)
+    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
+                                   scheduler=r0.few_step_scheduler(m.scheduler_config), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
     timed = functools.partial(bench_timed, repeats=repeats, device=device)
     prompt = ["a red fox in the snow"]
     emb = r0.encode_prompts(m.tokenizer, m.text_encoder, prompt)
-    x = torch.randn((1, 4, resolution // 8, resolution // 8), device=device)
+    x = torch.randn((1, 4, resolution // 8, resolution // 8), device=device, dtype=dtype)
     t = torch.tensor([999], device=device)
-    with torch.no_grad(), r0.autocast(device, precision):
+    flops = {}
+    with torch.no_grad():
+        for name, fn in [("unet", lambda: m.unet(x, t, encoder_hidden_states=emb)), ("vae", lambda: r0.decode(m.vae, x))]:
+            with FlopCounterMode(display=False) as counter:
+                fn()
+            flops[name] = counter.get_total_flops()
         t_unet = timed(lambda: m.unet(x, t, encoder_hidden_states=emb))
         t_unet_cfg = timed(lambda: m.unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([emb, emb])))
         t_vae = timed(lambda: r0.decode(m.vae, x))
         t_text = timed(lambda: r0.encode_prompts(m.tokenizer, m.text_encoder, prompt))
-    base = timed(lambda: sample.sample_base(m, prompt, [0], resolution, 1))
-    rows = {"base 25-step CFG 7.5": {"s_per_image": base, "unet_calls": 50,
-                                     "parts_s": 25 * t_unet_cfg + t_vae + 2 * t_text}}
-    for k in (1, 2, 4):
-        secs = timed(lambda: r0.sample_images(m, prompt, [0], k, resolution, precision))
-        rows[f"R0 {k}-step"] = {"s_per_image": secs, "unet_calls": k, "parts_s": k * t_unet + t_vae + t_text,
-                                "speedup_vs_base": base / secs}
+    ideal = lambda k: (2 * sample.BASE_STEPS * flops["unet"] + flops["vae"]) / (k * flops["unet"] + flops["vae"])
+    rows = []
+    for batch in batches:
+        prompts, seeds = prompt * batch, list(range(batch))
+        latents = torch.stack([r0.initial_noise(s, resolution, device) for s in seeds]).to(dtype)
+        base = timed(lambda: sample.sample_base(m, prompts, seeds, resolution, batch)) / batch
+        rows.append({"row": "base 25-step CFG 7.5", "batch": batch, "s_per_image": base, "unet_calls": 50,
+                     "parts_s": 25 * t_unet_cfg + t_vae + 2 * t_text})
+        for k in (1, 2, 4):
+            ours = timed(lambda: r0.sample_images(m, prompts, seeds, k, resolution, precision, batch_size=batch)) / batch
+            with torch.no_grad():
+                theirs = timed(lambda: pipe(prompts, height=resolution, width=resolution, num_inference_steps=k,
+                                            guidance_scale=1.0, latents=latents, output_type="pt")) / batch
+            rows.append({"row": f"R0 {k}-step", "batch": batch, "s_per_image": ours, "diffusers_s_per_image": theirs,
+                         "unet_calls": k, "parts_s": k * t_unet + t_vae + t_text, "speedup_vs_base": base / ours,
+                         "diffusers_speedup_vs_base": base / theirs, "ideal_speedup": ideal(k)})
     return {"resolution": resolution, "device": device, "precision": precision, "unet_fwd_s": t_unet,
-            "vae_decode_s": t_vae, "rows": rows}
+            "vae_decode_s": t_vae, "unet_gflops": flops["unet"] / 1e9, "vae_gflops": flops["vae"] / 1e9, "rows": rows}
 
 
 def memory_model():
@@ -1484,12 +1560,24 @@ def test_benchmark():
                   f"{r['overhead']:+.1%} | " + (f"GPU busy {r['gpu_busy']:.0%} | " if r["gpu_busy"] is not None else "")
                   + f"{r['tflops']:.3f} TFLOP/s" + (f" = MFU {r['mfu']:.1%}" if r["mfu"] is not None else "") + " |")
     if "sampling" in modes:
-        rows, code, err = bench_worker("bench-sampling", resolution, device, precision, repeats)
+        sample_batches = env("R0_BENCH_SAMPLE_BATCHES", "1,8", "1")
+        rows, code, err = bench_worker("bench-sampling", resolution, device, precision, repeats, sample_batches)
         assert code == 0 and rows, err[-3000:]
-        for name, row in rows[-1]["rows"].items():
-            extra = f" | {row['speedup_vs_base']:.1f}x faster than base" if "speedup_vs_base" in row else ""
-            print(f"| {name} | {rows[-1]['precision']} | {row['unet_calls']} UNet calls | {row['s_per_image']:.3f} "
-                  f"s/img | parts {row['parts_s']:.3f} s{extra} |")
+        r = rows[-1]
+        parts = lambda row: f"{row['parts_s'] * 1e3:.1f} ms" if row["batch"] == 1 else "-"
+        print(f"sampling: one UNet call {r['unet_gflops']:.4g} GFLOP, one VAE decode {r['vae_gflops']:.4g} GFLOP "
+              f"(batch 1, torch.utils.flop_counter); ideal speed-up = (50 U + D) / (K U + D)")
+        print("| sampler | precision | batch | UNet calls/img | ours s/img | diffusers pipeline s/img | ours / diffusers "
+              "| speed-up vs base: ours, diffusers, ideal | parts at batch 1 |")
+        for row in r["rows"]:
+            if "diffusers_s_per_image" not in row:  # the base row
+                print(f"| {row['row']} | {r['precision']} | {row['batch']} | {row['unet_calls']} | "
+                      f"{row['s_per_image'] * 1e3:.1f} ms | - | - | 1x | {parts(row)} |")
+                continue
+            print(f"| {row['row']} | {r['precision']} | {row['batch']} | {row['unet_calls']} | "
+                  f"{row['s_per_image'] * 1e3:.1f} ms | {row['diffusers_s_per_image'] * 1e3:.1f} ms | "
+                  f"{row['s_per_image'] / row['diffusers_s_per_image']:.2f} | {row['speedup_vs_base']:.2f}x, "
+                  f"{row['diffusers_speedup_vs_base']:.2f}x, {row['ideal_speedup']:.2f}x | {parts(row)} |")
     n = memory_model()
     gb = 1 / 2**30
     print(f"parameters: UNet {n['unet'] / 1e6:.1f}M, VAE {n['vae'] / 1e6:.1f}M, text encoder {n['text'] / 1e6:.1f}M, "
@@ -1510,4 +1598,5 @@ if __name__ == "__main__":  # the benchmark's worker processes
                               [int(b) for b in batches.split(",")]):
             print(json.dumps(row), flush=True)
     elif sys.argv[1] == "bench-sampling":
-        print(json.dumps(bench_sampling(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]))))
+        print(json.dumps(bench_sampling(int(sys.argv[2]), sys.argv[3], sys.argv[4], int(sys.argv[5]),
+                                        [int(b) for b in sys.argv[6].split(",")])))
