@@ -443,6 +443,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
             (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+    finite = average_gradients_over_ranks(params, finite)  # several GPUs only (Plumbing: "Several GPUs")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
     applied = finite and math.isfinite(grad_norm)
     if applied:
@@ -1189,14 +1190,21 @@ def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_
         "step": step,
         "trainable": {n: p.detach().cpu() for n, p in m.unet.named_parameters() if p.requires_grad},
         "optimizer": optimizer.state_dict(),
-        "generator": generator.get_state(),  # latents, eta, noise, R0+ step, cfg timesteps
-        "torch_rng": torch.get_rng_state(),
-        "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "python_rng": random.getstate(),  # (NumPy is not used for randomness)
-        "order": order.state_dict(),
+        "ranks": gather_from_ranks({  # every process's random streams (one process: a list of one)
+            "generator": generator.get_state(),  # latents, eta, noise, R0+ step, cfg timesteps
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "python_rng": random.getstate(),  # (NumPy is not used for randomness)
+            "order": order.state_dict(),
+            "weights_sum": torch.stack([p.detach().double().sum() for p in trainable_parameters(m.unet)]).sum().item()}),
         "config": vars(cfg),
         "prompts_sha256": prompts_hash,
     }
+    if cfg.rank != 0:  # several processes: rank 0 writes
+        return None
+    sums = [r["weights_sum"] for r in state["ranks"]]
+    if len(set(sums)) > 1:  # several processes must hold the same weights
+        print(f"warning: the processes hold different weights at step {step} (sums of their weights: {sums}).")
     path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}.pt")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     try:
@@ -1212,7 +1220,7 @@ def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_
     return path
 
 
-def load_checkpoint(path, m, optimizer, generator, order, prompts_hash):
+def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
     """Restore a save_checkpoint() file into freshly built models / optimizer / generators. Returns its step."""
     state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds Python RNG state
     if state["prompts_sha256"] != prompts_hash:  # the saved data order would index into different prompts
@@ -1222,12 +1230,13 @@ def load_checkpoint(path, m, optimizer, generator, order, prompts_hash):
     for name, value in state["trainable"].items():  # only the trainable tensors were saved (LoRA: a few MB)
         params[name].data.copy_(value)
     optimizer.load_state_dict(state["optimizer"])
-    generator.set_state(state["generator"])
-    torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
-    random.setstate(state["python_rng"])
-    order.load_state_dict(state["order"])
+    mine = state["ranks"][cfg.rank]
+    generator.set_state(mine["generator"])
+    torch.set_rng_state(mine["torch_rng"])
+    if mine["cuda_rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(mine["cuda_rng"])
+    random.setstate(mine["python_rng"])
+    order.load_state_dict(mine["order"])
     return state["step"]
 
 
@@ -1252,6 +1261,69 @@ class StopOnSignal:
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
             signal.signal(s, handler)
+
+# -----------------------------------------------------------------------------------------------------------
+# Several GPUs, the nanoGPT way: torchrun --standalone --nproc_per_node N r0.py ... runs N processes that train one
+# generator (python r0.py ... runs one, and nothing below does anything). Each rank draws its own prompts and noise
+# (seeded seed + rank); once per optimizer step the trainable gradients are averaged over the ranks, so every rank
+# clips and steps identically and all hold the same weights. Only rank 0 writes files.
+# our choice: an explicit all-reduce after the backward, not DistributedDataParallel, whose reducer expects one
+# forward per backward: our generator calls the UNet K times (and the cfg reward once more) before its one backward.
+# Averaging the gradients by hand is the same arithmetic, here, in a few lines.
+
+def init_distributed(cfg):
+    """Sets cfg.rank and cfg.world_size: (0, 1) for one process; under torchrun, joins its process group (NCCL on
+    GPUs, gloo on CPUs), each rank on the GPU LOCAL_RANK."""
+    cfg.rank, cfg.world_size = 0, 1
+    if "RANK" not in os.environ:  # not started by torchrun
+        return
+    import torch.distributed as dist
+    if cfg.device.startswith("cuda"):
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(cfg.device)
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    cfg.rank, cfg.world_size = dist.get_rank(), dist.get_world_size()
+
+
+def several_ranks():
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def average_gradients_over_ranks(params, finite):
+    """Several processes: every gradient becomes the mean over the ranks (what one process would compute on the union
+    of their micro-batches), if every rank's micro-batches were finite; a non-finite one on any rank skips the step on
+    all of them. Returns whether the step goes ahead. One process: returns `finite`, untouched."""
+    if not several_ranks():
+        return finite
+    import torch.distributed as dist
+    if any_rank(not finite, params[0].device):
+        return False
+    for p in params:
+        if p.grad is None:  # (a weight that took no part in this rank's graph)
+            p.grad = torch.zeros_like(p)
+    for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:  # sums (gloo has no mean)
+        work.wait()
+    torch._foreach_div_([p.grad for p in params], dist.get_world_size())
+    return True
+
+
+def any_rank(flag, device):
+    """True on every rank if `flag` is true on one of them (a NaN, or a Ctrl-C that reached one process)."""
+    if not several_ranks():
+        return bool(flag)
+    t = torch.tensor([float(flag)], device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def gather_from_ranks(obj):
+    """[obj of rank 0, obj of rank 1, ...], on every rank; [obj] for one process."""
+    if not several_ranks():
+        return [obj]
+    out = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
 
 # -----------------------------------------------------------------------------------------------------------
 # Training loop
@@ -1311,8 +1383,10 @@ def write_json(path, obj):
 
 
 def write_config(cfg):
-    """<out>/config.json: the resolved config (defaults + preset + flags), what a resume starts from."""
-    write_json(os.path.join(cfg.output_dir, "config.json"), {k: v for k, v in vars(cfg).items() if k != "resume_checkpoint"})
+    """<out>/config.json: the resolved config (defaults + preset + flags), what a resume starts from. (Rank 0 writes.)"""
+    if getattr(cfg, "rank", 0) == 0:
+        write_json(os.path.join(cfg.output_dir, "config.json"),
+                   {k: v for k, v in vars(cfg).items() if k not in ("resume_checkpoint", "rank")})
 
 
 def warn_long_prompts(tokenizer, prompts):
@@ -1325,57 +1399,72 @@ def warn_long_prompts(tokenizer, prompts):
 
 
 def train(cfg):
+    trained_on = cfg.world_size  # processes of the run being resumed (each continues its own rank's random streams)
+    init_distributed(cfg)  # one process: rank 0 of 1; under torchrun: see "Several GPUs"
+    if cfg.resume_checkpoint and cfg.world_size != trained_on:
+        launcher = f"torchrun --nproc_per_node {trained_on}" if trained_on > 1 else "python"
+        raise UserError(f"{cfg.output_dir} was trained by {trained_on} process{'es' if trained_on > 1 else ''} and this "
+                        f"is {cfg.world_size}; resume it with the same number ({launcher} r0.py --resume ...).")
+    main_rank = cfg.rank == 0  # the one process that writes files and prints
+    say = print if main_rank else (lambda *args, **kwargs: None)
     # --- everything the user gave is checked before anything heavy is loaded or anything is written ---
     prompts = load_prompts(cfg.prompts)
     prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()  # a resume must see the same prompts
     resume_from = cfg.resume_checkpoint
     existing = check_output_dir(cfg) if resume_from is None else []
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed + cfg.rank)
+    random.seed(cfg.seed + cfg.rank)
     m = load_models(cfg)  # may fail (no network, not SD1.5): still nothing written
-    if resume_from is None:
+    if resume_from is None and main_rank:
         create_output_dir(cfg, existing)
 
-    # --- optimizer and the run's random streams (all of them go into checkpoints) ---
+    # --- optimizer and the run's random streams, each rank its own (all of them go into checkpoints) ---
     params = trainable_parameters(m.unet)
     optimizer = make_optimizer(params, cfg)
-    generator = torch.Generator(cfg.device).manual_seed(cfg.seed)  # latents, eta, noise, R0+ step, cfg t
-    order = PromptOrder(prompts, cfg.seed)
-    warn_long_prompts(m.tokenizer, prompts)
+    generator = torch.Generator(cfg.device).manual_seed(cfg.seed + cfg.rank)  # latents, eta, noise, R0+ step, cfg t
+    order = PromptOrder(prompts, cfg.seed + cfg.rank)
+    if main_rank:
+        warn_long_prompts(m.tokenizer, prompts)
     out = cfg.output_dir
     log_path, summary_path = os.path.join(out, "log.jsonl"), os.path.join(out, "summary.json")
+    log_path = log_path if main_rank else os.devnull  # the other ranks log nowhere
     summary = {}
     start = 0
     if resume_from:
-        start = load_checkpoint(resume_from, m, optimizer, generator, order, prompts_hash)
-        # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
-        lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-        with open(log_path + ".tmp", "w") as f:
-            f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= start)
-        os.replace(log_path + ".tmp", log_path)
-        summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-        print(f"resumed from {resume_from} (step {start})")
+        start = load_checkpoint(resume_from, m, optimizer, generator, order, prompts_hash, cfg)
+        if main_rank:  # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
+            lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
+            with open(log_path + ".tmp", "w") as f:
+                f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= start)
+            os.replace(log_path + ".tmp", log_path)
+            summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+        say(f"resumed from {resume_from} (step {start})")
         if start >= cfg.max_steps:
-            print(f"the run is already at step {start} of --max-steps {cfg.max_steps}: nothing to train; the pipeline "
+            say(f"the run is already at step {start} of --max-steps {cfg.max_steps}: nothing to train; the pipeline "
                   "and summary are written again from its last checkpoint (raise --max-steps to train further).")
     n_params = sum(p.numel() for p in params)
-    print(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
-          f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device}")
+    cfg.effective_batch = cfg.batch_size * cfg.grad_accum * cfg.world_size  # images per optimizer step
+    say(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
+        f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device} | "
+        f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {cfg.world_size} process"
+        f"{'es' if cfg.world_size > 1 else ''} = {cfg.effective_batch} images per step")
     # the resolved config (defaults + preset + flags) is what a resume starts from
     write_config(cfg)
 
-    track_colour = "color" in m.reward_weights  # the toy demo: measure colour accuracy before and after
+    track_colour = "color" in m.reward_weights and main_rank  # the toy demo: colour accuracy before and after
     held_out_seeds = list(range(1000, 1004))  # never used by training draws or the progress grids
     if track_colour and "colour_accuracy_before" not in summary:
         summary["colour_accuracy_before"] = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution,
                                                             cfg.precision)
-        print(f"colour accuracy before training (held-out seeds): {summary['colour_accuracy_before']:.1%}")
+        say(f"colour accuracy before training (held-out seeds): {summary['colour_accuracy_before']:.1%}")
         write_json(summary_path, summary)
 
     fixed_prompts = sample_prompts(prompts, cfg.num_sample_prompts)  # the progress grid: fixed prompts x seeds
     grid_prompts = [p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)]
     grid_seeds = [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)]
     def write_grid(step):
+        if not main_rank:
+            return
         images = sample_images(m, grid_prompts, grid_seeds, cfg.steps, cfg.resolution, cfg.precision)
         save_grid(images, os.path.join(out, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds)
 
@@ -1385,7 +1474,8 @@ def train(cfg):
         write_grid(0)  # the 'before' picture
     bad_steps, last_checkpoint = 0, resume_from
     with open(log_path, "a") as log, StopOnSignal() as stop:
-        bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="R0", dynamic_ncols=True)
+        bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="R0", dynamic_ncols=True,
+                   disable=not main_rank)
         for step in bar:
             t0 = time.time()
             if cfg.device.startswith("cuda"):
@@ -1400,8 +1490,8 @@ def train(cfg):
             bad_steps = 0 if applied else bad_steps + 1  # consecutive skipped steps; one good step resets it
             if not applied:
                 record["skipped"] = "non-finite loss, reward or gradient"
-                bar.write(f"step {step + 1}: non-finite loss, reward or gradient; update skipped "
-                          f"({bad_steps}/{cfg.max_bad_steps} in a row)")
+                say(f"step {step + 1}: non-finite loss, reward or gradient; update skipped "
+                    f"({bad_steps}/{cfg.max_bad_steps} in a row)")
             log.write(json.dumps(record) + "\n")
             log.flush()  # a crash loses at most the line being written
             # the numbers to watch: each reward (cfg: its guidance gap) and the regularizer; the surrogate 'loss' is
@@ -1414,18 +1504,22 @@ def train(cfg):
                     f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}. "
                     "Lower --lr or check the rewards, then --resume.", exit_code=3)
             done = step + 1 == cfg.max_steps
+            stopping = any_rank(stop.signum is not None, cfg.device)  # a signal to any rank stops all of them
             # checkpoint on schedule, at the end, and when a signal asked us to stop (never a state after a bad step)
-            if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stop.signum):
+            if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stopping):
                 last_checkpoint = save_checkpoint(out, step + 1, m, optimizer, generator, order, cfg,
                                                   prompts_hash) or last_checkpoint
             if (step + 1) % cfg.sample_every == 0 or done:
                 write_grid(step + 1)
-            if stop.signum and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
+            if stopping and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
+                launcher = f"torchrun --nproc_per_node {cfg.world_size}" if cfg.world_size > 1 else "python"
                 raise TrainingStopped(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
-                                      f"python r0.py --resume {out}", exit_code=128 + stop.signum)
+                                      f"{launcher} r0.py --resume {out}", exit_code=128 + (stop.signum or 15))
 
     # --- the end: the 'after' measurement and a standard diffusers pipeline of the trained generator ---
+    if not main_rank:
+        return m
     if track_colour:
         summary["colour_accuracy"] = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution,
                                                      cfg.precision)
@@ -1539,6 +1633,7 @@ def resolve_config(args):
     if cfg.weight_reg < 0 or cfg.grad_clip <= 0:
         raise UserError("--weight-reg must be >= 0 and --grad-clip > 0.")
     parse_rewards(cfg.rewards)  # validates names and weights before anything is loaded
+    cfg.rank, cfg.world_size = 0, getattr(cfg, "world_size", 1)  # a resumed run's: its own; train() asks torchrun
     return cfg
 
 
@@ -1560,15 +1655,21 @@ def quiet_libraries():
 
 def main(argv=None):
     quiet_libraries()
+    first_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 speaks for all (they fail alike)
     try:
         cfg = resolve_config(build_parser().parse_args(argv))
         train(cfg)
     except UserError as err:
-        print(f"error: {err}" if not isinstance(err, TrainingStopped) else str(err), file=sys.stderr)
+        if first_rank:
+            print(f"error: {err}" if not isinstance(err, TrainingStopped) else str(err), file=sys.stderr)
         sys.exit(getattr(err, "exit_code", 2))
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing was saved.", file=sys.stderr)
+        if first_rank:
+            print("interrupted before training started; nothing was saved.", file=sys.stderr)
         sys.exit(130)
+    finally:
+        if several_ranks():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -1029,6 +1029,83 @@ def comparable(log_line):
     return {k: v for k, v in log_line.items() if k not in ("seconds", "peak_mem_gb")}
 
 
+def test_torchrun_two_processes_average_their_gradients_hold_one_generator_and_resume_exactly(tmp_path):
+    """`torchrun --nproc_per_node 2 r0.py --tiny` (gloo, CPU): each optimizer step equals what one process computes on
+    the union of the two ranks' micro-batches (each rank's own prompts and noise, gradients averaged, then clipped and
+    one AdamW step), both ranks hold the same weights, only rank 0 writes, the effective batch is in config.json, a
+    single process may not continue the run, and --resume with 2 processes continues it exactly."""
+    out = tmp_path / "run"
+    flags = ["--tiny", "--prompts", PROMPTS, "--output-dir", str(out), "--device", "cpu", "--batch-size", "2",
+             "--sample-every", "100", "--checkpoint-every", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}  # one thread per rank, as torchrun sets
+
+    def torchrun(*argv):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                               os.path.join(HERE, "r0.py"), *argv], env=env, capture_output=True, text=True,
+                              timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    stdout = torchrun(*flags, "--max-steps", "1")
+    assert "batch 2 x accumulation 1 x 2 processes = 4 images per step" in stdout
+    assert stdout.count("colour accuracy before training") == 1  # rank 0 speaks for both
+    saved = json.load(open(out / "config.json"))
+    assert (saved["world_size"], saved["effective_batch"]) == (2, 4) and "rank" not in saved
+    # the same step in this process: the models as r0.py builds them, each rank's random streams (seed + rank), and one
+    # thread as each rank had, so that the tiny models' miniature pretraining and every sum after it are the same to
+    # the bit (AdamW's first steps are nearly sign(gradient): any rounding difference shows)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    r0._build_tiny_cached.cache_clear()
+    try:
+        one_thread_part(out, flags, torchrun)
+    finally:
+        torch.set_num_threads(threads)
+        r0._build_tiny_cached.cache_clear()  # the other tests' tiny models are built with this process's threads
+
+
+def one_thread_part(out, flags, torchrun):
+    cfg = r0.resolve_config(r0.build_parser().parse_args([*flags, "--max-steps", "1"]))
+    m = r0.load_models(cfg)
+    params = r0.trainable_parameters(m.unet)
+    names = [n for n, p in m.unet.named_parameters() if p.requires_grad]
+    optimizer = r0.make_optimizer(params, cfg)
+    streams = [(torch.Generator().manual_seed(cfg.seed + rank), r0.PromptOrder(r0.load_prompts(PROMPTS), cfg.seed + rank))
+               for rank in (0, 1)]
+
+    def union_step():  # one optimizer step on both ranks' micro-batches, in one process
+        grads = []
+        for generator, order in streams:
+            loss, _ = r0.r0_step(m, order.batch(cfg.batch_size), cfg, generator)
+            grads.append(torch.autograd.grad(loss, params))
+        for p, g0, g1 in zip(params, *grads):
+            p.grad = (g0 + g1) / 2
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def check(step):
+        ckpt = torch.load(out / "checkpoints" / f"step_{step:06d}.pt", weights_only=False)
+        for name, p in zip(names, params):
+            assert torch.equal(ckpt["trainable"][name], p.detach()), name  # bitwise
+        ranks = ckpt["ranks"]
+        assert len(ranks) == 2 and ranks[0]["weights_sum"] == ranks[1]["weights_sum"]  # the same weights everywhere
+        assert not torch.equal(ranks[0]["generator"], ranks[1]["generator"])  # each rank its own draws
+
+    before = [p.detach().clone() for p in params]
+    union_step()
+    assert not all(torch.equal(a, p) for a, p in zip(before, params))  # the step moved the weights
+    check(1)
+    assert sorted(os.listdir(out)) == sorted(["checkpoints", "config.json", "log.jsonl", "lora", "pipeline", "samples",
+                                              "summary.json"])  # rank 0's files, once
+    with pytest.raises(r0.UserError, match="trained by 2 processes and this is 1"):
+        r0.train(r0.resolve_config(r0.build_parser().parse_args(["--resume", str(out), "--max-steps", "2"])))
+    torchrun("--resume", str(out), "--max-steps", "2")
+    union_step()
+    check(2)
+    assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
+
+
 def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
     """2N steps in one go == N steps, then --resume to 2N: bitwise-equal weights and optimizer state on CPU, and the
     same log lines after step N (all but the wall-clock fields)."""
@@ -1041,8 +1118,8 @@ def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
     r0.train(resumed)
     a = torch.load(tmp_path / "a" / "checkpoints" / "step_000004.pt", weights_only=False)
     b = torch.load(tmp_path / "b" / "checkpoints" / "step_000004.pt", weights_only=False)
-    assert {"step", "trainable", "optimizer", "generator", "torch_rng", "cuda_rng", "python_rng", "order",
-            "config", "prompts_sha256"} <= set(a)
+    assert {"step", "trainable", "optimizer", "ranks", "config", "prompts_sha256"} <= set(a) and len(a["ranks"]) == 1
+    assert {"generator", "torch_rng", "cuda_rng", "python_rng", "order", "weights_sum"} <= set(a["ranks"][0])
     assert a["trainable"].keys() == b["trainable"].keys()
     # train() builds AdamW with --lr and no weight decay (the anchor to theta_0 replaces decay toward 0)
     assert [(g["lr"], g["weight_decay"]) for g in a["optimizer"]["param_groups"]] == [(resumed.lr, 0.0)]

@@ -68,7 +68,7 @@ MUTANTS = [
     ("text features not normalized", "self.tokenizer(missing).to(device), normalize=True)",
      "self.tokenizer(missing).to(device), normalize=False)"),
     ("CLIP normalization skipped in preprocessing", "return (x - mean) / std  # (B,3,224,224)", "return x  # (B,3,224,224)"),
-    ("resume does not restore the generator", 'generator.set_state(state["generator"])', "pass"),
+    ("resume does not restore the generator", 'generator.set_state(mine["generator"])', "pass"),
     ("a bad step still counts as a good one", "bad_steps = 0 if applied else bad_steps + 1", "bad_steps = 0"),
 ]
 
