@@ -161,10 +161,9 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 # classifier-free-guidance reward. Here:
 #   hps   HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt; r = cos(image features, text features)
 #   clip  CLIP score: open_clip ViT-H-14 laion2b_s32b_b79k; r = cos(image features, text features)
+#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + an MLP head; r = its normalized score
 #   cfg   implicit CFG reward of the frozen base UNet; defined through its gradient (see ImplicitCfgReward)
 #   color toy reward for the offline demo and the tests (ColourReward, under Plumbing)
-# ImageReward, the paper's third reward, is not implemented here; our choice: the CLIP score keeps the text
-# alignment that ImageReward would also reward.
 #
 # The reward interface, all a reward needs in order to be trained on:
 #   space: "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (it reads x0_hat: (B,4,h,w));
@@ -178,7 +177,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #      that needs the generator's own UNet, like cfg, is built in load_models() instead);
 #   3. its name in REWARD_NAMES (and its hub files in HUB_FILES, so an offline machine is told what is missing).
 
-REWARD_NAMES = ("hps", "clip", "cfg", "color")
+REWARD_NAMES = ("hps", "clip", "imagereward", "cfg", "color")
 
 
 class ClipFamilyReward(torch.nn.Module):
@@ -215,6 +214,60 @@ class ClipFamilyReward(torch.nn.Module):
 
     def enable_gradient_checkpointing(self):
         self.model.set_grad_checkpointing(True)
+
+
+class ImageRewardReward(torch.nn.Module):
+    """imagereward: ImageReward (Xu et al., NeurIPS 2023), a BLIP model fine-tuned on human preference rankings:
+        image_embeds = ViT-L/16(clip_preprocess(x))                 (B,197,1024)
+        h            = BERT(prompt tokens, cross-attending to image_embeds)[:, 0]   (B,768), the [CLS] position
+        r(x, c)      = (MLP(h) - 0.16717362830052426) / 1.0333394966054072   MLP 768-1024-128-64-16-1, no activations
+    Built on transformers' BLIP towers (ports of the very modules BLIP uses); ImageReward.pt loads through
+    imagereward_key_map (Plumbing). The model is frozen; only the image path carries gradient."""
+
+    space = "pixels"
+    MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the raw head output's statistics (ImageReward's own)
+
+    def __init__(self, vision_config, text_config, tokenizer):
+        super().__init__()
+        from transformers import BlipTextModel, BlipVisionModel
+        self.vision = BlipVisionModel(vision_config)  # BLIP's ViT
+        self.text = BlipTextModel(text_config, add_pooling_layer=False)  # BLIP's BERT with cross-attention
+        L, drop = torch.nn.Linear, torch.nn.Dropout  # dropouts kept only so that indices match the checkpoint
+        self.mlp = torch.nn.Sequential(L(text_config.hidden_size, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64),
+                                       drop(0.1), L(64, 16), L(16, 1))
+        self.tokenizer, self._tokens = tokenizer, {}  # prompt -> (input_ids, attention_mask), tokenized once
+        self.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
+
+    def tokens(self, prompts):  # as ImageReward: padded to 35 tokens, truncated; [CLS] first (no [ENC] swap)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._tokens]
+        if missing:
+            enc = self.tokenizer(missing, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+            self._tokens.update(zip(missing, zip(enc["input_ids"], enc["attention_mask"])))
+        ids, mask = zip(*(self._tokens[p] for p in prompts))
+        return torch.stack(ids).to(self.mlp[0].weight.device), torch.stack(mask).to(self.mlp[0].weight.device)
+
+    def forward(self, pixels, prompts, text_emb=None):
+        image = clip_preprocess(pixels, 224).to(self.mlp[0].weight.dtype)  # (B,3,224,224)
+        input_ids, attention_mask = self.tokens(prompts)  # (B,35) each
+        with own_dtype(pixels.device):  # the frozen model computes in its own dtype
+            image_embeds = self.vision(pixel_values=image).last_hidden_state  # (B,197,D), final LayerNorm included
+            image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+            h = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                          encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
+            raw = self.mlp(h).squeeze(-1).float()  # (B,)
+        return (raw - self.MEAN) / self.STD  # (B,), about N(0,1) over ImageReward's data
+
+    def enable_gradient_checkpointing(self):
+        # transformers checkpoints a layer only while its .training flag is set, and BlipTextModel refuses
+        # gradient_checkpointing_enable(); so each layer is switched on as transformers' own code does it, with the
+        # layers' flag alone set (they read it for nothing else; their dropouts are 0, the head stays in eval mode)
+        import torch.utils.checkpoint
+        from transformers.modeling_layers import GradientCheckpointingLayer
+        for layer in self.modules():
+            if isinstance(layer, GradientCheckpointingLayer):
+                layer.gradient_checkpointing, layer.training = True, True
+                layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
+                                                                       use_reentrant=False)
 
 
 class ImplicitCfgReward:
@@ -838,11 +891,13 @@ def hub_unreachable():
         return True
 
 
-# The hub downloads of the rewards: (what it is, repo, files: any one of them will do, the first is the one to get)
+# The hub downloads of each reward: [(what it is, repo, files: any one of them will do, the first is the one to get)]
 HUB_FILES = {
-    "hps": ("HPS v2.1 weights", "xswu/HPSv2", ("HPS_v2.1_compressed.pt",)),
-    "clip": ("CLIP-score weights (ViT-H-14 laion2b_s32b_b79k)", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-             ("open_clip_model.safetensors", "open_clip_pytorch_model.bin")),
+    "hps": [("HPS v2.1 weights", "xswu/HPSv2", ("HPS_v2.1_compressed.pt",))],
+    "clip": [("CLIP-score weights (ViT-H-14 laion2b_s32b_b79k)", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+              ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))],
+    "imagereward": [("ImageReward weights", "THUDM/ImageReward", ("ImageReward.pt",)),
+                    ("tokenizer of ImageReward (bert-base-uncased)", "google-bert/bert-base-uncased", ("vocab.txt",))],
 }
 
 
@@ -859,11 +914,9 @@ def check_downloads(model, reward_names):
     missing = []
     if model and not os.path.isdir(model) and not in_cache(model, "model_index.json"):
         missing.append(f"the SD1.5 model '{model}' (hf download {model})")
-    for name in reward_names:
-        if name in HUB_FILES:
-            what, repo, files = HUB_FILES[name]
-            if not any(in_cache(repo, f) for f in files):
-                missing.append(f"the {what} (hf download {repo} {files[0]})")
+    for what, repo, files in (download for name in reward_names for download in HUB_FILES.get(name, [])):
+        if not any(in_cache(repo, f) for f in files):
+            missing.append(f"the {what} (hf download {repo} {files[0]})")
     if missing and hub_unreachable():
         raise UserError(f"the Hugging Face hub is unreachable and the local cache lacks {'; '.join(missing)}; download "
                         f"{'them' if len(missing) > 1 else 'it'} on a machine with network into the same cache "
@@ -925,20 +978,26 @@ def load_reward(name, random_size, device, dtype):
     import open_clip
     if name == "color":
         return ColourReward()
+    if name == "imagereward":
+        if random_size:  # the tiny twin reads CLIP's tokens (a BERT vocabulary would need a download)
+            with torch.random.fork_rng():
+                torch.manual_seed(1 + REWARD_NAMES.index(name))
+                tokenizer = sd15_tokenizer_offline() if random_size == "tiny" else None
+                return cast(ImageRewardReward(*imagereward_configs(random_size), tokenizer), device, dtype)
+        from transformers import BertTokenizer
+        weights, vocab = (hub_file(name, download) for download in HUB_FILES[name])
+        tokenizer = BertTokenizer(vocab)  # bert-base-uncased (lower-cased), plus BLIP's two tokens, as ImageReward
+        tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+        reward = ImageRewardReward(*imagereward_configs("full"), tokenizer)
+        reward.load_state_dict(imagereward_key_map(torch.load(weights, map_location="cpu", weights_only=True)))
+        print(f"{name}: BLIP ViT-L + BERT with the weights of {weights}")
+        return cast(reward, device, dtype)
     assert name in ("hps", "clip"), name  # a new reward gets its own branch above this line
     if random_size:
         model, _ = build_clip_tower_random(random_size, seed=1 + REWARD_NAMES.index(name))
         return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
-    from huggingface_hub import hf_hub_download
-    what, repo, files = HUB_FILES[name]
-
-    def weights_file(local):  # a cached file first (any of `files`), then a download
-        cached = [path for path in (in_cache(repo, f) for f in files) if path]
-        return cached[0] if cached else hf_hub_download(repo, files[0], local_files_only=local)
-
     # open_clip is handed the file itself, so it never goes to the network on its own
-    path = from_hub(weights_file, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), drop "
-                    f"{name} from --rewards, or run offline with --tiny.")
+    path = hub_file(name, HUB_FILES[name][0])
     print(f"{name}: open_clip ViT-H-14 with the weights of {path}")
     if name == "clip":
         model = open_clip.create_model("ViT-H-14", pretrained=path)
@@ -950,6 +1009,72 @@ def load_reward(name, random_size, device, dtype):
         if missing:
             raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
     return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
+
+
+def hub_file(name, download):
+    """The local path of one of a reward's hub files (HUB_FILES): a cached file first, then a download."""
+    from huggingface_hub import hf_hub_download
+    what, repo, files = download
+
+    def path(local):
+        cached = [path for path in (in_cache(repo, f) for f in files) if path]
+        return cached[0] if cached else hf_hub_download(repo, files[0], local_files_only=local)
+    return from_hub(path, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), drop {name} from "
+                    "--rewards, or run offline with --tiny.")
+
+
+# ImageReward's checkpoint (THUDM/ImageReward, ImageReward.pt): its keys -> ImageRewardReward's, one rule each (full
+# matches, tried in order). test_r0.py checks that the rules cover every key of the original, shape for shape.
+_V, _T, _P = r"blip\.visual_encoder\.", r"blip\.text_encoder\.", r"\.(weight|bias)"
+IMAGEREWARD_KEY_RULES = [  # BLIP's timm-style ViT -> BlipVisionModel
+    (_V + r"cls_token", r"vision.embeddings.class_embedding"),
+    (_V + r"pos_embed", r"vision.embeddings.position_embedding"),
+    (_V + r"patch_embed\.proj" + _P, r"vision.embeddings.patch_embedding.\1"),
+    (_V + r"blocks\.(\d+)\.norm([12])" + _P, r"vision.encoder.layers.\1.layer_norm\2.\3"),
+    (_V + r"blocks\.(\d+)\.attn\.qkv" + _P, r"vision.encoder.layers.\1.self_attn.qkv.\2"),
+    (_V + r"blocks\.(\d+)\.attn\.proj" + _P, r"vision.encoder.layers.\1.self_attn.projection.\2"),
+    (_V + r"blocks\.(\d+)\.mlp\.(fc[12])" + _P, r"vision.encoder.layers.\1.mlp.\2.\3"),
+    (_V + r"norm" + _P, r"vision.post_layernorm.\1"),
+    # BLIP's med.py BERT -> BlipTextModel, a port of it: the same names under a new prefix
+    (_T + r"(embeddings\.(word|position)_embeddings\.weight|embeddings\.LayerNorm" + _P + ")", r"text.\1"),
+    (_T + r"(encoder\.layer\.\d+\.(attention|crossattention)\.(self\.(query|key|value)|output\.(dense|LayerNorm))"
+     + _P + ")", r"text.\1"),
+    (_T + r"(encoder\.layer\.\d+\.(intermediate\.dense|output\.(dense|LayerNorm))" + _P + ")", r"text.\1"),
+    (r"mlp\.layers\.([02467])" + _P, r"mlp.\1.\2"),  # the head: same indices
+]
+# in the checkpoint, never read by the score: BLIP's contrastive projections, and the text positions 0..511 (a buffer)
+IMAGEREWARD_UNUSED_KEYS = {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
+                           "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
+
+
+def imagereward_key_map(state):
+    """ImageReward.pt's state dict -> ImageRewardReward's (strict). An unknown key is refused, never half-loaded."""
+    out = {}
+    for key, value in state.items():
+        rule = next(((p, r) for p, r in IMAGEREWARD_KEY_RULES if re.fullmatch(p, key)), None)
+        if rule is None and key not in IMAGEREWARD_UNUSED_KEYS:
+            raise UserError(f"unexpected key '{key}' in the ImageReward checkpoint; is it THUDM/ImageReward's "
+                            "ImageReward.pt? Re-download it.")
+        if rule is not None:
+            out[re.fullmatch(rule[0], key).expand(rule[1])] = value
+    return out
+
+
+def imagereward_configs(size):
+    """(BlipVisionConfig, BlipTextConfig) of ImageReward ('full'), or of a tiny twin with the same classes ('tiny').
+    transformers' defaults differ from BLIP's (LayerNorm eps, 8 text heads, 384 px): every number is given."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+    full = size == "full"
+    vision = BlipVisionConfig(  # BLIP's ViT-L/16 at 224: exact GELU, LayerNorm eps 1e-6
+        hidden_size=1024 if full else 64, intermediate_size=4096 if full else 128, num_hidden_layers=24 if full else 2,
+        num_attention_heads=16 if full else 2, image_size=224, patch_size=16 if full else 32, hidden_act="gelu",
+        layer_norm_eps=1e-6, initializer_range=0.02)
+    text = BlipTextConfig(  # med_config.json: BERT-base, 30522 + [DEC] + [ENC] tokens (the tiny twin: CLIP's 49408)
+        vocab_size=30524 if full else 49408, hidden_size=768 if full else 32, intermediate_size=3072 if full else 64,
+        num_hidden_layers=12 if full else 2, num_attention_heads=12 if full else 2,
+        max_position_embeddings=512 if full else 64, encoder_hidden_size=vision.hidden_size, hidden_act="gelu",
+        layer_norm_eps=1e-12, pad_token_id=0, is_decoder=True)  # is_decoder: only makes it build the cross-attention
+    return vision, text
 
 
 def load_models(cfg, random_size=None):

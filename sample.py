@@ -27,6 +27,66 @@ import r0
 # evaluations per step, conditional and unconditional: 50 per image, against R0's K).
 BASE_STEPS, BASE_GUIDANCE = 25, 7.5
 
+# --score's metrics (the paper's Table 1 columns that need no reference dataset, plus the toy's colour accuracy), with
+# where their weights come from. hps, clip and imagereward are r0.py's rewards; aesthetic is evaluation only.
+METRICS = {
+    "hps": "HPS v2.1 (xswu/HPSv2, HPS_v2.1_compressed.pt), 100 x cosine",
+    "aesthetic": "LAION improved aesthetic predictor (github.com/christophschuhmann/improved-aesthetic-predictor, "
+                 "sac+logos+ava1-l14-linearMSE.pth) on OpenAI CLIP ViT-L/14 (timm/vit_large_patch14_clip_224.openai)",
+    "clip": "CLIP score, open_clip ViT-H-14 laion2b_s32b_b79k, 100 x cosine",
+    "imagereward": "ImageReward (THUDM/ImageReward, ImageReward.pt)",
+    "color": "the toy's colour accuracy (no model)",
+}
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac+logos+ava1-l14-linearMSE.pth")
+r0.HUB_FILES["aesthetic"] = [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
+                              ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]
+
+
+class AestheticScore(torch.nn.Module):
+    """The LAION improved aesthetic predictor: an MLP 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (dropouts, no activations)
+    on the L2-normalized image embedding of OpenAI's CLIP ViT-L/14 (open_clip's evaluation transform, here
+    r0.clip_preprocess). Scores are on a 1-10 scale (the paper's 'Aes' column)."""
+
+    def __init__(self, clip_model, dim=768):
+        super().__init__()
+        self.clip = clip_model
+        L, drop = torch.nn.Linear, torch.nn.Dropout  # index layout of the published weights: layers.0/2/4/6/7
+        self.layers = torch.nn.Sequential(L(dim, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64), drop(0.1),
+                                          L(64, 16), L(16, 1))
+        self.requires_grad_(False).eval()
+
+    def forward(self, pixels, prompts=None):  # the prompt plays no part
+        dtype = self.layers[0].weight.dtype
+        emb = self.clip.encode_image(r0.clip_preprocess(pixels, 224).to(dtype), normalize=True)
+        return self.layers(emb).squeeze(-1).float()  # (B,)
+
+
+def load_metric(name, random_size, device, dtype):
+    """A --score metric's model, frozen, in dtype on device (random_size 'tiny': random-weight twins, offline)."""
+    if name != "aesthetic":
+        return r0.load_reward(name, random_size, device, dtype)
+    import open_clip
+    if random_size:
+        model, _ = r0.build_clip_tower_random(random_size, seed=7)
+        return r0.cast(AestheticScore(model, dim=model.visual.output_dim), device, dtype)
+    clip_file = r0.hub_file(name, r0.HUB_FILES[name][0])
+    model = open_clip.create_model("ViT-L-14", pretrained=clip_file, force_quick_gelu=True)  # OpenAI's CLIP: QuickGELU
+    path = os.path.join(torch.hub.get_dir(), "r0", os.path.basename(AESTHETIC_URL))
+    if not os.path.isfile(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.hub.download_url_to_file(AESTHETIC_URL, path, progress=False)
+        except Exception as err:
+            raise r0.UserError(f"could not download the aesthetic predictor's weights ({type(err).__name__}); fetch "
+                               f"{AESTHETIC_URL} into {path} on a machine with network, or leave aesthetic out of "
+                               "--score-with.")
+    scorer = AestheticScore(model)
+    scorer.layers.load_state_dict({k.removeprefix("layers."): v for k, v in
+                                   torch.load(path, map_location="cpu", weights_only=True).items()})
+    print(f"aesthetic: OpenAI CLIP ViT-L/14 with {clip_file}, predictor {path}")
+    return r0.cast(scorer, device, dtype)
+
 # grid.png stays viewable however many images are sampled: each sampler's images wrap after GRID_COLUMNS, and only
 # its first GRID_MAX_IMAGES are shown (every image is written as its own PNG anyway). At SD1.5's 512 px and 4
 # samplers (base + R0 1/2/4): 8 x 512 = 4096 px wide, 4 samplers x 2 lines x 526 px = 4208 px high, at most.
@@ -156,13 +216,15 @@ def mean_se(values):
 
 @torch.no_grad()
 def score(images, prompts, scorers, device):
-    """Per-image scores: hps / clip as 100 x cosine, colour accuracy (%) on prompts that name a colour."""
+    """Per-image scores, in the paper's Table 1 units: HPS v2.1 and CLIP score as 100 x cosine, ImageReward and the
+    aesthetic score as they come; colour accuracy (%) on prompts that name a colour."""
     result = {}
     for name, reward in scorers.items():
+        scale = 100 if name in ("hps", "clip") else 1
         values = []
         for i in range(0, len(images), 8):  # small batches: two ViT-H-14 towers at once are large
-            values += (100 * reward(images[i : i + 8].to(device), prompts[i : i + 8])).tolist()
-        result[f"{name} x100"] = values
+            values += (scale * reward(images[i : i + 8].to(device), prompts[i : i + 8])).tolist()
+        result[f"{name} x100" if scale == 100 else name] = values
     # colour accuracy: the toy metric of the tiny demo, meaningful on any prompt that names a colour
     colour_prompts = [(img, p) for img, p in zip(images, prompts) if r0.colour_of(p)]
     if colour_prompts:
@@ -243,8 +305,8 @@ def build_parser():
     p.add_argument("--resolution", type=int, default=None, help="default: as trained (512 for SD1.5)")
     p.add_argument("--compare-base", action="store_true", help=f"add the base model, {BASE_STEPS} steps, CFG {BASE_GUIDANCE}")
     p.add_argument("--score", action="store_true", help="print and save a score table (scores.json)")
-    p.add_argument("--score-with", default=None, help="rewards to score with, e.g. hps,clip,color "
-                                                     "(default: those the run trained with)")
+    p.add_argument("--score-with", default=None, help=f"metrics, from {','.join(METRICS)} (default: the paper's "
+                                                     "Table 1 columns that need no dataset: hps,aesthetic,clip,imagereward)")
     p.add_argument("--device", default="auto")
     return p
 
@@ -277,18 +339,17 @@ def run(args):
     if args.lora and not args.model:
         raise r0.UserError("--lora goes with --model (the base model the adapters were trained on).")
     steps_arg = parse_steps(args.steps) if args.steps else None
-    bad = [n for n in (args.score_with or "").split(",") if n.strip() and n.strip() not in ("hps", "clip", "color")]
+    bad = [n for n in (args.score_with or "").split(",") if n.strip() and n.strip() not in METRICS]
     if bad:
-        raise r0.UserError(f"unknown reward '{bad[0].strip()}' in --score-with; choose from hps, clip, color.")
+        raise r0.UserError(f"unknown metric '{bad[0].strip()}' in --score-with; choose from {', '.join(METRICS)}.")
     check_writable(args.out)  # checks only: --out is created after sampling, once there is something to write
     run_cfg = find_run(args.run)[1] if args.run else None  # fail on a bad run folder before loading anything heavy
     # the rewards to score with (default: those the run was trained with); a --tiny run or --tiny scores with
     # random-weight reward towers (offline), so its hps/clip numbers check the plumbing, not image quality
-    names = args.score_with or (run_cfg.rewards if run_cfg else "hps,clip")
-    names = [n.split("=")[0].strip() for n in names.split(",") if n.strip()]
+    names = [n.strip() for n in (args.score_with or "hps,aesthetic,clip,imagereward").split(",") if n.strip()]
     tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
     if args.score and not tiny:
-        r0.check_downloads(None, names)  # offline: every missing reward download in one sentence, before sampling
+        r0.check_downloads(None, names)  # offline: every missing download in one sentence, before sampling
 
     # --- load the generator (and the base model for --compare-base) ---
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -331,17 +392,19 @@ def run(args):
 
     # --- score every row with the same reward models ---
     if args.score:
-        scorers = {n: r0.load_reward(n, "tiny" if tiny else None, device, dtype) for n in names if n in ("hps", "clip")}
+        scorers = {n: load_metric(n, "tiny" if tiny else None, device, dtype) for n in names if n != "color"}
         table = []
         for label, evals, images, secs in rows:
             scores = score(images, all_prompts, scorers, device)
             table.append({"row": label, "unet_evals_per_image": evals, "seconds_per_image": secs,
                           **{k: dict(zip(("mean", "se"), mean_se(v))) for k, v in scores.items()}})
-        random_weights = tiny and bool(scorers)  # hps/clip from random-weight tiny towers: not real scores
+        random_weights = tiny and bool(scorers)  # from random-weight tiny towers: not real scores
         print_table(table)
         if random_weights:
-            print(f"note: {' and '.join(scorers)} are scored by random-weight tiny reward towers (--tiny), not "
-                  "the real HPS v2.1 / CLIP weights: the numbers check the pipeline, not image quality.")
+            print(f"note: {', '.join(scorers)} are scored by random-weight tiny towers (--tiny), not the real "
+                  "weights: the numbers check the pipeline, not image quality.")
+        else:
+            print("weights: " + "; ".join(f"{n}: {METRICS[n]}" for n in scorers))
         with open(os.path.join(args.out, "scores.json"), "w") as f:
             json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds),
                        "random_weights": random_weights, "rows": table}, f, indent=2)

@@ -9,6 +9,7 @@ import copy
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -274,7 +275,7 @@ def test_clip_preprocess_refuses_pixels_outside_0_1():
         r0.clip_preprocess(torch.rand(1, 3, 64, 64) * 2 - 1)  # a [-1,1] image: the classic reward bug
 
 
-def make_rewards(tiny_models, names=("hps", "clip", "color", "cfg")):
+def make_rewards(tiny_models, names=("hps", "clip", "imagereward", "color", "cfg")):
     tok, te, vae, unet = tiny_models
     rewards = {}
     for name in names:
@@ -305,6 +306,115 @@ def test_every_reward_passes_gradient_to_its_input_and_none_to_its_model(tiny):
     # the colour reward's gradient points the right way: more red for 'red', more blue for 'blue'
     _, grad = r0.reward_gradient(r0.ColourReward(), torch.full((2, 3, 8, 8), 0.5), prompts, emb)
     assert grad[0, 0].mean() > 0 > grad[0, 2].mean() and grad[1, 2].mean() > 0 > grad[1, 0].mean()
+
+
+# ImageReward.pt's state dict (THUDM/ImageReward), as ImageReward's own model code builds it, one line per key pattern
+# with its shape ({a..b}: every index from a to b; {x,y}: each name). Generated once from the original code at full size
+# (625 keys) in a separate environment (ImageReward's code pins packages this project cannot install together).
+IMAGEREWARD_CHECKPOINT_KEYS = """
+blip.visual_encoder.cls_token 1x1x1024
+blip.visual_encoder.pos_embed 1x197x1024
+blip.visual_encoder.patch_embed.proj.weight 1024x3x16x16
+blip.visual_encoder.patch_embed.proj.bias 1024
+blip.visual_encoder.blocks.{0..23}.norm{1,2}.{weight,bias} 1024
+blip.visual_encoder.blocks.{0..23}.attn.qkv.weight 3072x1024
+blip.visual_encoder.blocks.{0..23}.attn.qkv.bias 3072
+blip.visual_encoder.blocks.{0..23}.attn.proj.weight 1024x1024
+blip.visual_encoder.blocks.{0..23}.{attn.proj,mlp.fc2}.bias 1024
+blip.visual_encoder.blocks.{0..23}.mlp.fc1.weight 4096x1024
+blip.visual_encoder.blocks.{0..23}.mlp.fc1.bias 4096
+blip.visual_encoder.blocks.{0..23}.mlp.fc2.weight 1024x4096
+blip.visual_encoder.norm.{weight,bias} 1024
+blip.text_encoder.embeddings.position_ids 1x512
+blip.text_encoder.embeddings.word_embeddings.weight 30524x768
+blip.text_encoder.embeddings.position_embeddings.weight 512x768
+blip.text_encoder.embeddings.LayerNorm.{weight,bias} 768
+blip.text_encoder.encoder.layer.{0..11}.attention.self.{query,key,value}.weight 768x768
+blip.text_encoder.encoder.layer.{0..11}.{attention,crossattention}.self.{query,key,value}.bias 768
+blip.text_encoder.encoder.layer.{0..11}.{attention,crossattention}.output.dense.weight 768x768
+blip.text_encoder.encoder.layer.{0..11}.{attention,crossattention}.output.dense.bias 768
+blip.text_encoder.encoder.layer.{0..11}.{attention,crossattention}.output.LayerNorm.{weight,bias} 768
+blip.text_encoder.encoder.layer.{0..11}.crossattention.self.query.weight 768x768
+blip.text_encoder.encoder.layer.{0..11}.crossattention.self.{key,value}.weight 768x1024
+blip.text_encoder.encoder.layer.{0..11}.intermediate.dense.weight 3072x768
+blip.text_encoder.encoder.layer.{0..11}.intermediate.dense.bias 3072
+blip.text_encoder.encoder.layer.{0..11}.output.dense.weight 768x3072
+blip.text_encoder.encoder.layer.{0..11}.output.dense.bias 768
+blip.text_encoder.encoder.layer.{0..11}.output.LayerNorm.{weight,bias} 768
+blip.{vision,text}_proj.bias 256
+blip.vision_proj.weight 256x1024
+blip.text_proj.weight 256x768
+mlp.layers.0.weight 1024x768
+mlp.layers.0.bias 1024
+mlp.layers.2.weight 128x1024
+mlp.layers.2.bias 128
+mlp.layers.4.weight 64x128
+mlp.layers.4.bias 64
+mlp.layers.6.weight 16x64
+mlp.layers.6.bias 16
+mlp.layers.7.weight 1x16
+mlp.layers.7.bias 1
+"""
+
+
+def expand_key_patterns(text):
+    """IMAGEREWARD_CHECKPOINT_KEYS -> {key: shape}, each {a..b} or {x,y,...} expanded."""
+    def expand(pattern):
+        m = re.search(r"\{([^}]*)\}", pattern)
+        if not m:
+            return [pattern]
+        lo, sep, hi = m.group(1).partition("..")
+        options = [str(i) for i in range(int(lo), int(hi) + 1)] if sep else m.group(1).split(",")
+        return [k for o in options for k in expand(pattern[: m.start()] + o + pattern[m.end():])]
+    keys = {}
+    for line in text.strip().splitlines():
+        pattern, shape = line.split()
+        for key in expand(pattern):
+            assert key not in keys, key
+            keys[key] = tuple(int(n) for n in shape.split("x"))
+    return keys
+
+
+def test_imagereward_checkpoint_keys_map_onto_our_model_key_for_key_and_shape():
+    """Every key of ImageReward's original checkpoint maps onto ImageRewardReward with its shape (the unused ones
+    dropped by name), the result loads strictly, and a key no rule names is refused with one sentence."""
+    original = expand_key_patterns(IMAGEREWARD_CHECKPOINT_KEYS)
+    assert len(original) == 625
+    state = {k: torch.empty(shape, device="meta") for k, shape in original.items()}  # shapes only
+    mapped = r0.imagereward_key_map(state)
+    with torch.device("meta"):  # the full-size architecture without its 1.8 GB of weights
+        model = r0.ImageRewardReward(*r0.imagereward_configs("full"), tokenizer=None)
+    assert {k: tuple(v.shape) for k, v in mapped.items()} == {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    model.load_state_dict(mapped, strict=True, assign=True)
+    assert len(mapped) == len(original) - len(r0.IMAGEREWARD_UNUSED_KEYS)
+    for extra in ("blip.itm_head.weight", "module.mlp.layers.0.weight", "blip.text_encoder.pooler.dense.weight"):
+        with pytest.raises(r0.UserError, match=re.escape(extra)):
+            r0.imagereward_key_map({**state, extra: torch.empty(1, device="meta")})
+
+
+def test_imagereward_gradient_checkpointing_recomputes_both_towers_and_changes_nothing():
+    """--grad-checkpointing reaches ImageReward's two transformers towers (each layer 0 runs again in the backward),
+    with the same scores and image gradients; the reward stays in eval mode (its head's dropout off)."""
+    reward = r0.load_reward("imagereward", "tiny", "cpu", torch.float32)
+    prompts = ["a red fox in the snow", "a blue car"]
+
+    def run():
+        pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        scores = reward(pixels, prompts)
+        scores.sum().backward()
+        return scores.detach(), pixels.grad
+    calls = []
+    reward.vision.encoder.layers[0].self_attn.register_forward_hook(lambda *_: calls.append("vision"))
+    reward.text.encoder.layer[0].attention.register_forward_hook(lambda *_: calls.append("text"))
+    s0, g0 = run()
+    assert sorted(calls) == ["text", "vision"]
+    reward.enable_gradient_checkpointing()
+    calls.clear()
+    s1, g1 = run()
+    assert sorted(calls) == ["text", "text", "vision", "vision"]  # forward, then the recompute in backward
+    assert torch.equal(s0, s1) and torch.allclose(g0, g1, rtol=1e-5, atol=1e-9) and g0.abs().sum() > 0
+    assert not reward.mlp[1].training and not any(p.requires_grad for p in reward.parameters())
+
 
 
 def test_clip_family_reward_is_the_cosine_of_open_clip_features():
@@ -392,7 +502,7 @@ def test_rebuilt_tokenizer_is_sd15s_and_matches_open_clip():
 
 @pytest.mark.parametrize("lora_rank", [4, 0])
 def test_weight_regularizer_zero_at_init_grows_after_a_step_and_grads_reach_only_the_unet(tmp_path, lora_rank):
-    cfg = tiny_cfg(tmp_path, "--lora-rank", str(lora_rank), "--rewards", "color=1.0,hps=0.5,clip=0.5,cfg=0.5",
+    cfg = tiny_cfg(tmp_path, "--lora-rank", str(lora_rank), "--rewards", "color=1.0,hps=0.5,imagereward=0.5,clip=0.5,cfg=0.5",
                    "--batch-size", "2")
     m = r0.load_models(cfg)
     params = r0.trainable_parameters(m.unet)
@@ -404,7 +514,7 @@ def test_weight_regularizer_zero_at_init_grows_after_a_step_and_grads_reach_only
         assert len(params) == len(list(m.unet.parameters())) and m.frozen_unet is not None
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
     loss, stats = r0.r0_step(m, ["a red fox", "a blue car"], cfg, torch.Generator().manual_seed(0))
-    assert torch.isfinite(loss) and set(stats) >= {"color", "hps", "clip", "cfg_gap", "reg"}
+    assert torch.isfinite(loss) and set(stats) >= {"color", "hps", "imagereward", "clip", "cfg_gap", "reg"}
     loss.backward()
     # gradients reach the generator's trainable weights ...
     assert all(p.grad is not None for p in params) and sum(p.grad.abs().sum() for p in params) > 0
@@ -833,16 +943,18 @@ def test_sample_py_creates_no_output_folder_before_its_inputs_are_good(tiny_run,
 
 
 def test_sample_py_score_on_a_tiny_model_says_its_towers_have_random_weights(tmp_path, capsys):
-    """--tiny scores hps/clip with random-weight towers: a line under the table and scores.json say so; colour
-    accuracy alone needs no tower, and then nothing is flagged."""
+    """--tiny scores with random-weight towers: a line under the table and scores.json say so; colour accuracy
+    alone needs no tower, and then nothing is flagged."""
     import sample
     sample.main(["--tiny", "--prompt", "a red fox", "--steps", "1", "--score", "--out", str(tmp_path / "towers"),
                  "--device", "cpu"])
     stdout = capsys.readouterr().out
-    assert "random-weight tiny reward towers" in stdout and "hps and clip" in stdout
+    assert "hps, aesthetic, clip, imagereward are scored by random-weight tiny towers" in stdout
     assert "grid.png shows the first" not in stdout  # one image: the whole grid
     scores = json.load(open(tmp_path / "towers" / "scores.json"))
-    assert scores["random_weights"] is True and {"hps x100", "clip x100"} <= set(scores["rows"][0])
+    # the paper's Table 1 columns that need no dataset, in its units (HPS and CLIP score x100)
+    assert scores["random_weights"] is True
+    assert {"hps x100", "aesthetic", "clip x100", "imagereward", "colour acc %"} <= set(scores["rows"][0])
     sample.main(["--tiny", "--prompt", "a red fox", "--steps", "1", "--score", "--score-with", "color",
                  "--out", str(tmp_path / "colour"), "--device", "cpu"])
     assert "random-weight" not in capsys.readouterr().out
@@ -893,7 +1005,7 @@ def test_sample_py_base_row_uses_the_base_models_own_ddim_schedule(tiny_run, tmp
     (["--run", "{run}", "--prompt", "a fox", "--steps", "two"], "whole numbers"),
     (["--run", "{run}", "--prompt", "   "], "--prompt is empty"),
     (["--run", "{run}", "--prompt", "a fox", "--out", "{file}/sub"], "cannot write to --out"),
-    (["--run", "{run}", "--prompt", "a fox", "--score", "--score-with", "fid"], "unknown reward 'fid'"),
+    (["--run", "{run}", "--prompt", "a fox", "--score", "--score-with", "fid"], "unknown metric 'fid'"),
 ])
 def test_sample_py_bad_input_is_one_clear_sentence(tiny_run, tmp_path, capsys, argv, message):
     import sample
