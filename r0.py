@@ -1204,13 +1204,17 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
 
 @torch.no_grad()
 def colour_accuracy(m, prompts, seeds, steps, resolution, precision):
-    """Share of generated images whose dominant colour is the prompt's colour word (prompts without one skipped)."""
+    """(share of generated images whose dominant colour is the prompt's colour word, {colour: its share}); prompts
+    without a colour word are skipped."""
     pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]  # every colour prompt x every seed
     if not pairs:
-        return float("nan")
+        return float("nan"), {}
     images = sample_images(m, [p for p, _ in pairs], [s for _, s in pairs], steps, resolution, precision)
-    hits = [got == colour_of(p).replace("grey", "gray") for got, (p, _) in zip(dominant_colour(images), pairs)]
-    return sum(hits) / len(hits)
+    hits = [(colour_of(p).replace("grey", "gray"), got == colour_of(p).replace("grey", "gray"))
+            for got, (p, _) in zip(dominant_colour(images), pairs)]
+    per_colour = {c: sum(h for c2, h in hits if c2 == c) / sum(c2 == c for c2, _ in hits)
+                  for c in sorted({c for c, _ in hits})}
+    return sum(h for _, h in hits) / len(hits), per_colour
 
 
 def few_step_scheduler(scheduler_config):
@@ -1579,8 +1583,8 @@ def train(cfg):
     track_colour = "color" in m.reward_weights and main_rank  # the toy demo: colour accuracy before and after
     held_out_seeds = list(range(1000, 1004))  # never used by training draws or the progress grids
     if track_colour and "colour_accuracy_before" not in summary:
-        summary["colour_accuracy_before"] = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution,
-                                                            cfg.precision)
+        summary["colour_accuracy_before"], summary["colour_accuracy_before_per_colour"] = colour_accuracy(
+            m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
         say(f"colour accuracy before training (held-out seeds): {summary['colour_accuracy_before']:.1%}")
         write_json(summary_path, summary)
 
@@ -1591,7 +1595,8 @@ def train(cfg):
         if not main_rank:
             return
         images = sample_images(m, grid_prompts, grid_seeds, cfg.steps, cfg.resolution, cfg.precision)
-        save_grid(images, os.path.join(out, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds)
+        save_grid(images, os.path.join(out, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds,
+                  captions=grid_prompts)  # one row per prompt, the prompt under each image
 
     # --- the loop: one optimizer step, one log line; checkpoints, grids and signals between steps ---
     from tqdm import tqdm
@@ -1646,10 +1651,11 @@ def train(cfg):
     if not main_rank:
         return m
     if track_colour:
-        summary["colour_accuracy"] = colour_accuracy(m, prompts, held_out_seeds, cfg.steps, cfg.resolution,
-                                                     cfg.precision)
+        summary["colour_accuracy"], summary["colour_accuracy_per_colour"] = colour_accuracy(
+            m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
         print(f"colour accuracy after training (held-out seeds): {summary['colour_accuracy']:.1%}  "
-              f"(before: {summary['colour_accuracy_before']:.1%})")
+              f"(before: {summary['colour_accuracy_before']:.1%}); per colour: "
+              + ", ".join(f"{c} {v:.0%}" for c, v in summary["colour_accuracy_per_colour"].items()))
     save_pipeline(m, out)
     write_json(summary_path, summary)
     lora = f", LoRA adapters in {out}/lora" if getattr(m.unet, "peft_config", None) else ""
