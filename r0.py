@@ -17,7 +17,8 @@ normalized per sample before the weighted sum (paper Fig. 8), so every step move
     E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dtheta ]  -  2 lambda (theta - theta_0)
 (then gradient clipping and AdamW). No single loss has this gradient. r0_step builds a *surrogate*,
 -<stopgrad(g), x> / B + lambda ||theta - theta_0||^2, whose negative gradient is exactly this direction (so
-descending it moves theta along it) and whose value means nothing: watch the logged rewards. No training images, no diffusion loss, no distillation loss: only prompts.
+descending it moves theta along it) and whose value means nothing: watch the logged rewards. No training images,
+no diffusion loss, no distillation loss: only prompts.
 
 Run it:
     python r0.py --tiny --prompts prompts.txt          # offline demo on CPU: tiny random models, colour reward
@@ -63,8 +64,8 @@ import torch.nn.functional as F
 # generator's output is the last step's x0_hat (for K = 6, 7 see the note in generate).
 # paper: random eta sampling during training (a regularizer: the weights must serve a whole family of generation
 # paths); our reading of its form: DDIM's eta (0: deterministic DDIM, 1: DDPM's ancestral step), drawn
-# eta ~ U[0, 1] independently per step and per sample, and eta = 0 at inference. paper: no classifier-free guidance inside the generator (one UNet
-# call per step).
+# eta ~ U[0, 1] independently per step and per sample, and eta = 0 at inference. paper: no classifier-free
+# guidance inside the generator (one UNet call per step).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain length
 
