@@ -39,6 +39,7 @@ METRICS = {
 }
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac+logos+ava1-l14-linearMSE.pth")
+# its CLIP tower comes from the hub: listed with r0.py's downloads, so that an offline machine is told at once
 r0.HUB_FILES["aesthetic"] = [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
                               ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]
 
@@ -86,6 +87,7 @@ def load_metric(name, random_size, device, dtype):
                                    torch.load(path, map_location="cpu", weights_only=True).items()})
     print(f"aesthetic: OpenAI CLIP ViT-L/14 with {clip_file}, predictor {path}")
     return r0.cast(scorer, device, dtype)
+
 
 # grid.png stays viewable however many images are sampled: each sampler's images wrap after GRID_COLUMNS, and only
 # its first GRID_MAX_IMAGES are shown (every image is written as its own PNG anyway). At SD1.5's 512 px and 4
