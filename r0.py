@@ -1616,6 +1616,7 @@ def train(cfg):
             else:
                 stats, grad_norm, applied = optimizer_step(m, optimizer, params, order, cfg, generator)  # the algorithm
             # one JSON line per step: the raw rewards are the numbers to watch (the loss value is a surrogate's)
+            # (several processes: rank 0's micro-batches only; our choice, no extra all-reduce per step for a log)
             record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
                           peak_mem_gb=peak_memory_gb(cfg.device))
             bad_steps = 0 if applied else bad_steps + 1  # consecutive skipped steps; one good step resets it
