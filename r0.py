@@ -512,67 +512,61 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
 # ===========================================================================================================
 
 # -----------------------------------------------------------------------------------------------------------
-# Config. Every default is for a real SD1.5 run on one 24 GB GPU (README: measured memory per mode and batch);
-# --tiny swaps in TINY_PRESET. Flags typed on the command line override both; unknown flags are an error.
+# Config: name -> (default, what it is). Every default is for a real SD1.5 run on one 24 GB GPU (README: measured
+# memory per mode and batch); --tiny swaps in TINY_PRESET. Each name is a flag (output_dir: --output-dir); flags
+# typed on the command line override both, and unknown flags are an error. `python r0.py --help` prints this table.
 
-DEFAULTS = dict(
-    # our choice: vanilla SD1.5 (the paper's Table 1 fine-tunes Realistic Vision, an SD1.5 fine-tune; any SD1.5-shaped
-    # diffusers model or folder can be given)
-    model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-    tiny=False,                 # tiny random-weight SD1.5-shaped models built in code (offline, CPU)
-    prompts=None,               # text file, one prompt a line ('#' comments and blank lines skipped)
-    output_dir="runs/r0",       # everything a run writes goes here
+OPTIONS = dict(
+    # our choice: vanilla SD1.5 (the paper's Table 1 fine-tunes Realistic Vision, an SD1.5 fine-tune)
+    model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
+    tiny=(False, "tiny random-weight SD1.5-shaped models built in code: offline, CPU (the demo)"),
+    prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
+    output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     # --- generator (paper 3.2, 4) ---
-    steps=4,                    # K, the number of generator steps (paper: 4). 1..8
-    resolution=512,             # image side in pixels (SD1.5 was trained at 512); a multiple of 8
-    r0_plus=False,              # R0+ (paper 4): rewards on x0_hat of a random intermediate step
+    steps=(4, "K, the number of generator steps, 1..8 (paper: 4)"),
+    resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
+    r0_plus=(False, "R0+ (paper 4): rewards on x0_hat of a random intermediate step"),
     # --- rewards --- our choice: HPS v2.1 and CLIP score at equal weight (the weights are relative pulls, since
     # gradients are normalized per reward); CLIP keeps text alignment while HPS pushes preference, each checking
-    # the other's hacking. A name without '=weight' means weight 1.0.
-    rewards="hps=1.0,clip=1.0",
-    # --- regularizers (paper 3.3) ---
-    lora_rank=64,               # 0 = full fine-tuning. our choice: LoRA 64 fits 24 GB and low rank is itself a
-                                # regularizer; full fine-tuning needs a larger GPU (README)
-    weight_reg=1e-2,            # lambda in lambda*||theta - theta_0||^2. our choice, see weight_regularization()
-    grad_clip=1.0,              # our choice: clip the global grad norm at 1.0 (standard for fine-tuning)
-    # --- optimization (the paper gives none of these) ---
-    lr=1e-4,                    # our choice: the usual LoRA rate for SD1.5; use ~1e-5 with --lora-rank 0
-    batch_size=4,               # our choice: the largest LoRA micro-batch that fits 24 GB (README). If the first
-                                # step runs out of GPU memory it halves (and grad_accum doubles)
-    grad_accum=1,               # micro-batches per optimizer step: effective batch = batch_size * grad_accum
-    max_steps=2000,             # optimizer steps. our choice
-    seed=0,
-    # --- system ---
-    device="auto",              # cuda if available, else cpu
-    precision="auto",           # bf16 autocast with fp32 trainable weights and bf16 frozen models; 'auto' = bf16
-                                # on GPU, fp32 on CPU (our choice: CPUs without bf16 units emulate it, slowly)
-    grad_checkpointing=True,    # recompute activations in backward: UNet, VAE decoder, reward towers
+    # the other's hacking.
+    rewards=("hps=1.0,clip=1.0", f"name=weight list from {', '.join(REWARD_NAMES)}; a name alone means weight 1.0"),
+    # --- regularizers (paper 3.3) --- our choice: LoRA 64 fits 24 GB and low rank is itself a regularizer; full
+    # fine-tuning needs a larger GPU (README). lambda: see weight_regularization(). Clipping: standard in fine-tuning.
+    lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
+    weight_reg=(1e-2, "lambda of lambda*||theta - theta_0||^2"),
+    grad_clip=(1.0, "max global gradient norm"),
+    # --- optimization (the paper gives none of these) --- our choice: the usual LoRA rate for SD1.5 (use ~1e-5 with
+    # --lora-rank 0); the largest LoRA micro-batch that fits 24 GB (README); if the first step runs out of GPU memory
+    # the micro-batch halves and grad_accum doubles (the same effective batch).
+    lr=(1e-4, "AdamW learning rate"),
+    batch_size=(4, "images per micro-batch"),
+    grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
+    max_steps=(2000, "optimizer steps"),
+    seed=(0, "seed of prompts, noise, eta and LoRA init"),
+    # --- system --- our choice: fp32 on CPUs, which without bf16 units emulate it, slowly
+    device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
+    precision=("auto", "bf16 (autocast; fp32 trainable weights, bf16 frozen models) or fp32; auto = bf16 on GPU, "
+                       "fp32 on CPU"),
+    grad_checkpointing=(True, "recompute activations in backward: UNet, VAE decoder, reward towers"),
     # --- logging and long runs ---
-    sample_every=100,           # a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)
-    num_sample_prompts=4,       # prompts in that grid, spread over the prompt file
-    num_sample_seeds=2,         # seeds per prompt in that grid
-    checkpoint_every=200,       # steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)
-    keep_checkpoints=3,         # older checkpoints are deleted
-    max_bad_steps=10,           # non-finite steps in a row (each skipped) before the run stops
-    resume=None,                # a run folder, or 'auto'
-    overwrite=False,            # replace a run already in output_dir
+    sample_every=(100, "a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)"),
+    num_sample_prompts=(4, "prompts in that grid, spread over the prompt file"),
+    num_sample_seeds=(2, "seeds per prompt in that grid"),
+    checkpoint_every=(200, "steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)"),
+    keep_checkpoints=(3, "keep the newest N checkpoints"),
+    max_bad_steps=(10, "stop after N non-finite steps in a row (each one skipped)"),
+    resume=(None, "a run folder to continue from its latest checkpoint, or 'auto' (= --output-dir, if it has one)"),
+    overwrite=(False, "replace the run already in --output-dir"),
 )
+DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 
-# --tiny: the same code path on tiny random-weight models, sized for a demo of a few minutes on a CPU.
-TINY_PRESET = dict(
-    output_dir="runs/tiny",
-    resolution=64,              # 8x8 latents
-    rewards="color=1.0",        # the toy reward: match the colour word of the prompt (see ColourReward)
-    lora_rank=8,
-    lr=1e-2,                    # tiny models from a miniature pretraining need a bigger step than SD1.5
-    batch_size=16,
-    max_steps=200,
-    grad_checkpointing=False,   # saves nothing worth having at this size (the tests switch it on, for the GPU path)
-    sample_every=50,
-    checkpoint_every=50,
-    num_sample_prompts=6,
-    num_sample_seeds=4,
-)
+# --tiny: the same code path on tiny random-weight models, sized for a demo of a few minutes on a CPU: 64 px (8x8
+# latents), the toy colour reward (match the prompt's colour word, see ColourReward), a bigger step than SD1.5 needs
+# (the tiny models come from a miniature pretraining), no gradient checkpointing (it saves nothing worth having at
+# this size; the tests switch it on, for the GPU path).
+TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", lora_rank=8, lr=1e-2, batch_size=16,
+                   max_steps=200, grad_checkpointing=False, sample_every=50, checkpoint_every=50, num_sample_prompts=6,
+                   num_sample_seeds=4)
 
 
 class UserError(Exception):
@@ -718,30 +712,17 @@ class Models:
     reload_base: object = None  # () -> (tokenizer, text_encoder, vae, unet) of --model at full precision (the export)
 
 
-def sd15_configs(size):
-    """Configs of SD1.5's UNet / VAE / text encoder: 'full' = the published SD1.5 shapes (for the benchmark),
-    'tiny' = the same architecture families shrunk to run in seconds on a CPU."""
-    if size == "full":  # the numbers of SD1.5's published unet/vae/text_encoder config.json files
-        unet = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-        vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                   block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
-        text = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                    num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768)
-    else:  # same block types and interfaces (4 latent channels, 77 text tokens, 49408-token vocabulary), tiny widths
-        unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-                    cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-                    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-        # four blocks = three 2x downsamples: the same 8x latent compression as SD1.5's VAE
-        vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,
-                   block_out_channels=(8, 8, 16, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
-                   up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, mid_block_add_attention=False)
-        text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                    num_attention_heads=4, max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
+def tiny_sd15_configs():
+    """Configs of the tiny UNet / VAE / text encoder: SD1.5's block types and interfaces (4 latent channels, the VAE's
+    8x compression, 77 text tokens, the 49408-token vocabulary), with widths that run in seconds on a CPU."""
+    unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+                cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+    vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,  # 4 blocks: 8x
+               block_out_channels=(8, 8, 16, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
+               up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, mid_block_add_attention=False)
+    text = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32)
     return unet, vae, text
 
 
@@ -774,33 +755,28 @@ def sd15_tokenizer_offline():
     return tokenizer
 
 
-def build_sd15_random(size="tiny", seed=0):
-    """SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code: no download. 'full' has random weights
-    (for the benchmark); 'tiny' is shrunk and given a miniature pretraining (see pretrain_tiny_denoiser).
-    'tiny' is built once per process and seed (tests need it often) and every call returns fresh copies; 'full' is
-    built anew on each call (a cached copy would hold 4 GB of RAM and inflate the benchmark's peak memory)."""
-    return copy.deepcopy(_build_tiny_cached(seed)) if size == "tiny" else _build_sd15_random(size, seed)
+def build_tiny_sd15(seed=0):
+    """Tiny SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code (no download) and given a miniature
+    pretraining (see pretrain_tiny_denoiser). Built once per process and seed (tests need it often); every call
+    returns fresh copies."""
+    return copy.deepcopy(_build_tiny_sd15(seed))
 
 
 @functools.lru_cache(maxsize=2)
-def _build_tiny_cached(seed):
-    return _build_sd15_random("tiny", seed)
-
-
-def _build_sd15_random(size, seed):
+def _build_tiny_sd15(seed):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    unet_cfg, vae_cfg, text_cfg = sd15_configs(size)
+    unet_cfg, vae_cfg, text_cfg = tiny_sd15_configs()
     with torch.random.fork_rng():  # building leaves the global RNG as it found it (cached or not)
         torch.manual_seed(seed)
         unet, vae = UNet2DConditionModel(**unet_cfg), AutoencoderKL(**vae_cfg)
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=49406, eos_token_id=49407,
                                                     pad_token_id=49407))
         tokenizer = sd15_tokenizer_offline()
-        if size == "tiny":  # our choice: miniature pretrainings, so the toy starts where R0 starts (see below)
-            pretrain_tiny_decoder(vae, seed)
-            prompts = ["a photo", "a red fox", "a blue car", "a green tree"]
-            pretrain_tiny_denoiser(unet, encode_prompts(tokenizer, text_encoder, prompts), seed)
+        # our choice: miniature pretrainings, so the toy starts where R0 starts (see below)
+        pretrain_tiny_decoder(vae, seed)
+        prompts = ["a photo", "a red fox", "a blue car", "a green tree"]
+        pretrain_tiny_denoiser(unet, encode_prompts(tokenizer, text_encoder, prompts), seed)
     return tokenizer, text_encoder, vae, unet
 
 
@@ -857,36 +833,32 @@ def fit(params, loss, steps, lr):
     opt.zero_grad(set_to_none=True)
 
 
-def build_clip_tower_random(size="tiny", seed=0):
-    """An open_clip CLIP model with random weights: 'full' = ViT-H-14 (the HPS v2.1 / CLIP-score architecture),
-    'tiny' = the same classes, shrunk. Returns (model, tokenizer)."""
+def build_tiny_clip_tower(seed=0):
+    """A tiny open_clip CLIP model with random weights: ViT-H-14's classes (the HPS v2.1 / CLIP-score architecture),
+    shrunk. Returns (model, tokenizer)."""
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
     with torch.random.fork_rng():  # leave the global RNG as we found it
         torch.manual_seed(seed)
-        model = open_clip.create_model("ViT-H-14", pretrained=None) if size == "full" else open_clip.CLIP(
+        model = open_clip.CLIP(
             embed_dim=32, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=32, image_size=224),
             text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
     return model, open_clip.get_tokenizer("ViT-H-14")  # ViT-H-14's tokenizer is open_clip's bundled BPE
 
 
-def hub_error(what, how, err):
-    """One sentence for a failed download: what was being loaded, the first line of the cause, what to do."""
-    return UserError(f"could not load {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); {how}")
-
-
 def hub_unreachable():
-    """True when there is clearly no route to the Hugging Face hub. Checked before any download so a machine
-    without network gets one clear sentence at once instead of minutes of retries."""
+    """True when there is clearly no route to the Hugging Face hub (HF_HUB_OFFLINE=1, or no connection to it and no
+    proxy that could be the route). Then only the local cache is read: one clear sentence at once, not minutes of
+    retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return True
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return False  # a proxy may be the route: let huggingface_hub try
+        return False
     import socket
     from urllib.parse import urlparse
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
-        socket.create_connection((host, 443), timeout=3).close()
+        socket.create_connection((urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname, 443),
+                                 timeout=3).close()
         return False
     except OSError:
         return True
@@ -925,18 +897,16 @@ def check_downloads(model, reward_names):
 
 
 def from_hub(load, what, how):
-    """Call load(local_files_only) with the local cache first; go to the network only if it is reachable."""
-    # 1. the local cache (or a local folder): instant, and what a pre-downloaded machine uses
-    try:
-        return load(True)
-    except Exception as err:  # not in the cache (or a local folder problem): try the network if there is one
-        if hub_unreachable():
-            raise hub_error(what, f"the hub is unreachable and it is not in the local cache; {how}", err)
-    # 2. the network: a real download (gated or misspelled repos end here, with the hub's own reason)
-    try:
-        return load(False)
-    except Exception as err:
-        raise hub_error(what, how, err)
+    """load(local_files_only): the local cache (or a local folder) first, the network only if it is reachable; a
+    failure becomes one sentence: what was being loaded, the first line of the cause, what to do (`how`)."""
+    for local in (True, False):
+        try:
+            return load(local)
+        except Exception as err:  # not in the cache, offline, a gated or misspelled repo, ...
+            if not local or hub_unreachable():
+                offline = "the hub is unreachable and it is not in the local cache; " if local else ""
+                raise UserError(f"could not load {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); "
+                                f"{offline}{how}")
 
 
 def load_sd15(model):
@@ -973,18 +943,18 @@ def check_sd15_shaped(text_encoder, vae, unet, scheduler_config):
                         "(SDXL or another family?); pass an SD1.5 model.")
 
 
-def load_reward(name, random_size, device, dtype):
-    """The reward model of a name, frozen, in `dtype` on `device`. random_size 'tiny' / 'full': the same
-    architecture with random weights (offline: tests, --tiny, the benchmark); None: the real weights."""
+def load_reward(name, tiny, device, dtype):
+    """The reward model of a name, frozen, in `dtype` on `device`: its real weights, or (tiny) a tiny twin with
+    random weights and the same classes (offline: --tiny, the tests)."""
     import open_clip
     if name == "color":
         return ColourReward()
     if name == "imagereward":
-        if random_size:  # the tiny twin reads CLIP's tokens (a BERT vocabulary would need a download)
+        if tiny:  # the tiny twin reads CLIP's tokens (a BERT vocabulary would need a download)
             with torch.random.fork_rng():
                 torch.manual_seed(1 + REWARD_NAMES.index(name))
-                tokenizer = sd15_tokenizer_offline() if random_size == "tiny" else None
-                return cast(ImageRewardReward(*imagereward_configs(random_size), tokenizer), device, dtype)
+                reward = ImageRewardReward(*imagereward_configs("tiny"), sd15_tokenizer_offline())
+            return cast(reward, device, dtype)
         from transformers import BertTokenizer
         weights, vocab = (hub_file(name, download) for download in HUB_FILES[name])
         tokenizer = BertTokenizer(vocab)  # bert-base-uncased (lower-cased), plus BLIP's two tokens, as ImageReward
@@ -994,8 +964,8 @@ def load_reward(name, random_size, device, dtype):
         print(f"{name}: BLIP ViT-L + BERT with the weights of {weights}")
         return cast(reward, device, dtype)
     assert name in ("hps", "clip"), name  # a new reward gets its own branch above this line
-    if random_size:
-        model, _ = build_clip_tower_random(random_size, seed=1 + REWARD_NAMES.index(name))
+    if tiny:
+        model, _ = build_tiny_clip_tower(seed=1 + REWARD_NAMES.index(name))
         return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
     # open_clip is handed the file itself, so it never goes to the network on its own
     path = hub_file(name, HUB_FILES[name][0])
@@ -1078,16 +1048,14 @@ def imagereward_configs(size):
     return vision, text
 
 
-def load_models(cfg, random_size=None):
-    """Everything a run needs, frozen parts frozen and in half precision, the trainable part set up.
-    random_size: 'tiny' (what --tiny uses) or 'full' (SD1.5's real architecture with random weights, for the
-    benchmark); None loads the real weights of --model."""
+def load_models(cfg):
+    """Everything a run needs (--model's weights, or with --tiny the tiny twins), frozen parts frozen and in half
+    precision, the trainable part set up."""
     device = cfg.device
     # Frozen models only run forward (and pass gradients through); bf16 halves their memory at no cost to training.
     frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
-    random_size = random_size or ("tiny" if cfg.tiny else None)
-    if random_size:
-        tokenizer, text_encoder, vae, unet = build_sd15_random(random_size, seed=cfg.seed)
+    if cfg.tiny:
+        tokenizer, text_encoder, vae, unet = build_tiny_sd15(seed=cfg.seed)
         scheduler_config = dict(SD15_SCHEDULER_CONFIG)
     else:
         check_downloads(cfg.model, parse_rewards(cfg.rewards))  # offline: every missing download in one sentence
@@ -1108,7 +1076,7 @@ def load_models(cfg, random_size=None):
             uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
             rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(device))
         else:
-            rewards[name] = load_reward(name, random_size, device, frozen_dtype)
+            rewards[name] = load_reward(name, cfg.tiny, device, frozen_dtype)
     if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
         unet.enable_gradient_checkpointing()
         vae.enable_gradient_checkpointing()
@@ -1116,8 +1084,7 @@ def load_models(cfg, random_size=None):
             if hasattr(r, "enable_gradient_checkpointing"):
                 r.enable_gradient_checkpointing()
     # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
-    reload_base = (functools.partial(build_sd15_random, random_size, cfg.seed) if random_size
-                   else lambda: load_sd15(cfg.model)[:4])
+    reload_base = functools.partial(build_tiny_sd15, cfg.seed) if cfg.tiny else lambda: load_sd15(cfg.model)[:4]
     return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod,
                   rewards, weights, device, reload_base)
 
@@ -1678,43 +1645,20 @@ def peak_memory_gb(device):
 # Command line
 
 def build_parser():
+    """One flag per OPTIONS entry, its help ending in its default (and its --tiny value, where --tiny changes it)."""
     # argument_default=SUPPRESS: only flags the user typed appear, so they can override the defaults, the --tiny
     # preset, or (on --resume) the saved config -- and we can tell which ones were typed.
     p = argparse.ArgumentParser(description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
                                 argument_default=argparse.SUPPRESS)
-    def d(key):  # "(default X)", and the --tiny value where --tiny changes it
-        return f"(default {DEFAULTS[key]}" + (f"; --tiny: {TINY_PRESET[key]})" if key in TINY_PRESET else ")")
-    p.add_argument("--model", help=f"hub id or local diffusers folder of an SD1.5 model {d('model')}")
-    p.add_argument("--tiny", action="store_true", help="tiny random-weight models, offline, CPU (the demo)")
-    p.add_argument("--prompts", help="prompt file, one prompt a line")
-    p.add_argument("--output-dir", help=f"run folder {d('output_dir')}")
-    p.add_argument("--steps", type=int, help=f"generator steps K, 1..8 {d('steps')}")
-    p.add_argument("--resolution", type=int, help=f"image side in pixels {d('resolution')}")
-    p.add_argument("--r0-plus", action="store_true", help="R0+: rewards on x0_hat of a random intermediate step")
-    p.add_argument("--rewards", help=f"name=weight list from {', '.join(REWARD_NAMES)}; a name alone means weight 1.0 "
-                                      f"{d('rewards')}")
-    p.add_argument("--lora-rank", type=int, help=f"LoRA rank; 0 = full fine-tuning {d('lora_rank')}")
-    p.add_argument("--weight-reg", type=float, help=f"lambda of lambda*||theta - theta_0||^2 {d('weight_reg')}")
-    p.add_argument("--grad-clip", type=float, help=f"max global gradient norm {d('grad_clip')}")
-    p.add_argument("--lr", type=float, help=f"AdamW learning rate {d('lr')}")
-    p.add_argument("--batch-size", type=int, help=f"images per micro-batch {d('batch_size')}")
-    p.add_argument("--grad-accum", type=int, help=f"micro-batches per optimizer step {d('grad_accum')}")
-    p.add_argument("--max-steps", type=int, help=f"optimizer steps {d('max_steps')}")
-    p.add_argument("--seed", type=int, help=f"{d('seed')}")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:1, ... (default auto)")
-    p.add_argument("--precision", choices=["auto", "bf16", "fp32"],
-                   help="bf16 autocast (frozen models in bf16) or fp32; auto = bf16 on GPU, fp32 on CPU")
-    p.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction,
-                   help=f"recompute activations in backward {d('grad_checkpointing')}")
-    p.add_argument("--sample-every", type=int, help=f"progress grid every N steps {d('sample_every')}")
-    p.add_argument("--num-sample-prompts", type=int, help=f"prompts in the progress grid {d('num_sample_prompts')}")
-    p.add_argument("--num-sample-seeds", type=int, help=f"seeds per prompt in the grid {d('num_sample_seeds')}")
-    p.add_argument("--checkpoint-every", type=int, help=f"checkpoint every N steps {d('checkpoint_every')}")
-    p.add_argument("--keep-checkpoints", type=int, help=f"keep the newest N checkpoints {d('keep_checkpoints')}")
-    p.add_argument("--max-bad-steps", type=int, help=f"stop after N non-finite steps in a row {d('max_bad_steps')}")
-    p.add_argument("--resume", help="a run folder to continue from its latest checkpoint, or 'auto' (= --output-dir, "
-                                    "if it has a checkpoint)")
-    p.add_argument("--overwrite", action="store_true", help="replace the run already in --output-dir")
+    for name, (default, what) in OPTIONS.items():
+        if default not in (None, False):
+            what += f" (default {default}" + (f"; --tiny: {TINY_PRESET[name]})" if name in TINY_PRESET else ")")
+        flag = "--" + name.replace("_", "-")
+        if isinstance(default, bool):  # on/off; one that is on by default also gets its --no-... form
+            p.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true", help=what)
+        else:
+            p.add_argument(flag, type=type(default) if default is not None else str, help=what,
+                           choices=["auto", "bf16", "fp32"] if name == "precision" else None)
     return p
 
 

@@ -63,13 +63,13 @@ class AestheticScore(torch.nn.Module):
         return self.layers(emb).squeeze(-1).float()  # (B,)
 
 
-def load_metric(name, random_size, device, dtype):
-    """A --score metric's model, frozen, in dtype on device (random_size 'tiny': random-weight twins, offline)."""
+def load_metric(name, tiny, device, dtype):
+    """A --score metric's model, frozen, in dtype on device (tiny: random-weight tiny twins, offline)."""
     if name != "aesthetic":
-        return r0.load_reward(name, random_size, device, dtype)
+        return r0.load_reward(name, tiny, device, dtype)
     import open_clip
-    if random_size:
-        model, _ = r0.build_clip_tower_random(random_size, seed=7)
+    if tiny:
+        model, _ = r0.build_tiny_clip_tower(seed=7)
         return r0.cast(AestheticScore(model, dim=model.visual.output_dim), device, dtype)
     clip_file = r0.hub_file(name, r0.HUB_FILES[name][0])
     model = open_clip.create_model("ViT-L-14", pretrained=clip_file, force_quick_gelu=True)  # OpenAI's CLIP: QuickGELU
@@ -130,7 +130,7 @@ def load_models(args, device, dtype):
         pipeline_dir, run_cfg = find_run(args.run)
         generator = r0.load_sd15(pipeline_dir)
     elif args.tiny:  # an untrained tiny model: checks the whole path offline
-        generator = (*r0.build_sd15_random("tiny", args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
+        generator = (*r0.build_tiny_sd15(args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
     else:  # any SD1.5 folder or hub id, e.g. the base model plus --lora
         generator = r0.load_sd15(args.model)
     base = None
@@ -162,10 +162,10 @@ def load_base(args, run_cfg):
     """The model R0 started from: the run's --model (or its tiny twin), else --model / a fresh tiny model."""
     if run_cfg is not None:  # the run's config names its base: its --model, or the tiny twin of its seed
         if run_cfg.tiny:
-            return (*r0.build_sd15_random("tiny", run_cfg.seed), dict(r0.SD15_SCHEDULER_CONFIG))
+            return (*r0.build_tiny_sd15(run_cfg.seed), dict(r0.SD15_SCHEDULER_CONFIG))
         return r0.load_sd15(run_cfg.model)
     if args.tiny or args.run:
-        return (*r0.build_sd15_random("tiny", args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
+        return (*r0.build_tiny_sd15(args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
     return r0.load_sd15(args.model)
 
 
@@ -394,7 +394,7 @@ def run(args):
 
     # --- score every row with the same reward models ---
     if args.score:
-        scorers = {n: load_metric(n, "tiny" if tiny else None, device, dtype) for n in names if n != "color"}
+        scorers = {n: load_metric(n, tiny, device, dtype) for n in names if n != "color"}
         table = []
         for label, evals, images, secs in rows:
             scores = score(images, all_prompts, scorers, device)

@@ -39,7 +39,7 @@ def tiny_cfg(tmp_path, *extra):
 @pytest.fixture(scope="module")
 def tiny():
     """(tokenizer, text_encoder, vae, unet) of the tiny SD1.5 twin, fp32, eval mode."""
-    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    tok, te, vae, unet = r0.build_tiny_sd15(seed=0)
     return tok, te.eval(), vae.eval(), unet.eval()
 
 
@@ -187,7 +187,7 @@ def test_frozen_bf16_models_without_autocast_give_the_autocast_pixels_and_image_
     import contextlib
     tok, te, vae, _ = tiny
     vae = r0.cast(copy.deepcopy(vae).requires_grad_(False).eval(), "cpu", torch.bfloat16)
-    model, _ = r0.build_clip_tower_random("tiny", seed=1)
+    model, _ = r0.build_tiny_clip_tower(seed=1)
     tower = r0.ClipFamilyReward("hps", r0.cast(model, "cpu", torch.bfloat16), __import__("open_clip").get_tokenizer("ViT-H-14"))
     z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     prompts = ["a red fox", "a blue car"]
@@ -443,7 +443,7 @@ def test_reward_tower_layout_change_keeps_scores_and_gradients_and_avoids_the_sl
             return func(*args, **(kwargs or {}))
 
     reward = r0.load_reward("hps", "tiny", device="cpu", dtype=torch.float32)
-    plain, _ = r0.build_clip_tower_random("tiny", seed=1)  # the same weights, open_clip's default layout
+    plain, _ = r0.build_tiny_clip_tower(seed=1)  # the same weights, open_clip's default layout
     plain.requires_grad_(False).eval()
     assert reward.model.visual.transformer.batch_first is False and plain.visual.transformer.batch_first is True
     prompts = ["a red fox", "a blue car"]
@@ -557,7 +557,7 @@ def test_weight_regularizer_keeps_no_weight_sized_tensor_for_the_backward(tmp_pa
 def test_lora_regularizer_equals_the_merged_weight_change(tmp_path):
     cfg = tiny_cfg(tmp_path, "--lora-rank", "4", "--precision", "fp32")
     m = r0.load_models(cfg)
-    source = lambda: r0.build_sd15_random("tiny", seed=cfg.seed)[3]  # the base UNet at full precision
+    source = lambda: r0.build_tiny_sd15(seed=cfg.seed)[3]  # the base UNet at full precision
     base = r0.merged_unet(m.unet, source()).state_dict()
     with torch.no_grad():
         for p in r0.trainable_parameters(m.unet):
@@ -781,7 +781,7 @@ def test_exported_pipeline_holds_the_source_weights_at_full_precision_after_a_bf
                    "--sample-every", "1000")
     assert cfg.precision == "bf16" and cfg.lora_rank > 0
     m = r0.train(cfg)
-    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=cfg.seed)  # the source, fp32
+    tok, te, vae, unet = r0.build_tiny_sd15(seed=cfg.seed)  # the source, fp32
     pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "run" / "pipeline", local_files_only=True)
     for exported, source in ((pipe.vae, vae), (pipe.text_encoder, te)):
         src = source.state_dict()
@@ -815,7 +815,7 @@ def test_saved_pipeline_reproduces_generate_and_lora_weights_load_onto_the_base(
     torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
     # the trained model differs from the base model, and the LoRA file turns the base into the trained model
     base = copy.deepcopy(pipe)
-    base.unet = r0.build_sd15_random("tiny", seed=0)[3]
+    base.unet = r0.build_tiny_sd15(seed=0)[3]
     with torch.no_grad():
         before = base(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="latent").images
         base.load_lora_weights(run / "lora")
@@ -874,7 +874,7 @@ def test_sample_py_accepts_pipeline_folder_and_base_model_with_lora(tiny_run, tm
     # the base model (here: a diffusers folder holding the tiny base) plus the run's LoRA adapters
     base_dir = tmp_path / "base"
     from diffusers import StableDiffusionPipeline
-    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    tok, te, vae, unet = r0.build_tiny_sd15(seed=0)
     StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                             scheduler=r0.few_step_scheduler(r0.SD15_SCHEDULER_CONFIG), safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(base_dir)
@@ -986,7 +986,7 @@ def test_sample_py_base_row_uses_the_base_models_own_ddim_schedule(tiny_run, tmp
     sample.sample_base(base, ["a red fox"], [0], 64, 1)
     check(built[0])
     # --model with --lora: the base row reads the --model's own config (here a PNDM one, as SD1.5 ships)
-    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    tok, te, vae, unet = r0.build_tiny_sd15(seed=0)
     StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet,
                             scheduler=PNDMScheduler.from_config(r0.SD15_SCHEDULER_CONFIG), safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path / "base")
@@ -1102,7 +1102,7 @@ def test_library_noise_is_kept_off_the_console():
     that the HPS weights go into ('No pretrained weights loaded ... initialized randomly'), casting diffusers models
     to bf16 ('modules that should be kept in float32: []'): none of it reaches the console."""
     code = ("import logging, r0, torch, open_clip, diffusers; r0.quiet_libraries(); "
-            "open_clip.create_model('ViT-B-32', pretrained=None); unet_cfg, vae_cfg, _ = r0.sd15_configs('tiny'); "
+            "open_clip.create_model('ViT-B-32', pretrained=None); unet_cfg, vae_cfg, _ = r0.tiny_sd15_configs(); "
             "r0.cast(diffusers.AutoencoderKL(**vae_cfg), 'cpu', torch.bfloat16); "
             "r0.cast(diffusers.UNet2DConditionModel(**unet_cfg), 'cpu', torch.bfloat16); "
             "logging.getLogger('x').error('errors still show')")
@@ -1168,12 +1168,12 @@ def test_torchrun_two_processes_average_their_gradients_hold_one_generator_and_r
     # the bit (AdamW's first steps are nearly sign(gradient): any rounding difference shows)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    r0._build_tiny_cached.cache_clear()
+    r0._build_tiny_sd15.cache_clear()
     try:
         one_thread_part(out, flags, torchrun)
     finally:
         torch.set_num_threads(threads)
-        r0._build_tiny_cached.cache_clear()  # the other tests' tiny models are built with this process's threads
+        r0._build_tiny_sd15.cache_clear()  # the other tests' tiny models are built with this process's threads
 
 
 def one_thread_part(out, flags, torchrun):
@@ -1476,7 +1476,7 @@ def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp
     assert "cannot write to --output-dir" in capsys.readouterr().err
     # a local diffusers folder whose scheduler predicts v (SD2-style): refused, and no run folder appears
     from diffusers import StableDiffusionPipeline
-    tok, te, vae, unet = r0.build_sd15_random("tiny", seed=0)
+    tok, te, vae, unet = r0.build_tiny_sd15(seed=0)
     scheduler = r0.few_step_scheduler({**r0.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
     StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tok, unet=unet, scheduler=scheduler, safety_checker=None,
                             feature_extractor=None, requires_safety_checker=False).save_pretrained(tmp_path / "v_model")
@@ -1490,7 +1490,8 @@ def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp
 
 # ----------------------------------------------------------------------------------------------------------------
 # Benchmark, not a test: speed and memory on SD1.5's real architecture (UNet 860M, VAE, text encoder) and two
-# full-size ViT-H-14 reward towers, all with random weights built in code (offline, the same builders as --tiny).
+# full-size ViT-H-14 reward towers, all with random weights built in code (offline: r0.py's --tiny path, its
+# builders swapped for the full-size ones below in the worker processes).
 #   R0_BENCHMARK=1 python -m pytest -s -q test_r0.py -k benchmark
 # Knobs (environment; default on a GPU / on a CPU):
 #   R0_BENCH_MODES      lora,lora+,full,full+,sampling / lora,lora+,sampling
@@ -1504,6 +1505,32 @@ def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp
 
 BENCH_MODES = {"lora": ("64", False), "lora+": ("64", True), "full": ("0", False), "full+": ("0", True)}
 BENCH_SIZE = os.environ.get("R0_BENCH_SIZE", "full")
+
+
+def full_size_sd15(seed=0):
+    """SD1.5's (tokenizer, text_encoder, vae, unet) at their published shapes (the numbers of its unet/vae/text_encoder
+    config.json files), with random weights."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+                                        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    return r0.sd15_tokenizer_offline(), text, vae, unet
+
+
+def full_size_clip_tower(seed=0):
+    """open_clip's ViT-H-14 (the HPS v2.1 / CLIP-score architecture) with random weights, and its tokenizer."""
+    import open_clip
+    torch.manual_seed(seed)
+    return open_clip.create_model("ViT-H-14", pretrained=None), open_clip.get_tokenizer("ViT-H-14")
 
 
 def bench_timed(fn, repeats, device):
@@ -1581,9 +1608,10 @@ def bench_mode(mode, resolution, device, precision, rewards, repeats, batch_size
                 "--resolution", str(resolution), "--batch-size", str(batch), "--grad-accum", "1",
                 "--precision", precision, "--rewards", rewards] + (["--r0-plus"] if plus else [])
         cfg = r0.resolve_config(r0.build_parser().parse_args(argv))
+        cfg.tiny = True  # r0.py's own builders, no download (in a worker process they build the full size)
         try:
             if m is None:
-                m = r0.load_models(cfg, random_size=BENCH_SIZE)
+                m = r0.load_models(cfg)
                 params = r0.trainable_parameters(m.unet)
                 optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=device.startswith("cuda"))
                 order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator(device).manual_seed(0)
@@ -1657,7 +1685,7 @@ def bench_sampling(resolution, device, precision, repeats, batches):
     import sample
     precision = {"auto": "bf16" if device.startswith("cuda") else "fp32"}.get(precision, precision)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    m = sample.as_models((*r0.build_sd15_random(BENCH_SIZE), dict(r0.SD15_SCHEDULER_CONFIG)), device, dtype)
+    m = sample.as_models((*r0.build_tiny_sd15(), dict(r0.SD15_SCHEDULER_CONFIG)), device, dtype)
     pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
                                    scheduler=r0.few_step_scheduler(m.scheduler_config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
@@ -1699,8 +1727,8 @@ def bench_sampling(resolution, device, precision, repeats, batches):
 
 def memory_model():
     """Parameter counts of the full-size models, for the memory model (bf16 frozen, fp32 trainable, AdamW 2x)."""
-    tok, te, vae, unet = r0.build_sd15_random("full")
-    tower, _ = r0.build_clip_tower_random("full")
+    tok, te, vae, unet = full_size_sd15()
+    tower, _ = full_size_clip_tower()
     n = {"unet": sum(p.numel() for p in unet.parameters()), "vae": sum(p.numel() for p in vae.parameters()),
          "text": sum(p.numel() for p in te.parameters()), "tower": sum(p.numel() for p in tower.parameters())}
     from peft import LoraConfig
@@ -1778,6 +1806,8 @@ def test_benchmark():
 
 
 if __name__ == "__main__":  # the benchmark's worker processes
+    if BENCH_SIZE == "full":  # r0.py's tiny builders give SD1.5 and ViT-H-14 at their real sizes here instead
+        r0.build_tiny_sd15, r0.build_tiny_clip_tower = full_size_sd15, full_size_clip_tower
     if sys.argv[1] == "bench-mode":
         if sys.argv[4] == "cpu":  # out of RAM, the kernel should kill this worker, not the process that waits for it
             with open("/proc/self/oom_score_adj", "w") as f:
