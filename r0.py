@@ -41,6 +41,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -48,6 +49,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
@@ -622,23 +624,22 @@ COLOURS = {
     "red": (0.85, 0.10, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.90, 0.15),
     "green": (0.15, 0.65, 0.20), "blue": (0.10, 0.25, 0.85), "purple": (0.50, 0.15, 0.65),
     "pink": (0.95, 0.55, 0.75), "brown": (0.45, 0.28, 0.12), "black": (0.05, 0.05, 0.05),
-    "white": (0.95, 0.95, 0.95), "gray": (0.50, 0.50, 0.50), "grey": (0.50, 0.50, 0.50),
+    "white": (0.95, 0.95, 0.95), "gray": (0.50, 0.50, 0.50),
 }
-_COLOUR_WORD = re.compile(r"\b(" + "|".join(COLOURS) + r")\b", re.IGNORECASE)
+_COLOUR_WORD = re.compile(r"\b(" + "|".join([*COLOURS, "grey"]) + r")\b", re.IGNORECASE)
 
 
 def colour_of(prompt):
-    """The first colour word of the prompt ('a red fox in green grass' -> 'red'), or None."""
+    """The first colour word of the prompt ('a red fox in green grass' -> 'red'; 'grey' -> 'gray'), or None."""
     m = _COLOUR_WORD.search(prompt)
-    return m.group(1).lower() if m else None
+    return m.group(1).lower().replace("grey", "gray") if m else None
 
 
 def dominant_colour(pixels):
     """(B,3,H,W) in [0,1] -> the palette word nearest to each image's mean colour (used for colour accuracy)."""
-    names = [n for n in COLOURS if n != "grey"]
-    palette = torch.tensor([COLOURS[n] for n in names], device=pixels.device)  # (P,3)
+    palette = torch.tensor(list(COLOURS.values()), device=pixels.device)  # (P,3)
     mean = pixels.float().mean(dim=(2, 3))  # (B,3)
-    return [names[i] for i in torch.cdist(mean, palette).argmin(dim=1).tolist()]
+    return [list(COLOURS)[i] for i in torch.cdist(mean, palette).argmin(dim=1).tolist()]
 
 
 class ColourReward(torch.nn.Module):
@@ -717,7 +718,8 @@ def tiny_sd15_configs():
     8x compression, 77 text tokens, the 49408-token vocabulary), with widths that run in seconds on a CPU."""
     unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                 cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
     vae = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, sample_size=64,  # 4 blocks: 8x
                block_out_channels=(8, 8, 16, 16), norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 4,
                up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215, mid_block_add_attention=False)
@@ -756,9 +758,8 @@ def sd15_tokenizer_offline():
 
 
 def build_tiny_sd15(seed=0):
-    """Tiny SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code (no download) and given a miniature
-    pretraining (see pretrain_tiny_denoiser). Built once per process and seed (tests need it often); every call
-    returns fresh copies."""
+    """Tiny SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code with a miniature pretraining (see below);
+    once per process and seed (tests need it often), every call returning fresh copies."""
     return copy.deepcopy(_build_tiny_sd15(seed))
 
 
@@ -780,18 +781,15 @@ def _build_tiny_sd15(seed):
     return tokenizer, text_encoder, vae, unet
 
 
-# Approximate linear map from SD1.5's (scaled) latent channels to RGB in [-1,1], the one latent-preview tools use:
-# SD1.5's VAE is close to linear in colour. Rows: latent channels; columns: R, G, B.
-SD15_LATENT_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350), (-0.2829, 0.1762, 0.2721),
-                   (-0.2120, -0.2616, -0.7177))
-
-
 def pretrain_tiny_decoder(vae, seed, steps=100, batch=16, lr=1e-2):
     """Our choice, for the tiny models only: teach the tiny VAE decoder SD1.5's colour behaviour (latent channel
-    means map almost linearly to RGB, SD15_LATENT_RGB). A random decoder paints mid-gray whatever the latent (its
-    GroupNorms standardize global shifts away), which would leave the colour reward nothing to learn from."""
+    means map almost linearly to RGB). A random decoder paints mid-gray whatever the latent (its GroupNorms
+    standardize global shifts away), which would leave the colour reward nothing to learn from."""
     g = torch.Generator().manual_seed(seed)
-    latent_rgb = torch.tensor(SD15_LATENT_RGB)  # (4,3)
+    # SD1.5's approximate linear map from (scaled) latent channels (rows) to R, G, B in [-1,1] (columns), the one
+    # latent-preview tools use: its VAE is close to linear in colour
+    latent_rgb = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+                               [-0.2120, -0.2616, -0.7177]])  # (4,3)
     h = vae.config.sample_size // 8
 
     def loss():
@@ -848,8 +846,7 @@ def build_tiny_clip_tower(seed=0):
 
 def hub_unreachable():
     """True when there is clearly no route to the Hugging Face hub (HF_HUB_OFFLINE=1, or no connection to it and no
-    proxy that could be the route). Then only the local cache is read: one clear sentence at once, not minutes of
-    retries."""
+    proxy that could be the route): then only the local cache is read, not minutes of retries."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return True
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -1022,12 +1019,12 @@ def imagereward_key_map(state):
     """ImageReward.pt's state dict -> ImageRewardReward's (strict). An unknown key is refused, never half-loaded."""
     out = {}
     for key, value in state.items():
-        rule = next(((p, r) for p, r in IMAGEREWARD_KEY_RULES if re.fullmatch(p, key)), None)
-        if rule is None and key not in IMAGEREWARD_UNUSED_KEYS:
+        match = next((m.expand(r) for p, r in IMAGEREWARD_KEY_RULES if (m := re.fullmatch(p, key))), None)
+        if match is not None:
+            out[match] = value
+        elif key not in IMAGEREWARD_UNUSED_KEYS:
             raise UserError(f"unexpected key '{key}' in the ImageReward checkpoint; is it THUDM/ImageReward's "
                             "ImageReward.pt? Re-download it.")
-        if rule is not None:
-            out[re.fullmatch(rule[0], key).expand(rule[1])] = value
     return out
 
 
@@ -1065,8 +1062,8 @@ def load_models(cfg):
     alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
     # Frozen (paper): the text encoder and the VAE never change; requires_grad_(False) means the backward pass
     # goes *through* the VAE decoder to the generator without storing gradients for the decoder's own weights.
-    cast(text_encoder.requires_grad_(False).eval(), device, frozen_dtype)
-    cast(vae.requires_grad_(False).eval(), device, frozen_dtype)
+    for module in (text_encoder, vae):
+        cast(module.requires_grad_(False).eval(), device, frozen_dtype)
     frozen_unet = make_trainable(unet, cfg, device, frozen_dtype)  # theta (LoRA or all weights) and theta_0
     # The reward models, one per --rewards name (frozen, half precision; loaded once and kept on the device)
     weights = parse_rewards(cfg.rewards)
@@ -1077,12 +1074,10 @@ def load_models(cfg):
             rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(device))
         else:
             rewards[name] = load_reward(name, cfg.tiny, device, frozen_dtype)
-    if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
-        unet.enable_gradient_checkpointing()
-        vae.enable_gradient_checkpointing()
-        for r in rewards.values():
-            if hasattr(r, "enable_gradient_checkpointing"):
-                r.enable_gradient_checkpointing()
+    # --grad-checkpointing: trade compute for memory on every module the backward passes through
+    for module in (unet, vae, *rewards.values()) if cfg.grad_checkpointing else ():
+        if hasattr(module, "enable_gradient_checkpointing"):
+            module.enable_gradient_checkpointing()
     # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
     reload_base = functools.partial(build_tiny_sd15, cfg.seed) if cfg.tiny else lambda: load_sd15(cfg.model)[:4]
     return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod,
@@ -1115,11 +1110,6 @@ def load_prompts(path):
         raise UserError(f"prompt file '{path}' holds no prompts (only blank lines or '#' comments); "
                         "add one prompt a line.")
     return prompts
-
-
-def sample_prompts(prompts, n):
-    """n prompts spread evenly over the file: the fixed prompts of the progress grids."""
-    return [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(min(n, len(prompts)))]
 
 
 @torch.no_grad()
@@ -1171,18 +1161,17 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
 
 
 @torch.no_grad()
-def colour_accuracy(m, prompts, seeds, steps, resolution, precision):
-    """(share of generated images whose dominant colour is the prompt's colour word, {colour: its share}); prompts
-    without a colour word are skipped."""
+def colour_accuracy(m, prompts, cfg, seeds=range(1000, 1004)):
+    """(share of generated images whose dominant colour is the prompt's colour word, {colour: its share}), for every
+    prompt that names a colour at held-out seeds (never used by training draws or the progress grids)."""
     pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]  # every colour prompt x every seed
     if not pairs:
         return float("nan"), {}
-    images = sample_images(m, [p for p, _ in pairs], [s for _, s in pairs], steps, resolution, precision)
-    hits = [(colour_of(p).replace("grey", "gray"), got == colour_of(p).replace("grey", "gray"))
-            for got, (p, _) in zip(dominant_colour(images), pairs)]
-    per_colour = {c: sum(h for c2, h in hits if c2 == c) / sum(c2 == c for c2, _ in hits)
-                  for c in sorted({c for c, _ in hits})}
-    return sum(h for _, h in hits) / len(hits), per_colour
+    images = sample_images(m, [p for p, _ in pairs], [s for _, s in pairs], cfg.steps, cfg.resolution, cfg.precision)
+    wanted = [colour_of(p) for p, _ in pairs]
+    hit = [w == got for w, got in zip(wanted, dominant_colour(images))]
+    per_colour = {c: sum(h for w, h in zip(wanted, hit) if w == c) / wanted.count(c) for c in sorted(set(wanted))}
+    return sum(hit) / len(hit), per_colour
 
 
 def few_step_scheduler(scheduler_config):
@@ -1210,11 +1199,10 @@ def merged_unet(unet, base):
 
 
 def save_pipeline(m, out_dir):
-    """<out>/pipeline: a standard diffusers folder whose scheduler is the few-step DDIM one, so
-    StableDiffusionPipeline.from_pretrained(out/pipeline)(prompt, num_inference_steps=4, guidance_scale=1.0)
-    reproduces our sampler. Its weights are fp32: the text encoder and VAE exactly as in --model (reloaded, since
-    training holds bf16 copies), the UNet with the trained change folded in. LoRA runs also write
-    <out>/lora/pytorch_lora_weights.safetensors, loadable onto the base model with pipe.load_lora_weights(out/lora)."""
+    """<out>/pipeline: a standard diffusers folder (fp32: --model's text encoder and VAE, the trained UNet from
+    merged_unet) whose scheduler is the few-step DDIM one, so StableDiffusionPipeline.from_pretrained(out/pipeline)(
+    prompt, num_inference_steps=4, guidance_scale=1.0) reproduces our sampler. LoRA runs also write <out>/lora, for
+    pipe.load_lora_weights(out/lora) on the base model."""
     from diffusers import StableDiffusionPipeline
     tokenizer, text_encoder, vae, base_unet = m.reload_base()
     pipe = StableDiffusionPipeline(
@@ -1258,8 +1246,7 @@ class PromptOrder:
         """The next n prompts; a new shuffled epoch starts whenever the current one runs out."""
         out = []
         while len(out) < n:
-            if not self.queue:
-                self.queue = self.rng.sample(self.prompts, len(self.prompts))
+            self.queue = self.queue or self.rng.sample(self.prompts, len(self.prompts))
             out.append(self.queue.pop())
         return out
 
@@ -1267,8 +1254,7 @@ class PromptOrder:
         return {"rng": self.rng.getstate(), "queue": list(self.queue)}
 
     def load_state_dict(self, state):
-        version, internal, gauss = state["rng"]  # Python's RNG state, as random.getstate() returns it
-        self.rng.setstate((version, tuple(internal), gauss))
+        self.rng.setstate(state["rng"])
         self.queue = list(state["queue"])
 
 
@@ -1339,9 +1325,7 @@ def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
 
 class StopOnSignal:
     """SIGINT / SIGTERM: finish the current step, save a checkpoint, exit. A second signal exits at once."""
-
-    def __init__(self):
-        self.signum = None
+    signum = None  # the signal received, if any
 
     def __call__(self, signum, frame):
         if self.signum is not None:
@@ -1374,7 +1358,6 @@ def init_distributed(cfg):
     cfg.rank, cfg.world_size = 0, 1
     if "RANK" not in os.environ:  # not started by torchrun
         return
-    import torch.distributed as dist
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(cfg.device)
@@ -1383,7 +1366,7 @@ def init_distributed(cfg):
 
 
 def several_ranks():
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
+    return dist.is_available() and dist.is_initialized()
 
 
 def average_gradients_over_ranks(params, finite):
@@ -1392,12 +1375,10 @@ def average_gradients_over_ranks(params, finite):
     all of them. Returns whether the step goes ahead. One process: returns `finite`, untouched."""
     if not several_ranks():
         return finite
-    import torch.distributed as dist
     if any_rank(not finite, params[0].device):
         return False
-    for p in params:
-        if p.grad is None:  # (a weight that took no part in this rank's graph)
-            p.grad = torch.zeros_like(p)
+    for p in (p for p in params if p.grad is None):  # (a weight that took no part in this rank's graph)
+        p.grad = torch.zeros_like(p)
     for work in [dist.all_reduce(p.grad, async_op=True) for p in params]:  # sums (gloo has no mean)
         work.wait()
     torch._foreach_div_([p.grad for p in params], dist.get_world_size())
@@ -1409,7 +1390,7 @@ def any_rank(flag, device):
     if not several_ranks():
         return bool(flag)
     t = torch.tensor([float(flag)], device=device)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
 
 
@@ -1417,8 +1398,8 @@ def gather_from_ranks(obj):
     """[obj of rank 0, obj of rank 1, ...], on every rank; [obj] for one process."""
     if not several_ranks():
         return [obj]
-    out = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(out, obj)
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
     return out
 
 
@@ -1463,36 +1444,18 @@ def check_output_dir(cfg):
     return existing
 
 
-def create_output_dir(cfg, existing):
-    """After the models loaded: make the folder; --overwrite removes the previous run's files (and only those)."""
-    import shutil
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    for f in existing:
-        path = os.path.join(cfg.output_dir, f)
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-
-def write_json(path, obj):
-    """Write-then-rename, so a crash never leaves a half-written config or summary."""
+def write_atomic(path, text):
+    """Write-then-rename, so a crash never leaves a half-written config, summary or log."""
     with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2)
+        f.write(text)
     os.replace(path + ".tmp", path)
 
 
 def write_config(cfg):
     """<out>/config.json: the resolved config (defaults + preset + flags), what a resume starts from. (Rank 0 writes.)"""
     if getattr(cfg, "rank", 0) == 0:
-        write_json(os.path.join(cfg.output_dir, "config.json"),
-                   {k: v for k, v in vars(cfg).items() if k not in ("resume_checkpoint", "rank")})
-
-
-def warn_long_prompts(tokenizer, prompts):
-    """One warning (not one per prompt) for prompts that CLIP's 77-token window will cut."""
-    lengths = [len(ids) for ids in tokenizer(prompts, truncation=False, verbose=False).input_ids]
-    too_long = sum(n > tokenizer.model_max_length for n in lengths)
-    if too_long:
-        print(f"warning: {too_long} of {len(prompts)} prompts are longer than CLIP's {tokenizer.model_max_length}-token "
-              f"limit (longest: {max(lengths)} tokens); they are truncated, as SD1.5 itself does.")
+        saved = {k: v for k, v in vars(cfg).items() if k not in ("resume_checkpoint", "rank")}
+        write_atomic(os.path.join(cfg.output_dir, "config.json"), json.dumps(saved, indent=2))
 
 
 def train(cfg):
@@ -1512,51 +1475,53 @@ def train(cfg):
     torch.manual_seed(cfg.seed + cfg.rank)
     random.seed(cfg.seed + cfg.rank)
     m = load_models(cfg)  # may fail (no network, not SD1.5): still nothing written
-    if resume_from is None and main_rank:
-        create_output_dir(cfg, existing)
+    if resume_from is None and main_rank:  # now the folder; --overwrite removes the previous run's files (only those)
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        for path in (os.path.join(cfg.output_dir, f) for f in existing):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
 
     # --- optimizer and the run's random streams, each rank its own (all of them go into checkpoints) ---
     params = trainable_parameters(m.unet)
     optimizer = make_optimizer(params, cfg)
     generator = torch.Generator(cfg.device).manual_seed(cfg.seed + cfg.rank)  # latents, eta, noise, R0+ step, cfg t
     order = PromptOrder(prompts, cfg.seed + cfg.rank)
-    if main_rank:
-        warn_long_prompts(m.tokenizer, prompts)
+    lengths = [len(ids) for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids]
+    if max(lengths) > m.tokenizer.model_max_length:  # one warning, not one per prompt
+        say(f"warning: {sum(n > m.tokenizer.model_max_length for n in lengths)} of {len(prompts)} prompts are longer "
+            f"than CLIP's {m.tokenizer.model_max_length}-token limit (longest: {max(lengths)} tokens); they are "
+            "truncated, as SD1.5 itself does.")
     out = cfg.output_dir
-    log_path, summary_path = os.path.join(out, "log.jsonl"), os.path.join(out, "summary.json")
-    log_path = log_path if main_rank else os.devnull  # the other ranks log nowhere
+    summary_path = os.path.join(out, "summary.json")
+    log_path = os.path.join(out, "log.jsonl") if main_rank else os.devnull  # the other ranks log nowhere
     summary = {}
     start = 0
     if resume_from:
         start = load_checkpoint(resume_from, m, optimizer, generator, order, prompts_hash, cfg)
         if main_rank:  # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
             lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-            with open(log_path + ".tmp", "w") as f:
-                f.writelines(line + "\n" for line in lines if json.loads(line)["step"] <= start)
-            os.replace(log_path + ".tmp", log_path)
+            write_atomic(log_path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= start))
             summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
         say(f"resumed from {resume_from} (step {start})")
         if start >= cfg.max_steps:
             say(f"the run is already at step {start} of --max-steps {cfg.max_steps}: nothing to train; the pipeline "
                   "and summary are written again from its last checkpoint (raise --max-steps to train further).")
-    n_params = sum(p.numel() for p in params)
     cfg.effective_batch = cfg.batch_size * cfg.grad_accum * cfg.world_size  # images per optimizer step
     say(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
-        f" | {n_params / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | {cfg.device} | "
+        f" | {sum(p.numel() for p in params) / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps"
+        f" | {cfg.device} | "
         f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {cfg.world_size} process"
         f"{'es' if cfg.world_size > 1 else ''} = {cfg.effective_batch} images per step")
-    # the resolved config (defaults + preset + flags) is what a resume starts from
     write_config(cfg)
 
     track_colour = "color" in m.reward_weights and main_rank  # the toy demo: colour accuracy before and after
-    held_out_seeds = list(range(1000, 1004))  # never used by training draws or the progress grids
     if track_colour and "colour_accuracy_before" not in summary:
-        summary["colour_accuracy_before"], summary["colour_accuracy_before_per_colour"] = colour_accuracy(
-            m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
+        before = colour_accuracy(m, prompts, cfg)
+        summary["colour_accuracy_before"], summary["colour_accuracy_before_per_colour"] = before
         say(f"colour accuracy before training (held-out seeds): {summary['colour_accuracy_before']:.1%}")
-        write_json(summary_path, summary)
+        write_atomic(summary_path, json.dumps(summary, indent=2))
 
-    fixed_prompts = sample_prompts(prompts, cfg.num_sample_prompts)  # the progress grid: fixed prompts x seeds
+    n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
+    fixed_prompts = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
     grid_prompts = [p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)]
     grid_seeds = [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)]
     def write_grid(step):
@@ -1578,10 +1543,9 @@ def train(cfg):
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            if step == start:  # the first step of this process: halve the micro-batch if the GPU runs out of memory
-                stats, grad_norm, applied = first_step(m, optimizer, params, order, cfg, generator)
-            else:
-                stats, grad_norm, applied = optimizer_step(m, optimizer, params, order, cfg, generator)  # the algorithm
+            # the algorithm (this process's first step halves the micro-batch if the GPU runs out of memory)
+            step_fn = first_step if step == start else optimizer_step
+            stats, grad_norm, applied = step_fn(m, optimizer, params, order, cfg, generator)
             # one JSON line per step: the raw rewards are the numbers to watch (the loss value is a surrogate's)
             # (several processes: rank 0's micro-batches only; our choice, no extra all-reduce per step for a log)
             record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
@@ -1620,13 +1584,12 @@ def train(cfg):
     if not main_rank:
         return m
     if track_colour:
-        summary["colour_accuracy"], summary["colour_accuracy_per_colour"] = colour_accuracy(
-            m, prompts, held_out_seeds, cfg.steps, cfg.resolution, cfg.precision)
+        summary["colour_accuracy"], summary["colour_accuracy_per_colour"] = colour_accuracy(m, prompts, cfg)
         print(f"colour accuracy after training (held-out seeds): {summary['colour_accuracy']:.1%}  "
               f"(before: {summary['colour_accuracy_before']:.1%}); per colour: "
               + ", ".join(f"{c} {v:.0%}" for c, v in summary["colour_accuracy_per_colour"].items()))
     save_pipeline(m, out)
-    write_json(summary_path, summary)
+    write_atomic(summary_path, json.dumps(summary, indent=2))
     lora = f", LoRA adapters in {out}/lora" if getattr(m.unet, "peft_config", None) else ""
     print(f"done: progress grids in {out}/samples, diffusers pipeline in {out}/pipeline{lora}, checkpoints in "
           f"{out}/checkpoints, log in {out}/log.jsonl, summary in {out}/summary.json")
@@ -1675,8 +1638,7 @@ def resolve_config(args):
         run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
         found = checkpoint_files(run_dir)
         if found:
-            with open(os.path.join(run_dir, "config.json")) as f:
-                saved = json.load(f)
+            saved = json.loads(open(os.path.join(run_dir, "config.json")).read())
             changed = sorted(k for k, v in typed.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
             if changed:
                 raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
@@ -1746,7 +1708,7 @@ def main(argv=None):
         sys.exit(130)
     finally:
         if several_ranks():
-            torch.distributed.destroy_process_group()
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -231,8 +231,7 @@ def score(images, prompts, scorers, device):
     colour_prompts = [(img, p) for img, p in zip(images, prompts) if r0.colour_of(p)]
     if colour_prompts:
         got = r0.dominant_colour(torch.stack([img for img, _ in colour_prompts]))
-        result["colour acc %"] = [100.0 * (g == r0.colour_of(p).replace("grey", "gray"))
-                                  for g, (_, p) in zip(got, colour_prompts)]
+        result["colour acc %"] = [100.0 * (g == r0.colour_of(p)) for g, (_, p) in zip(got, colour_prompts)]
     return result
 
 
