@@ -637,9 +637,9 @@ def colour_of(prompt):
 
 def dominant_colour(pixels):
     """(B,3,H,W) in [0,1] -> the palette word nearest to each image's mean colour (used for colour accuracy)."""
-    palette = torch.tensor(list(COLOURS.values()), device=pixels.device)  # (P,3)
+    names, palette = list(COLOURS), torch.tensor(list(COLOURS.values()), device=pixels.device)  # P names, (P,3)
     mean = pixels.float().mean(dim=(2, 3))  # (B,3)
-    return [list(COLOURS)[i] for i in torch.cdist(mean, palette).argmin(dim=1).tolist()]
+    return [names[i] for i in torch.cdist(mean, palette).argmin(dim=1).tolist()]
 
 
 class ColourReward(torch.nn.Module):
@@ -1074,10 +1074,10 @@ def load_models(cfg):
             rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(device))
         else:
             rewards[name] = load_reward(name, cfg.tiny, device, frozen_dtype)
-    # --grad-checkpointing: trade compute for memory on every module the backward passes through
-    for module in (unet, vae, *rewards.values()) if cfg.grad_checkpointing else ():
-        if hasattr(module, "enable_gradient_checkpointing"):
-            module.enable_gradient_checkpointing()
+    if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
+        for module in (unet, vae, *rewards.values()):
+            if hasattr(module, "enable_gradient_checkpointing"):
+                module.enable_gradient_checkpointing()
     # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
     reload_base = functools.partial(build_tiny_sd15, cfg.seed) if cfg.tiny else lambda: load_sd15(cfg.model)[:4]
     return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod,
@@ -1614,14 +1614,14 @@ def build_parser():
     p = argparse.ArgumentParser(description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
                                 argument_default=argparse.SUPPRESS)
     for name, (default, what) in OPTIONS.items():
-        if default not in (None, False):
+        if default is not None and default is not False:  # (seed's 0 is a default to show)
             what += f" (default {default}" + (f"; --tiny: {TINY_PRESET[name]})" if name in TINY_PRESET else ")")
         flag = "--" + name.replace("_", "-")
         if isinstance(default, bool):  # on/off; one that is on by default also gets its --no-... form
             p.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true", help=what)
         else:
-            p.add_argument(flag, type=type(default) if default is not None else str, help=what,
-                           choices=["auto", "bf16", "fp32"] if name == "precision" else None)
+            choices = ["auto", "bf16", "fp32"] if name == "precision" else None  # the one flag with a fixed set
+            p.add_argument(flag, type=type(default) if default is not None else str, choices=choices, help=what)
     return p
 
 
@@ -1638,7 +1638,8 @@ def resolve_config(args):
         run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
         found = checkpoint_files(run_dir)
         if found:
-            saved = json.loads(open(os.path.join(run_dir, "config.json")).read())
+            with open(os.path.join(run_dir, "config.json")) as f:
+                saved = json.load(f)
             changed = sorted(k for k, v in typed.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
             if changed:
                 raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "

@@ -284,7 +284,7 @@ def make_rewards(tiny_models, names=("hps", "clip", "imagereward", "color", "cfg
             rewards[name] = r0.ImplicitCfgReward(r0.make_base_eps(unet, copy.deepcopy(unet)), uncond,
                                                  r0.sd15_alphas_cumprod())
         else:
-            rewards[name] = r0.load_reward(name, "tiny", device="cpu", dtype=torch.float32)
+            rewards[name] = r0.load_reward(name, True, device="cpu", dtype=torch.float32)
     return rewards
 
 
@@ -395,7 +395,7 @@ def test_imagereward_checkpoint_keys_map_onto_our_model_key_for_key_and_shape():
 def test_imagereward_gradient_checkpointing_recomputes_both_towers_and_changes_nothing():
     """--grad-checkpointing reaches ImageReward's two transformers towers (each layer 0 runs again in the backward),
     with the same scores and image gradients; the reward stays in eval mode (its head's dropout off)."""
-    reward = r0.load_reward("imagereward", "tiny", "cpu", torch.float32)
+    reward = r0.load_reward("imagereward", True, "cpu", torch.float32)
     prompts = ["a red fox in the snow", "a blue car"]
 
     def run():
@@ -418,7 +418,7 @@ def test_imagereward_gradient_checkpointing_recomputes_both_towers_and_changes_n
 
 
 def test_clip_family_reward_is_the_cosine_of_open_clip_features():
-    reward = r0.load_reward("hps", "tiny", device="cpu", dtype=torch.float32)
+    reward = r0.load_reward("hps", True, device="cpu", dtype=torch.float32)
     pixels = torch.rand(2, 3, 64, 64)
     prompts = ["a red fox", "a blue car"]
     with torch.no_grad():
@@ -442,7 +442,7 @@ def test_reward_tower_layout_change_keeps_scores_and_gradients_and_avoids_the_sl
             self.seen.add(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    reward = r0.load_reward("hps", "tiny", device="cpu", dtype=torch.float32)
+    reward = r0.load_reward("hps", True, device="cpu", dtype=torch.float32)
     plain, _ = r0.build_tiny_clip_tower(seed=1)  # the same weights, open_clip's default layout
     plain.requires_grad_(False).eval()
     assert reward.model.visual.transformer.batch_first is False and plain.visual.transformer.batch_first is True
@@ -1498,7 +1498,7 @@ def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp
 #   R0_BENCH_RES        512 / 256              pixels
 #   R0_BENCH_BATCHES    1,2,4,8,16 / 1,2       each mode stops at the first batch size that runs out of memory
 #   R0_BENCH_PRECISION  auto                   r0.py's --precision: bf16 on a GPU, fp32 on a CPU
-#   R0_BENCH_REWARDS    hps=1.0,clip=1.0       r0.py's --rewards (two ViT-H-14 towers)
+#   R0_BENCH_REWARDS    hps=1.0,clip=1.0       r0.py's --rewards (two ViT-H-14 towers); full size: hps, clip, cfg
 #   R0_BENCH_REPEATS    5 / 1                  timed repeats after one warm-up
 #   R0_BENCH_SIZE       full                   'tiny' checks the benchmark code itself in seconds
 # Each mode runs in its own process (a clean peak-memory reading). It prints figures; it asserts no timings.
@@ -1509,28 +1509,32 @@ BENCH_SIZE = os.environ.get("R0_BENCH_SIZE", "full")
 
 def full_size_sd15(seed=0):
     """SD1.5's (tokenizer, text_encoder, vae, unet) at their published shapes (the numbers of its unet/vae/text_encoder
-    config.json files), with random weights."""
+    config.json files), with random weights. Like r0.py's builders, it leaves the global RNG as it found it."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    torch.manual_seed(seed)
-    unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                                block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                                down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                                up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-                        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
-    text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-                                        projection_dim=768, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407))
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                                    block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                    attention_head_dim=8, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                                    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+        vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
+                            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+                            up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215)
+        text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=768, intermediate_size=3072,
+                                            num_hidden_layers=12, num_attention_heads=12, max_position_embeddings=77,
+                                            hidden_act="quick_gelu", projection_dim=768, bos_token_id=49406,
+                                            eos_token_id=49407, pad_token_id=49407))
     return r0.sd15_tokenizer_offline(), text, vae, unet
 
 
 def full_size_clip_tower(seed=0):
     """open_clip's ViT-H-14 (the HPS v2.1 / CLIP-score architecture) with random weights, and its tokenizer."""
     import open_clip
-    torch.manual_seed(seed)
-    return open_clip.create_model("ViT-H-14", pretrained=None), open_clip.get_tokenizer("ViT-H-14")
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = open_clip.create_model("ViT-H-14", pretrained=None)
+    return model, open_clip.get_tokenizer("ViT-H-14")
 
 
 def bench_timed(fn, repeats, device):
@@ -1609,6 +1613,8 @@ def bench_mode(mode, resolution, device, precision, rewards, repeats, batch_size
                 "--precision", precision, "--rewards", rewards] + (["--r0-plus"] if plus else [])
         cfg = r0.resolve_config(r0.build_parser().parse_args(argv))
         cfg.tiny = True  # r0.py's own builders, no download (in a worker process they build the full size)
+        assert not (BENCH_SIZE == "full" and "imagereward" in rewards), \
+            "no full-size ImageReward here (r0.py's --tiny builds a tiny one): leave it out of R0_BENCH_REWARDS"
         try:
             if m is None:
                 m = r0.load_models(cfg)
