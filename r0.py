@@ -539,7 +539,7 @@ OPTIONS = dict(
     grad_clip=(1.0, "max global gradient norm"),
     # --- optimization (the paper gives none of these) --- our choice: the usual LoRA rate for SD1.5 (use ~1e-5 with
     # --lora-rank 0); the largest LoRA micro-batch that fits 24 GB (README); if the first step runs out of GPU memory
-    # the micro-batch halves and grad_accum doubles (the same effective batch).
+    # the micro-batch halves and grad_accum doubles (the same effective batch); 2000 steps, not tuned (README).
     lr=(1e-4, "AdamW learning rate"),
     batch_size=(4, "images per micro-batch"),
     grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
