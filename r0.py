@@ -33,12 +33,14 @@ method (config, matching and speed details, loading, checkpoints, the loop, the 
 import argparse
 import contextlib
 import copy
+import datetime
 import functools
 import gzip
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
@@ -250,14 +252,14 @@ class ImageRewardReward(torch.nn.Module):
         return torch.stack(ids).to(self.mlp[0].weight.device), torch.stack(mask).to(self.mlp[0].weight.device)
 
     def forward(self, pixels, prompts, text_emb=None):
-        image = clip_preprocess(pixels, 224).to(self.mlp[0].weight.dtype)  # (B,3,224,224)
+        image = clip_preprocess(pixels, 224).to(self.vision.dtype)  # (B,3,224,224)
         input_ids, attention_mask = self.tokens(prompts)  # (B,35) each
         with own_dtype(pixels.device):  # the frozen model computes in its own dtype
             image_embeds = self.vision(pixel_values=image).last_hidden_state  # (B,197,D), final LayerNorm included
             image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
             h = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                           encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
-            raw = self.mlp(h).squeeze(-1).float()  # (B,)
+            raw = self.mlp(h.float()).squeeze(-1)  # (B,) the head in fp32 (ImageReward: .float() on this feature)
         return (raw - self.MEAN) / self.STD  # (B,), about N(0,1) over ImageReward's data
 
     def enable_gradient_checkpointing(self):
@@ -486,10 +488,9 @@ def make_optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 
-def optimizer_step(m, optimizer, params, order, cfg, generator):
-    """One optimizer step over --grad-accum micro-batches: the mean of their gradients, clipped (our choice: global
-    norm 1.0), then AdamW. A non-finite loss, reward or gradient skips the update: weights and optimizer state stay
-    exactly as they were. Returns (stats, grad_norm before clipping, applied)."""
+def accumulate_gradients(m, order, cfg, generator):
+    """Forward and backward of --grad-accum micro-batches: p.grad then holds the gradient of the mean of their losses.
+    Returns (their stats, averaged; whether every loss and reward was finite)."""
     stats_sum, finite = {}, True
     for _ in range(cfg.grad_accum):
         loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)  # order: PromptOrder, shuffled epochs
@@ -499,13 +500,26 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
             (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
         for k, v in stats.items():
             stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+    return stats_sum, finite
+
+
+def apply_update(optimizer, params, cfg, finite):
+    """Clip the gradient (our choice: global norm 1.0), then AdamW. A non-finite loss, reward or gradient skips the
+    update: weights and optimizer state stay exactly as they were. Returns (grad norm before clipping, applied)."""
     finite = average_gradients_over_ranks(params, finite)  # several GPUs only (Plumbing: "Several GPUs")
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
     applied = finite and math.isfinite(grad_norm)
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
-    return stats_sum, grad_norm, applied
+    return grad_norm, applied
+
+
+def optimizer_step(m, optimizer, params, order, cfg, generator):
+    """One optimizer step: the mean gradient of --grad-accum micro-batches, clipped, then AdamW.
+    Returns (stats, grad norm before clipping, applied)."""
+    stats, finite = accumulate_gradients(m, order, cfg, generator)
+    return stats, *apply_update(optimizer, params, cfg, finite)
 
 
 # ===========================================================================================================
@@ -595,7 +609,9 @@ def clip_preprocess(pixels, size=224):
     new_long = int(size * long / short)  # torchvision's rule for Resize(int): the longer side is truncated
     new_hw = (size, new_long) if H <= W else (new_long, size)
     x = F.interpolate(pixels, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
-    # PIL's bicubic output is stored as uint8, so it is clamped to [0,1]; clamp too (bicubic overshoots edges).
+    # our choice: clamp the bicubic overshoot at sharp edges, as open_clip's PIL transform does (it stores uint8), so
+    # that scores agree with how images are scored at evaluation. HPSv2's evaluation and ImageReward's ReFL resize
+    # float tensors unclamped; here an overshooting pixel of the resized image passes no gradient (edges only).
     x = x.clamp(0, 1)
     top = int(round((new_hw[0] - size) / 2.0))  # torchvision's center_crop offsets
     left = int(round((new_hw[1] - size) / 2.0))
@@ -878,13 +894,14 @@ def in_cache(repo, filename):
     return path if isinstance(path, str) else None
 
 
-def check_downloads(model, reward_names):
+def check_downloads(model, downloads, also_missing=()):
     """Before anything loads: if the hub is unreachable, one sentence names every download the run lacks (the base
-    model, each reward's weights) with the command that fetches it, instead of one failure per run."""
-    missing = []
+    model, each of `downloads`: HUB_FILES entries, and `also_missing`) with the command that fetches it, instead of one
+    failure per file."""
+    missing = list(also_missing)
     if model and not os.path.isdir(model) and not in_cache(model, "model_index.json"):
-        missing.append(f"the SD1.5 model '{model}' (hf download {model})")
-    for what, repo, files in (download for name in reward_names for download in HUB_FILES.get(name, [])):
+        missing.insert(0, f"the SD1.5 model '{model}' (hf download {model})")
+    for what, repo, files in downloads:
         if not any(in_cache(repo, f) for f in files):
             missing.append(f"the {what} (hf download {repo} {files[0]})")
     if missing and hub_unreachable():
@@ -933,6 +950,10 @@ def check_sd15_shaped(text_encoder, vae, unet, scheduler_config):
     if scheduler_config.get("beta_schedule") != "scaled_linear" or scheduler_config.get("num_train_timesteps") != 1000:
         raise UserError("the base model's noise schedule is not SD1.5's (scaled_linear, 1000 steps); "
                         "pass an SD1.5 model.")
+    changed = [k for k in ("trained_betas", "rescale_betas_zero_snr") if scheduler_config.get(k)]
+    if changed:  # sd15_alphas_cumprod rebuilds the schedule from beta_start/beta_end alone: it would ignore these
+        raise UserError(f"the base model's scheduler sets {' and '.join(changed)}, a noise schedule other than SD1.5's "
+                        "that this file does not rebuild; pass an SD1.5 model with the standard schedule.")
     if unet.config.in_channels != 4 or vae.config.latent_channels != 4:
         raise UserError("the base model's UNet/VAE are not SD1.5-shaped (4 latent channels); pass an SD1.5 model.")
     if unet.config.cross_attention_dim != text_encoder.config.hidden_size or unet.config.addition_embed_type:
@@ -951,15 +972,16 @@ def load_reward(name, tiny, device, dtype):
             with torch.random.fork_rng():
                 torch.manual_seed(1 + REWARD_NAMES.index(name))
                 reward = ImageRewardReward(*imagereward_configs("tiny"), sd15_tokenizer_offline())
-            return cast(reward, device, dtype)
-        from transformers import BertTokenizer
-        weights, vocab = (hub_file(name, download) for download in HUB_FILES[name])
-        tokenizer = BertTokenizer(vocab)  # bert-base-uncased (lower-cased), plus BLIP's two tokens, as ImageReward
-        tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-        reward = ImageRewardReward(*imagereward_configs("full"), tokenizer)
-        reward.load_state_dict(imagereward_key_map(torch.load(weights, map_location="cpu", weights_only=True)))
-        print(f"{name}: BLIP ViT-L + BERT with the weights of {weights}")
-        return cast(reward, device, dtype)
+        else:
+            from transformers import BertTokenizer
+            weights, vocab = (hub_file(name, download) for download in HUB_FILES[name])
+            tokenizer = BertTokenizer(vocab)  # bert-base-uncased (lower-cased) plus BLIP's two tokens, as ImageReward
+            tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+            reward = ImageRewardReward(*imagereward_configs("full"), tokenizer)
+            reward.load_state_dict(imagereward_key_map(load_tensors(weights, "ImageReward checkpoint")))
+            print(f"{name}: BLIP ViT-L + BERT with the weights of {weights}")
+        cast(reward, device, dtype).mlp.float()  # the towers in dtype, the head in fp32 (as ImageReward computes it)
+        return reward
     assert name in ("hps", "clip"), name  # a new reward gets its own branch above this line
     if tiny:
         model, _ = build_tiny_clip_tower(seed=1 + REWARD_NAMES.index(name))
@@ -971,12 +993,26 @@ def load_reward(name, tiny, device, dtype):
         model = open_clip.create_model("ViT-H-14", pretrained=path)
     else:  # HPS v2.1 is a full fine-tune of ViT-H-14 (both towers), saved as a training checkpoint under 'state_dict'
         model = open_clip.create_model("ViT-H-14", pretrained=None)  # the architecture; the weights come next
-        state = torch.load(path, map_location="cpu", weights_only=False)["state_dict"]
+        state = load_tensors(path, "HPS v2.1 checkpoint")["state_dict"]  # HPSv2's own loader reads this key
         # strict=False tolerates extra keys of newer/older open_clip versions; a *missing* key means a wrong file
         missing, _ = model.load_state_dict(state, strict=False)
         if missing:
             raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
     return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
+
+
+def load_tensors(path, what):
+    """torch.load that cannot run code: weights_only=True reads tensors, numbers, strings and containers only (all
+    that r0.py's checkpoints and the rewards' weight files hold), so a tampered file in a cache, or in a run folder
+    someone hands you, is refused instead of executed. One sentence on failure."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a plain {what}: it holds Python objects that could run code when loaded, so "
+                        "it was refused unread; use a file from a source you trust (weights: download them again).")
+    except (RuntimeError, EOFError) as err:  # truncated or not a torch file at all
+        raise UserError(f"{path} is not a readable {what} ({str(err).splitlines()[0][:100]}); use an intact copy "
+                        "(weights: download them again).")
 
 
 def hub_file(name, download):
@@ -1034,7 +1070,7 @@ def imagereward_configs(size):
     from transformers import BlipTextConfig, BlipVisionConfig
     full = size == "full"
     vision = BlipVisionConfig(  # BLIP's ViT-L/16 at 224: exact GELU, LayerNorm eps 1e-6
-        hidden_size=1024 if full else 64, intermediate_size=4096 if full else 128, num_hidden_layers=24 if full else 2,
+        hidden_size=1024 if full else 64, intermediate_size=4096 if full else 256, num_hidden_layers=24 if full else 2,
         num_attention_heads=16 if full else 2, image_size=224, patch_size=16 if full else 32, hidden_act="gelu",
         layer_norm_eps=1e-6, initializer_range=0.02)
     text = BlipTextConfig(  # med_config.json: BERT-base, 30522 + [DEC] + [ENC] tokens (the tiny twin: CLIP's 49408)
@@ -1055,7 +1091,8 @@ def load_models(cfg):
         tokenizer, text_encoder, vae, unet = build_tiny_sd15(seed=cfg.seed)
         scheduler_config = dict(SD15_SCHEDULER_CONFIG)
     else:
-        check_downloads(cfg.model, parse_rewards(cfg.rewards))  # offline: every missing download in one sentence
+        downloads = [d for name in parse_rewards(cfg.rewards) for d in HUB_FILES.get(name, [])]
+        check_downloads(cfg.model, downloads)  # offline: every missing download in one sentence
         tokenizer, text_encoder, vae, unet, scheduler_config = load_sd15(cfg.model)
     check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # refuse SDXL, v-prediction, ... before any work
     # the schedule is computed from the model's own config (and must match SD1.5's, checked just above)
@@ -1074,6 +1111,10 @@ def load_models(cfg):
             rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(device))
         else:
             rewards[name] = load_reward(name, cfg.tiny, device, frozen_dtype)
+    random_towers = [name for name in rewards if cfg.tiny and name not in ("color", "cfg")]
+    if random_towers and getattr(cfg, "rank", 0) == 0:
+        print(f"note: --tiny builds {', '.join(random_towers)} as tiny towers with random weights, not the real "
+              "reward models: training against them checks the code path, not image quality.")
     if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
         for module in (unet, vae, *rewards.values()):
             if hasattr(module, "enable_gradient_checkpointing"):
@@ -1119,7 +1160,8 @@ def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batc
     (a run's progress grids). The results stay on the device until the end: no host sync per batch."""
     noise = torch.stack([initial_noise(s, resolution, "cpu") for s in seeds]).to(m.device)  # (N,4,h,w), one copy
     fp32_unet = precision == "bf16" and any(p.dtype == torch.float32 for p in m.unet.parameters())
-    images = []
+    batch_size = batch_size if eta == 0 else 1  # eta > 0: each image draws its noise from its own seed, so that it
+    images = []                                 # does not depend on the batch it lands in
     for i in range(0, len(prompts), batch_size):
         gen = torch.Generator(m.device).manual_seed(seeds[i])  # the eta>0 draws; unused at eta=0
         text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts[i : i + batch_size])
@@ -1276,7 +1318,7 @@ def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_
         "ranks": gather_from_ranks({  # every process's random streams (one process: a list of one)
             "generator": generator.get_state(),  # latents, eta, noise, R0+ step, cfg timesteps
             "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "cuda_rng": torch.cuda.get_rng_state(cfg.device) if cfg.device.startswith("cuda") else None,  # its GPU's
             "python_rng": random.getstate(),  # (NumPy is not used for randomness)
             "order": order.state_dict(),
             "weights_sum": torch.stack([p.detach().double().sum() for p in trainable_parameters(m.unet)]).sum().item()}),
@@ -1305,7 +1347,7 @@ def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_
 
 def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
     """Restore a save_checkpoint() file into freshly built models / optimizer / generators. Returns its step."""
-    state = torch.load(path, map_location="cpu", weights_only=False)  # our own file: holds Python RNG state
+    state = load_tensors(path, "r0.py checkpoint")
     if state["prompts_sha256"] != prompts_hash:  # the saved data order would index into different prompts
         raise UserError(f"the prompts in {state['config']['prompts']} differ from those the run was trained on; resume "
                         "with the same prompt file, or start a new run.")
@@ -1316,8 +1358,8 @@ def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
     mine = state["ranks"][cfg.rank]
     generator.set_state(mine["generator"])
     torch.set_rng_state(mine["torch_rng"])
-    if mine["cuda_rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(mine["cuda_rng"])
+    if mine["cuda_rng"] is not None and cfg.device.startswith("cuda"):  # (resolve_config refused a cpu <-> cuda move)
+        torch.cuda.set_rng_state(mine["cuda_rng"], cfg.device)
     random.setstate(mine["python_rng"])
     order.load_state_dict(mine["order"])
     return state["step"]
@@ -1361,7 +1403,10 @@ def init_distributed(cfg):
     if cfg.device.startswith("cuda"):
         cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
         torch.cuda.set_device(cfg.device)
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo")
+    # our choice: a 2-hour timeout for every collective (NCCL's default is 10 minutes). Rank 0 alone writes
+    # checkpoints (full fine-tuning: ~10 GB), progress grids and the colour measurements while the others wait in the
+    # next collective: a slow disk must not turn that wait into a crash. A rank that dies stops torchrun at once anyway.
+    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
     cfg.rank, cfg.world_size = dist.get_rank(), dist.get_world_size()
 
 
@@ -1407,24 +1452,36 @@ def gather_from_ranks(obj):
 # Training loop
 
 def first_step(m, optimizer, params, order, cfg, generator):
-    """optimizer_step; if the GPU runs out of memory, again at half the micro-batch and twice the accumulation (the
-    same effective batch and random draws). At batch 1 (or another odd batch) it stops with advice."""
+    """optimizer_step, for a micro-batch that may not fit the GPU: if any rank runs out of memory in the forward or
+    backward, every rank retries at half the micro-batch and twice the accumulation (the same effective batch: exactly
+    what a run started at the smaller batch computes). At batch 1 (or another odd batch) it stops with advice."""
     rng = (generator.get_state(), order.state_dict())
     while True:
         try:
-            return optimizer_step(m, optimizer, params, order, cfg, generator)
+            stats, finite = accumulate_gradients(m, order, cfg, generator)
+            out_of_memory = False
         except torch.OutOfMemoryError:
-            optimizer.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-            if cfg.batch_size % 2:
-                raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size}; use --batch-size 1 with a larger "
-                                "--grad-accum, --r0-plus, a smaller --lora-rank or --resolution, or a larger GPU.")
-            cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
+            out_of_memory = True
+        # the ranks decide together, before any gradient is exchanged: a rank retrying alone would split the replicas
+        if not any_rank(out_of_memory, cfg.device):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.empty_cache()
+        if cfg.batch_size % 2:
+            raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size}; use --batch-size 1 with a larger "
+                            "--grad-accum, --r0-plus, a smaller --lora-rank or --resolution, or a larger GPU.")
+        cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
+        if cfg.rank == 0:
             print(f"out of GPU memory: retrying with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} "
                   "(the same effective batch)")
-            generator.set_state(rng[0])  # the retry draws what the first try drew
-            order.load_state_dict(rng[1])
-            write_config(cfg)  # a --resume continues with the batch that fits
+        generator.set_state(rng[0])  # the step starts again from its first draw
+        order.load_state_dict(rng[1])
+        write_config(cfg)  # a --resume continues with the batch that fits
+    try:
+        return stats, *apply_update(optimizer, params, cfg, finite)
+    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this: AdamW's state does not shrink with it
+        raise UserError("out of GPU memory in the update itself (on its first step AdamW allocates its state, two "
+                        "fp32 copies of the trainable weights); train LoRA (a smaller --lora-rank) or use a larger GPU.")
 
 
 def check_output_dir(cfg):
@@ -1607,12 +1664,23 @@ def peak_memory_gb(device):
 # -----------------------------------------------------------------------------------------------------------
 # Command line
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a mistyped flag refused in one sentence (not the whole usage first), and no abbreviations: a
+    flag is taken only as spelled in --help (--prompt is not --prompts)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
+    def error(self, message):
+        raise UserError(f"{message}; `python {self.prog} --help` lists every flag.")
+
+
 def build_parser():
     """One flag per OPTIONS entry, its help ending in its default (and its --tiny value, where --tiny changes it)."""
     # argument_default=SUPPRESS: only flags the user typed appear, so they can override the defaults, the --tiny
     # preset, or (on --resume) the saved config -- and we can tell which ones were typed.
-    p = argparse.ArgumentParser(description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
-                                argument_default=argparse.SUPPRESS)
+    p = Parser(prog="r0.py", description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
+               argument_default=argparse.SUPPRESS)
     for name, (default, what) in OPTIONS.items():
         if default is not None and default is not False:  # (seed's 0 is a default to show)
             what += f" (default {default}" + (f"; --tiny: {TINY_PRESET[name]})" if name in TINY_PRESET else ")")
@@ -1633,7 +1701,7 @@ def resolve_config(args):
     if typed.get("tiny"):
         cfg.update(TINY_PRESET)
     cfg.update(typed)
-    cfg["resume_checkpoint"] = None  # the file a resumed run starts from, found below
+    cfg["resume_checkpoint"], trained_on = None, None  # the file a resumed run starts from, and its device
     if cfg["resume"]:
         run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
         found = checkpoint_files(run_dir)
@@ -1647,6 +1715,7 @@ def resolve_config(args):
                                 "start a new run for that.")
             # the run's own config, plus the harmless flags just typed; it keeps writing into its own folder
             cfg = {**saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
+            trained_on = saved["device"]
         elif cfg["resume"] != "auto":  # 'auto' without a checkpoint simply starts fresh
             raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir}/checkpoints; pass the --output-dir "
                             "of a run that has saved one.")
@@ -1654,10 +1723,17 @@ def resolve_config(args):
     # --- validation: each mistake a user can make gets one sentence that says what to do ---
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
-    if cfg.precision == "auto":
-        cfg.precision = "bf16" if cfg.device.startswith("cuda") else "fp32"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device} asked for a GPU but PyTorch sees none; use --device cpu.")
+    if cfg.precision == "auto":  # bf16 where the GPU computes it natively (Ampere and newer), else fp32
+        cfg.precision = "bf16" if cfg.device.startswith("cuda") and torch.cuda.is_bf16_supported(False) else "fp32"
+        if cfg.device.startswith("cuda") and cfg.precision == "fp32":
+            print("note: this GPU has no native bf16 (it is older than Ampere): training in fp32, which needs more "
+                  "memory than the README's bf16 table.")
+    if trained_on and torch.device(trained_on).type != torch.device(cfg.device).type:
+        raise UserError(f"--resume cannot move a run from {trained_on} to {cfg.device}: its random streams (noise, "
+                        f"eta) are {torch.device(trained_on).type}'s and do not continue on another kind of device; "
+                        f"resume it on {torch.device(trained_on).type}, or start a new run.")
     if not 1 <= cfg.steps <= 8:
         raise UserError(f"--steps must be between 1 and 8 (the paper uses 4), got {cfg.steps}.")
     for name in ("batch_size", "grad_accum", "max_steps", "resolution", "sample_every", "num_sample_prompts",

@@ -39,9 +39,11 @@ METRICS = {
 }
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac+logos+ava1-l14-linearMSE.pth")
-# its CLIP tower comes from the hub: listed with r0.py's downloads, so that an offline machine is told at once
-r0.HUB_FILES["aesthetic"] = [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
-                              ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]
+AESTHETIC_PATH = os.path.join(torch.hub.get_dir(), "r0", os.path.basename(AESTHETIC_URL))  # where it is kept
+# the hub downloads of each metric (r0.py's rewards: their own; the aesthetic predictor's CLIP tower), so that an
+# offline machine is told at once what is missing
+DOWNLOADS = {**r0.HUB_FILES, "aesthetic": [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
+                                            ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]}
 
 
 class AestheticScore(torch.nn.Module):
@@ -58,9 +60,9 @@ class AestheticScore(torch.nn.Module):
         self.requires_grad_(False).eval()
 
     def forward(self, pixels, prompts=None):  # the prompt plays no part
-        dtype = self.layers[0].weight.dtype
+        dtype = next(self.clip.parameters()).dtype
         emb = self.clip.encode_image(r0.clip_preprocess(pixels, 224).to(dtype), normalize=True)
-        return self.layers(emb).squeeze(-1).float()  # (B,)
+        return self.layers(emb.float()).squeeze(-1)  # (B,) the head in fp32, as the predictor's own code runs it
 
 
 def load_metric(name, tiny, device, dtype):
@@ -70,23 +72,25 @@ def load_metric(name, tiny, device, dtype):
     import open_clip
     if tiny:
         model, _ = r0.build_tiny_clip_tower(seed=7)
-        return r0.cast(AestheticScore(model, dim=model.visual.output_dim), device, dtype)
-    clip_file = r0.hub_file(name, r0.HUB_FILES[name][0])
-    model = open_clip.create_model("ViT-L-14", pretrained=clip_file, force_quick_gelu=True)  # OpenAI's CLIP: QuickGELU
-    path = os.path.join(torch.hub.get_dir(), "r0", os.path.basename(AESTHETIC_URL))
-    if not os.path.isfile(path):
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            torch.hub.download_url_to_file(AESTHETIC_URL, path, progress=False)
-        except Exception as err:
-            raise r0.UserError(f"could not download the aesthetic predictor's weights ({type(err).__name__}); fetch "
-                               f"{AESTHETIC_URL} into {path} on a machine with network, or leave aesthetic out of "
-                               "--score-with.")
-    scorer = AestheticScore(model)
-    scorer.layers.load_state_dict({k.removeprefix("layers."): v for k, v in
-                                   torch.load(path, map_location="cpu", weights_only=True).items()})
-    print(f"aesthetic: OpenAI CLIP ViT-L/14 with {clip_file}, predictor {path}")
-    return r0.cast(scorer, device, dtype)
+        scorer = AestheticScore(model, dim=model.visual.output_dim)
+    else:
+        clip_file = r0.hub_file(name, DOWNLOADS[name][0])
+        model = open_clip.create_model("ViT-L-14", pretrained=clip_file, force_quick_gelu=True)  # OpenAI CLIP: QuickGELU
+        path = AESTHETIC_PATH
+        if not os.path.isfile(path):
+            try:
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                torch.hub.download_url_to_file(AESTHETIC_URL, path, progress=False)
+            except Exception as err:
+                raise r0.UserError(f"could not download the aesthetic predictor's weights ({type(err).__name__}); "
+                                   f"fetch {AESTHETIC_URL} into {path} on a machine with network, or leave aesthetic "
+                                   "out of --score-with.")
+        scorer = AestheticScore(model)
+        scorer.layers.load_state_dict({k.removeprefix("layers."): v for k, v in
+                                       r0.load_tensors(path, "aesthetic predictor").items()})
+        print(f"aesthetic: OpenAI CLIP ViT-L/14 with {clip_file}, predictor {path}")
+    r0.cast(scorer, device, dtype).layers.float()  # the CLIP tower in dtype, the head in fp32
+    return scorer
 
 
 # grid.png stays viewable however many images are sampled: each sampler's images wrap after GRID_COLUMNS, and only
@@ -286,7 +290,8 @@ def save_sampler_grid(rows, captions, path):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Few-step images from an R0 generator (optionally vs the base model, scored)")
+    p = r0.Parser(prog="sample.py", description="Few-step images from an R0 generator (optionally vs the base model, "
+                                                "scored)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="an r0.py run folder (or its pipeline/ folder)")
     src.add_argument("--model", help="any SD1.5 diffusers folder or hub id (e.g. with --lora)")
@@ -298,7 +303,8 @@ def build_parser():
     p.add_argument("--out", default="samples", help="output folder")
     p.add_argument("--steps", default=None, help="generator steps, e.g. 4 or 1,2,4 (default: as trained; "
                                                  "with --compare-base: 1,2,4)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity of the few-step sampler")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity of the few-step sampler, 0..1 (above 0, "
+                                                          "images are sampled one at a time, each from its own seed)")
     p.add_argument("--seed", type=int, default=0, help="first seed; image i of a prompt uses seed + i")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
@@ -349,12 +355,18 @@ def run(args):
     # random-weight reward towers (offline), so its hps/clip numbers check the plumbing, not image quality
     names = [n.strip() for n in (args.score_with or "hps,aesthetic,clip,imagereward").split(",") if n.strip()]
     tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
-    if args.score and not tiny:
-        r0.check_downloads(None, names)  # offline: every missing download in one sentence, before sampling
+    if not tiny:  # offline: every missing download (models, metrics) in one sentence, before anything loads
+        names_scored = names if args.score else []
+        base = run_cfg.model if run_cfg is not None and args.compare_base else None  # a run's base model
+        head = [f"the aesthetic predictor's head (download {AESTHETIC_URL} to {AESTHETIC_PATH})"]
+        r0.check_downloads(args.model or base, [d for n in names_scored for d in DOWNLOADS.get(n, [])],
+                           also_missing=head if "aesthetic" in names_scored and not os.path.isfile(AESTHETIC_PATH)
+                           else ())
 
     # --- load the generator (and the base model for --compare-base) ---
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32  # bf16 is emulated (slow) on CPUs
+    # bf16 where the GPU computes it natively; fp32 on CPUs (which emulate bf16, slowly) and on older GPUs
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported(False) else torch.float32
     m, base, run_cfg = load_models(args, device, dtype)
     trained_steps = run_cfg.steps if run_cfg else 4  # default: sample as the run was trained (paper: K=4)
     steps_list = steps_arg or ([1, 2, 4] if args.compare_base else [trained_steps])

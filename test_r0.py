@@ -8,12 +8,14 @@ Run:  HF_HUB_OFFLINE=1 python -m pytest -q test_r0.py
 import copy
 import functools
 import json
+import math
 import os
 import re
 import signal
 import subprocess
 import sys
 import tempfile
+import zlib
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: hub calls must fail at once, not retry for minutes
 
@@ -41,6 +43,15 @@ def tiny():
     """(tokenizer, text_encoder, vae, unet) of the tiny SD1.5 twin, fp32, eval mode."""
     tok, te, vae, unet = r0.build_tiny_sd15(seed=0)
     return tok, te.eval(), vae.eval(), unet.eval()
+
+
+def assert_fp32_close(got, want, rel=1e-4):
+    """got and want: one fp32 quantity computed along two paths (another order of summation, other kernels, another
+    thread count). The rounding error of a sum is relative to its largest terms, not to each element of the result,
+    so a small element may be off by far more than its own `rel`: the tolerance is `rel` of each element plus `rel`
+    of the largest one. (fp32 rounds each operation by up to 6e-8; 1e-4 leaves room for the ~1000 roundings that a
+    forward and backward through a UNet chain together.)"""
+    torch.testing.assert_close(got, want, rtol=rel, atol=rel * want.abs().max().item())
 
 
 def ddim_reference(unet, latents, text_emb, num_steps, eta=0.0, step_noises=None, until_step=None):
@@ -94,7 +105,7 @@ def test_sampler_eta0_equals_diffusers_ddim(tiny, num_steps):
     latents = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(num_steps))
     ours = r0.generate(unet, latents, emb, num_steps, r0.sd15_alphas_cumprod(), eta=0.0)
     ref = ddim_reference(unet, latents, emb, num_steps)
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert_fp32_close(ours, ref)
 
 
 @torch.no_grad()
@@ -107,8 +118,7 @@ def test_sampler_eta_positive_matches_ddim_with_the_same_noise_and_is_seeded(tin
     # generate() draws one (B,4,h,w) noise per non-final step from its generator: hand diffusers the same draws
     g = torch.Generator().manual_seed(5)
     noises = [torch.randn(latents.shape, generator=g) for _ in range(3)]
-    torch.testing.assert_close(ours, ddim_reference(unet, latents, emb, 4, eta=0.7, step_noises=noises),
-                               rtol=1e-4, atol=1e-4)
+    assert_fp32_close(ours, ddim_reference(unet, latents, emb, 4, eta=0.7, step_noises=noises))
     # stochastic: other seeds give other images; seeded: the same seed gives the same image (random eta too)
     again = r0.generate(unet, latents, emb, 4, ac, eta=0.7, generator=torch.Generator().manual_seed(5))
     other = r0.generate(unet, latents, emb, 4, ac, eta=0.7, generator=torch.Generator().manual_seed(6))
@@ -138,7 +148,7 @@ def test_random_eta_is_drawn_per_sample_and_per_step(tiny):
     for i in range(B):
         ref = ddim_reference(unet, latents[i : i + 1], emb[i : i + 1], K, eta=[float(e[i]) for e in etas],
                              step_noises=[n[i : i + 1] for n in noises])
-        torch.testing.assert_close(ours[i : i + 1], ref, rtol=1e-4, atol=1e-4)
+        assert_fp32_close(ours[i : i + 1], ref)
 
 
 @CUDA
@@ -392,6 +402,89 @@ def test_imagereward_checkpoint_keys_map_onto_our_model_key_for_key_and_shape():
             r0.imagereward_key_map({**state, extra: torch.empty(1, device="meta")})
 
 
+# ImageReward's original code (THUDM/ImageReward c1392c6: BLIP's ViT and med.py BERT, its MLP head, its mean and std)
+# at the tiny twin's size, on the weights and inputs below: its scores, and per sample the norm of d(score)/d(pixels)
+# and that gradient's dot product with a fixed direction. Printed by (the scratch environment of original.py):
+#   HF_HUB_OFFLINE=1 /tmp/irvenv/bin/python .ci/imagereward/tiny_reference.py /tmp/ImageReward
+IMAGEREWARD_REFERENCE = {"scores": [0.6231778860092163, 0.28328588604927063],
+                         "grad_norms": [2.3786659240722656, 2.1021833419799805],
+                         "grad_dots": [2.409027576446533, 1.9051002264022827]}
+
+
+def imagereward_reference_weight(key, shape):
+    """A deterministic value for each weight of the original checkpoint, from its name alone (both sides draw it)."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(zlib.crc32(key.encode())))
+    if key.endswith("bias"):
+        return 0.05 * w
+    if re.search(r"norm|LayerNorm", key):  # LayerNorm weights, away from their init (1)
+        return 1 + 0.2 * w
+    return w / math.prod(shape[1:]) ** 0.5 if len(shape) > 1 else 0.02 * w
+
+
+def imagereward_reference_inputs():
+    """(pixels (2,3,64,64) in [0,1], input_ids (2,35), attention_mask (2,35)): smooth random images, and token ids
+    shaped as ImageReward makes them (first token, words, end token, padding with 0; the second prompt fills all 35)."""
+    g = torch.Generator().manual_seed(0)
+    low = torch.rand(2, 3, 8, 8, generator=g)
+    pixels = torch.nn.functional.interpolate(low, size=(64, 64), mode="bilinear", align_corners=False)
+    pixels = (pixels + 0.05 * torch.randn(2, 3, 64, 64, generator=g)).clamp(0, 1)
+    ids = torch.cat([torch.full((2, 1), 101), torch.randint(1000, 30000, (2, 33), generator=g),
+                     torch.full((2, 1), 102)], dim=1)
+    ids[0, 12], ids[0, 13:] = 102, 0
+    return pixels, ids, (ids != 0).long()
+
+
+def imagereward_reference_direction():
+    return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+
+
+def test_imagereward_gives_the_scores_and_gradients_of_its_original_code():
+    """ImageRewardReward, its weights loaded from the original checkpoint's key names through r0.imagereward_key_map,
+    against numbers ImageReward's own code computed on the same weights and inputs (IMAGEREWARD_REFERENCE): the
+    scores in ImageReward's units ((head - mean) / std) and the image gradients. Any change of what ImageReward
+    computes fails here, also one that training cannot see (the per-sample normalization cancels a scale)."""
+    reward = r0.ImageRewardReward(*r0.imagereward_configs("tiny"), tokenizer=None)
+    ours = reward.state_dict()
+    state = {}  # the original checkpoint's keys (the full-size list, cut to the tiny twin's layers), tiny shapes
+    for key in expand_key_patterns(IMAGEREWARD_CHECKPOINT_KEYS):
+        mapped = r0.imagereward_key_map({key: None})
+        for our_key in mapped:
+            if our_key in ours:
+                state[key] = imagereward_reference_weight(key, ours[our_key].shape)
+    reward.load_state_dict(r0.imagereward_key_map(state), strict=True)
+    pixels, ids, mask = imagereward_reference_inputs()
+    reward.tokens = lambda prompts: (ids, mask)  # the same token ids as the original was given
+    x = pixels.clone().requires_grad_(True)
+    scores = reward(x, ["", ""])
+    (grad,) = torch.autograd.grad(scores.sum(), x)
+    ref = IMAGEREWARD_REFERENCE
+    # fp32 on both sides, the same operations in a different order: agreement to a few parts in a million, with room
+    torch.testing.assert_close(scores, torch.tensor(ref["scores"]), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(grad.flatten(1).norm(dim=1), torch.tensor(ref["grad_norms"]), rtol=1e-4, atol=0)
+    dots = (grad * imagereward_reference_direction()).flatten(1).sum(1)
+    torch.testing.assert_close(dots, torch.tensor(ref["grad_dots"]), rtol=1e-4, atol=1e-4 * grad.norm().item())
+
+
+def test_score_heads_run_in_fp32_on_bf16_towers():
+    """As the originals: ImageReward's MLP head on the .float() [CLS] feature, the aesthetic predictor's MLP on an fp32
+    embedding. On a GPU the towers are bf16; the heads and their inputs stay fp32 (bf16 would round an aesthetic
+    score near 6 by up to 0.016)."""
+    import sample
+    pixels, prompts = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), ["a red fox", "a blue car"]
+    reward = r0.load_reward("imagereward", True, "cpu", torch.bfloat16)
+    assert reward.vision.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in reward.mlp.parameters())
+    seen = []
+    reward.text.register_forward_hook(lambda mod, args, out: seen.append(out.last_hidden_state[:, 0]))
+    scores = reward(pixels, prompts)
+    expected = (reward.mlp(seen[0].float()).squeeze(-1) - reward.MEAN) / reward.STD  # the fp32 head on that feature
+    assert scores.dtype == torch.float32 and torch.equal(scores, expected)
+    aesthetic = sample.load_metric("aesthetic", True, "cpu", torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in aesthetic.layers.parameters())
+    assert next(aesthetic.clip.parameters()).dtype == torch.bfloat16
+    embedding = aesthetic.clip.encode_image(r0.clip_preprocess(pixels).bfloat16(), normalize=True)
+    assert torch.equal(aesthetic(pixels), aesthetic.layers(embedding.float()).squeeze(-1))
+
+
 def test_imagereward_gradient_checkpointing_recomputes_both_towers_and_changes_nothing():
     """--grad-checkpointing reaches ImageReward's two transformers towers (each layer 0 runs again in the backward),
     with the same scores and image gradients; the reward stays in eval mode (its head's dropout off)."""
@@ -425,7 +518,7 @@ def test_clip_family_reward_is_the_cosine_of_open_clip_features():
         img = reward.model.encode_image(r0.clip_preprocess(pixels))
         txt = reward.model.encode_text(reward.tokenizer(prompts))
     cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
-    torch.testing.assert_close(reward(pixels, prompts), cos, rtol=1e-4, atol=1e-5)
+    assert_fp32_close(reward(pixels, prompts), cos)
 
 
 def test_reward_tower_layout_change_keeps_scores_and_gradients_and_avoids_the_slow_batched_matmul():
@@ -456,9 +549,9 @@ def test_reward_tower_layout_change_keeps_scores_and_gradients_and_avoids_the_sl
         txt = plain.encode_text(reward.tokenizer(prompts), normalize=True)
     with Ops() as plain_ops:
         theirs = (plain.encode_image(r0.clip_preprocess(x2), normalize=True) * txt).sum(-1)
-    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    assert_fp32_close(ours, theirs)
     ours.sum().backward(), theirs.sum().backward()
-    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-7)
+    assert_fp32_close(x1.grad, x2.grad)
     assert "aten.bmm" in plain_ops.seen, "open_clip's layout no longer takes the slow path: sequence_first may go"
     assert "aten.bmm" not in ops.seen
 
@@ -477,13 +570,13 @@ def test_normalization_gives_each_reward_unit_per_sample_norm_before_weighting(t
     for w in (1.0, 0.25):
         g_pix, g_lat, _ = r0.composed_reward_gradients({"color": r0.ColourReward()}, {"color": w}, pixels, latents,
                                                        prompts, emb)
-        torch.testing.assert_close(g_pix.flatten(1).norm(dim=1), torch.tensor([w, w, 0.0]), rtol=1e-4, atol=1e-6)
+        assert_fp32_close(g_pix.flatten(1).norm(dim=1), torch.tensor([w, w, 0.0]))
         assert g_lat.abs().sum() == 0
     # two rewards with gradients 1000x apart pull equally hard: the sum is 2x the quiet one's normalized gradient
     g_both, _, _ = r0.composed_reward_gradients({"a": r0.ColourReward(), "b": Scaled()}, {"a": 1.0, "b": 1.0},
                                                 pixels, latents, prompts, emb)
     g_one, _, _ = r0.composed_reward_gradients({"a": r0.ColourReward()}, {"a": 1.0}, pixels, latents, prompts, emb)
-    torch.testing.assert_close(g_both, 2 * g_one, rtol=1e-4, atol=1e-6)
+    assert_fp32_close(g_both, 2 * g_one)
 
 
 def test_rebuilt_tokenizer_is_sd15s_and_matches_open_clip():
@@ -545,13 +638,26 @@ def test_weight_regularizer_keeps_no_weight_sized_tensor_for_the_backward(tmp_pa
     reg.backward()
     if lora_rank:  # d/dA ||s B A||^2 = 2 s^2 B^T B A, d/dB = 2 s^2 B A A^T
         for A, B, s in r0.lora_layers(m.unet):
-            torch.testing.assert_close(A.grad, 2 * s ** 2 * B.T @ B @ A, rtol=1e-4, atol=1e-7)
-            torch.testing.assert_close(B.grad, 2 * s ** 2 * B @ A @ A.T, rtol=1e-4, atol=1e-7)
+            assert_fp32_close(A.grad, 2 * s ** 2 * B.T @ B @ A)
+            assert_fp32_close(B.grad, 2 * s ** 2 * B @ A @ A.T)
     else:
         direct = sum((p - p0).pow(2).sum() for p, p0 in zip(m.unet.parameters(), m.frozen_unet.parameters()))
         torch.testing.assert_close(reg, direct)
         for p, p0 in zip(m.unet.parameters(), m.frozen_unet.parameters()):
             torch.testing.assert_close(p.grad, 2 * (p - p0).detach())
+
+
+def test_lora_adapts_every_attention_projection_of_the_unet_and_nothing_else(tmp_path):
+    """The documented targets, as diffusers' SD LoRA training: to_q, to_k, to_v and to_out.0 of every attention
+    layer of the UNet (self- and cross-attention), each with rank --lora-rank, B zero at the start."""
+    from diffusers.models.attention_processor import Attention
+    from peft.tuners.lora import LoraLayer
+    m = r0.load_models(run_cfg(tmp_path, "--lora-rank", "4"))
+    attention = [name for name, module in m.unet.named_modules() if isinstance(module, Attention)]
+    adapted = {name: module for name, module in m.unet.named_modules() if isinstance(module, LoraLayer)}
+    assert len(attention) > 0
+    assert set(adapted) == {f"{a}.{p}" for a in attention for p in ("to_q", "to_k", "to_v", "to_out.0")}
+    assert all(layer.r["default"] == 4 and not layer.lora_B["default"].weight.any() for layer in adapted.values())
 
 
 def test_lora_regularizer_equals_the_merged_weight_change(tmp_path):
@@ -642,7 +748,7 @@ def test_surrogate_gradient_equals_the_direct_per_sample_per_reward_computation(
     for i in range(B):
         add(-w_latent / B, torch.autograd.grad(x0[i], params, grad_outputs=d[i] / d[i].norm(), retain_graph=True))
     for g, e in zip(got, expected):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+        assert_fp32_close(g, e)
 
 
 def test_a_cfg_only_run_moves_the_generator(tmp_path):
@@ -694,7 +800,7 @@ def test_r0_plus_rewards_x0_hat_of_step_k_with_one_unet_call_in_the_graph_and_k_
         with torch.no_grad():
             ref = ddim_reference(m.unet, noise, emb, K, eta=etas, step_noises=noises, until_step=k)
         hook = m.unet.register_forward_pre_hook(lambda mod, args: calls.append(torch.is_grad_enabled()))
-        torch.testing.assert_close(probe.seen[0], ref, rtol=1e-4, atol=1e-4)
+        assert_fp32_close(probe.seen[0], ref)
     hook.remove()
     assert ks == set(range(K)), ks
 
@@ -796,7 +902,7 @@ def test_exported_pipeline_holds_the_source_weights_at_full_precision_after_a_bf
     assert adapted and any(not torch.equal(adapted[k], src[k]) for k in adapted)  # training changed something
     for k, v in out.items():
         if k in adapted:
-            torch.testing.assert_close(v, adapted[k], rtol=1e-5, atol=1e-6)
+            assert_fp32_close(v, adapted[k])
         else:
             assert torch.equal(v, src[k]), k
 
@@ -812,7 +918,7 @@ def test_saved_pipeline_reproduces_generate_and_lora_weights_load_onto_the_base(
         ours = r0.generate(m.unet, latents, r0.encode_prompts(m.tokenizer, m.text_encoder, prompts), 4,
                            m.alphas_cumprod)
         ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="latent").images
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert_fp32_close(ours, ref)
     # the trained model differs from the base model, and the LoRA file turns the base into the trained model
     base = copy.deepcopy(pipe)
     base.unet = r0.build_tiny_sd15(seed=0)[3]
@@ -841,7 +947,7 @@ def test_sample_py_equals_diffusers_pipeline_of_the_run(tiny_run, tmp_path):
     latents = torch.stack([r0.initial_noise(s, 64, "cpu") for s in seeds])
     with torch.no_grad():
         ref = pipe(prompts, num_inference_steps=4, guidance_scale=1.0, latents=latents, output_type="pt").images
-    torch.testing.assert_close(ours, ref, rtol=1e-4, atol=1e-4)
+    assert_fp32_close(ours, ref)
 
 
 def test_sample_py_compare_base_and_score_writes_images_grid_and_table(tiny_run, tmp_path, capsys):
@@ -881,8 +987,7 @@ def test_sample_py_accepts_pipeline_folder_and_base_model_with_lora(tiny_run, tm
     args = sample.build_parser().parse_args(["--model", str(base_dir), "--lora", str(run / "lora"), "--prompt", "x"])
     with_lora, _, _ = sample.load_models(args, "cpu", torch.float32)
     expected = r0.sample_images(m, prompts, seeds, 4, 64, "fp32")
-    torch.testing.assert_close(r0.sample_images(from_pipeline, prompts, seeds, 4, 64, "fp32"), expected,
-                               rtol=1e-4, atol=1e-4)
+    assert_fp32_close(r0.sample_images(from_pipeline, prompts, seeds, 4, 64, "fp32"), expected)
     torch.testing.assert_close(r0.sample_images(with_lora, prompts, seeds, 4, 64, "fp32"), expected,
                                rtol=1e-3, atol=1e-3)
 
@@ -893,6 +998,37 @@ def test_sample_py_tiny_needs_no_run(tmp_path):
                  "--device", "cpu"])
     assert sorted(os.listdir(tmp_path)) == ["R0_1-step_000_seed0.png", "R0_1-step_000_seed1.png",
                                             "R0_4-step_000_seed0.png", "R0_4-step_000_seed1.png", "grid.png"]
+
+
+def test_eta_above_0_gives_each_image_its_own_random_stream(tiny):
+    """sample.py --eta > 0: an image depends on its prompt and seed only, not on the batch size or its place in it."""
+    tok, te, vae, unet = tiny
+    m = r0.Models(tok, te, vae, unet, None, r0.SD15_SCHEDULER_CONFIG, r0.sd15_alphas_cumprod(), {}, {}, "cpu")
+    prompts, seeds = ["a red fox", "a blue car", "a green tree"], [5, 6, 7]
+    together = r0.sample_images(m, prompts, seeds, 4, 64, "fp32", eta=0.8, batch_size=3)
+    alone = torch.cat([r0.sample_images(m, [p], [s], 4, 64, "fp32", eta=0.8) for p, s in zip(prompts, seeds)])
+    assert torch.equal(together, alone)
+    deterministic = r0.sample_images(m, prompts, seeds, 4, 64, "fp32", eta=0.0, batch_size=3)
+    assert (together - deterministic).abs().max() > 1e-3  # eta > 0 did draw noise
+
+
+def test_sample_py_offline_names_every_missing_download_in_one_sentence(tmp_path, monkeypatch, capsys):
+    """sample.py --model <hub id> --score with an empty cache and no hub: one sentence names the SD1.5 model, every
+    metric's hub files and the aesthetic predictor's head (a GitHub file), before anything loads."""
+    import huggingface_hub
+    import sample
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(sample, "AESTHETIC_PATH", str(tmp_path / "torch_hub" / "head.pth"))
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main(["--model", "stable-diffusion-v1-5/stable-diffusion-v1-5", "--prompt", "a red fox", "--score",
+                     "--out", str(tmp_path / "out"), "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1, err
+    for needed in ("stable-diffusion-v1-5/stable-diffusion-v1-5", "xswu/HPSv2", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                   "THUDM/ImageReward", "bert-base-uncased", "timm/vit_large_patch14_clip_224.openai",
+                   sample.AESTHETIC_URL):
+        assert needed in err, (needed, err)
+    assert not (tmp_path / "out").exists()
 
 
 def test_sample_py_grid_wraps_and_caps_so_it_stays_viewable(tmp_path, capsys):
@@ -1006,6 +1142,8 @@ def test_sample_py_base_row_uses_the_base_models_own_ddim_schedule(tiny_run, tmp
     (["--run", "{run}", "--prompt", "   "], "--prompt is empty"),
     (["--run", "{run}", "--prompt", "a fox", "--out", "{file}/sub"], "cannot write to --out"),
     (["--run", "{run}", "--prompt", "a fox", "--score", "--score-with", "fid"], "unknown metric 'fid'"),
+    (["--run", "{run}", "--prompt", "a fox", "--step", "4"], "unrecognized arguments: --step"),
+    (["--run", "{run}"], "one of the arguments --prompt --prompts is required"),
 ])
 def test_sample_py_bad_input_is_one_clear_sentence(tiny_run, tmp_path, capsys, argv, message):
     import sample
@@ -1049,6 +1187,9 @@ def test_load_prompts_skips_comments_and_blank_lines(tmp_path):
     (["--rewards", "hps=1,=2"], "unknown reward ''"),
     (["--rewards", ""], "names no reward"),
     (["--lora-rank", "-1"], "--lora-rank must be"),
+    (["--max-step", "3"], "unrecognized arguments: --max-step"),  # a typo: one sentence, not the usage first
+    (["--prompt", "a.txt"], "unrecognized arguments: --prompt"),  # no abbreviations: --prompt is not --prompts
+    (["--precision", "fp16"], "invalid choice: 'fp16'"),
 ])
 def test_bad_input_is_one_clear_sentence(capsys, tmp_path, argv, message):
     base = ["--tiny", "--prompts", PROMPTS, "--output-dir", str(tmp_path / "out"), "--device", "cpu"]
@@ -1097,6 +1238,16 @@ def test_offline_every_missing_download_is_named_in_one_sentence(tmp_path, monke
     assert not (tmp_path / "out").exists()
 
 
+def test_tiny_says_when_a_reward_is_a_random_weight_tower(tmp_path, capsys):
+    """--tiny --rewards hps trains against a tiny tower with random weights: the run says so (the colour toy and the
+    cfg reward are what they claim to be, and say nothing)."""
+    r0.load_models(run_cfg(tmp_path, "--rewards", "hps=1,color=1"))
+    out = capsys.readouterr().out
+    assert "hps as tiny towers with random weights" in out and "color" not in out.split("note:")[1]
+    r0.load_models(run_cfg(tmp_path, "--rewards", "color=1,cfg=1"))
+    assert "random weights" not in capsys.readouterr().out
+
+
 def test_library_noise_is_kept_off_the_console():
     """What r0.py's real path calls, after r0.quiet_libraries() (as main() runs it): open_clip building the ViT
     that the HPS weights go into ('No pretrained weights loaded ... initialized randomly'), casting diffusers models
@@ -1115,6 +1266,10 @@ def test_non_epsilon_or_non_sd15_models_are_refused(tiny):
     tok, te, vae, unet = tiny
     with pytest.raises(r0.UserError, match="epsilon"):
         r0.check_sd15_shaped(te, vae, unet, {**r0.SD15_SCHEDULER_CONFIG, "prediction_type": "v_prediction"})
+    # schedules that sd15_alphas_cumprod would not rebuild (it reads beta_start and beta_end only)
+    for changed in ({"trained_betas": [0.001] * 1000}, {"rescale_betas_zero_snr": True}):
+        with pytest.raises(r0.UserError, match=next(iter(changed))):
+            r0.check_sd15_shaped(te, vae, unet, {**r0.SD15_SCHEDULER_CONFIG, **changed})
     r0.check_sd15_shaped(te, vae, unet, r0.SD15_SCHEDULER_CONFIG)  # the tiny twin itself is SD1.5-shaped
 
 
@@ -1247,6 +1402,63 @@ def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
                         (["--r0-plus"], "--r0-plus")]:
         with pytest.raises(r0.UserError, match=name):
             r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path / "b"), *flags]))
+
+
+class RunsCode:
+    """An object whose unpickling runs a command (what a tampered checkpoint would hold)."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unread(tmp_path, capsys):
+    """--resume reads checkpoints with weights_only=True: one that would run code when unpickled (a run folder someone
+    hands you) is refused in one sentence, exit 2, and the code never runs; the run's files stay as they were. The
+    same loader reads the rewards' weight files (HPS v2.1, ImageReward, the aesthetic head)."""
+    r0.train(run_cfg(tmp_path / "run", "--max-steps", "1"))
+    path, marker = tmp_path / "run" / "checkpoints" / "step_000001.pt", tmp_path / "code-ran"
+    state = torch.load(path, weights_only=True)  # what r0.py writes loads safely
+    state["ranks"][0]["order"] = RunsCode(marker)
+    torch.save(state, path)
+    log_before = (tmp_path / "run" / "log.jsonl").read_text()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        r0.main(["--resume", str(tmp_path / "run"), "--max-steps", "2"])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "could run code" in err, err
+    assert not marker.exists()
+    assert (tmp_path / "run" / "log.jsonl").read_text() == log_before and path.exists()
+    torch.save({"state_dict": {"w": RunsCode(marker)}}, tmp_path / "weights.pt")
+    with pytest.raises(r0.UserError, match="could run code"):
+        r0.load_tensors(tmp_path / "weights.pt", "HPS v2.1 checkpoint")
+    assert not marker.exists()
+
+
+def test_resume_refuses_another_kind_of_device_and_keeps_only_its_own_gpu_state(tmp_path):
+    """A checkpoint holds the random state of the device it ran on (a CPU run: no CUDA state; a GPU run: its own GPU's,
+    not every visible GPU's); resuming on another kind of device is refused in one sentence (a CUDA generator state
+    cannot continue on the CPU), a change within the kind (cuda:0 -> cuda:1) is allowed."""
+    r0.train(run_cfg(tmp_path, "--max-steps", "1"))
+    state = torch.load(tmp_path / "checkpoints" / "step_000001.pt", weights_only=True)
+    assert state["ranks"][0]["cuda_rng"] is None
+    config = json.load(open(tmp_path / "config.json"))
+    json.dump({**config, "device": "cuda"}, open(tmp_path / "config.json", "w"))  # as if trained on a GPU
+    with pytest.raises(r0.UserError, match="cannot move a run from cuda to cpu"):
+        r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path), "--device", "cpu"]))
+
+
+def test_precision_auto_is_bf16_only_on_a_gpu_that_computes_it(tmp_path, monkeypatch, capsys):
+    """--precision auto: fp32 on a CPU; on a GPU bf16 where it is native (Ampere and newer), else fp32 with a note."""
+    assert run_cfg(tmp_path, "--precision", "auto").precision == "fp32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: native)
+        cfg = r0.resolve_config(r0.build_parser().parse_args(["--tiny", "--prompts", PROMPTS, "--device", "cuda"]))
+        assert cfg.precision == expected
+    assert "no native bf16" in capsys.readouterr().out
 
 
 def test_resume_drops_log_lines_written_after_the_last_checkpoint(tmp_path):
@@ -1394,7 +1606,7 @@ def test_cfg_reward_gradient_is_eps_u_minus_eps_c_and_a_step_along_it_raises_log
         return a.sqrt() * x0 + (1 - a).sqrt() * n
 
     p_o = p_class(x_t_of(x0), a)[:, 1].view(-1, 1, 1, 1)
-    torch.testing.assert_close(direction, (a * (1 - a)).sqrt() * p_o * (mu_c - mu_o), rtol=1e-4, atol=1e-7)
+    assert_fp32_close(direction, (a * (1 - a)).sqrt() * p_o * (mu_c - mu_o))
     stepped = x0 + 0.5 * direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     gap_after, _ = reward.gradient(stepped, ["a prompt"] * B, text_emb, torch.Generator().manual_seed(5))
     log_p_c = lambda x0: p_class(x_t_of(x0), a)[:, 0].log()
@@ -1430,6 +1642,57 @@ def test_out_of_gpu_memory_on_the_first_step_halves_the_micro_batch_and_keeps_th
     monkeypatch.setattr(r0, "r0_step", no_gpu_memory)
     with pytest.raises(r0.UserError, match="out of GPU memory at --batch-size 1"):
         r0.train(run_cfg(tmp_path / "c", "--batch-size", "2", "--max-steps", "1"))
+
+    # out of memory in the update itself (AdamW allocating its state): a smaller micro-batch cannot help, so no retry
+    monkeypatch.setattr(r0, "r0_step", real_step)
+    real_optimizer = r0.make_optimizer
+
+    def optimizer_without_memory(params, cfg):
+        optimizer = real_optimizer(params, cfg)
+        optimizer.step = lambda: (_ for _ in ()).throw(torch.OutOfMemoryError("CUDA out of memory. (simulated)"))
+        return optimizer
+
+    monkeypatch.setattr(r0, "make_optimizer", optimizer_without_memory)
+    capsys.readouterr()
+    with pytest.raises(r0.UserError, match="in the update itself"):
+        r0.train(run_cfg(tmp_path / "d", "--batch-size", "4", "--max-steps", "1"))
+    assert "retrying" not in capsys.readouterr().out
+
+
+OOM_ON_RANK_1 = """
+import os, sys, torch
+sys.path.insert(0, {here!r})
+import r0
+real_step = r0.r0_step
+
+def small_gpu_on_rank_1(m, prompts, cfg, generator):  # rank 1 has memory for 2 images at most; rank 0 for more
+    if os.environ["RANK"] == "1" and len(prompts) > 2:
+        raise torch.OutOfMemoryError("CUDA out of memory. (simulated, rank 1 only)")
+    return real_step(m, prompts, cfg, generator)
+
+r0.r0_step = small_gpu_on_rank_1
+r0.main()
+"""
+
+
+def test_out_of_memory_on_one_rank_makes_every_rank_retry_together(tmp_path):
+    """Several processes: when only rank 1 runs out of memory on its first try, all ranks retry at the smaller batch
+    (they decide together, before any gradient is exchanged), so the replicas stay one generator: the run finishes
+    (no hang), both ranks hold the same weights, and the run records the batch that fits."""
+    script = tmp_path / "oom_rank_1.py"
+    script.write_text(OOM_ON_RANK_1.format(here=HERE))
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), "--tiny", "--prompts", few_prompts(), "--output-dir", str(out), "--device",
+                           "cpu", "--batch-size", "4", "--max-steps", "1", "--sample-every", "100"],
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("retrying with --batch-size 2 --grad-accum 2") == 1  # said once, by rank 0
+    saved = json.load(open(out / "config.json"))
+    assert (saved["batch_size"], saved["grad_accum"], saved["effective_batch"]) == (2, 2, 8)
+    ranks = torch.load(out / "checkpoints" / "step_000001.pt", weights_only=True)["ranks"]
+    assert len(ranks) == 2 and ranks[0]["weights_sum"] == ranks[1]["weights_sum"]
 
 
 @pytest.mark.parametrize("make, message", [

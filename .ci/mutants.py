@@ -70,6 +70,13 @@ MUTANTS = [
     ("CLIP normalization skipped in preprocessing", "return (x - mean) / std  # (B,3,224,224)", "return x  # (B,3,224,224)"),
     ("resume does not restore the generator", 'generator.set_state(mine["generator"])', "pass"),
     ("a bad step still counts as a good one", "bad_steps = 0 if applied else bad_steps + 1", "bad_steps = 0"),
+    ("ImageReward's raw head output, not in its units", "return (raw - self.MEAN) / self.STD", "return raw"),
+    ("LoRA adapters left off to_out.0", 'target_modules=["to_k", "to_q", "to_v", "to_out.0"]',
+     'target_modules=["to_k", "to_q", "to_v"]'),
+    ("each rank decides alone to retry after running out of memory", "if not any_rank(out_of_memory, cfg.device):",
+     "if not out_of_memory:"),
+    ("files unpickled with weights_only=False", 'torch.load(path, map_location="cpu", weights_only=True)',
+     'torch.load(path, map_location="cpu", weights_only=False)'),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -93,6 +100,9 @@ FIRST_PASS = [
     "test_weight_regularizer_zero_at_init_grows_after_a_step_and_grads_reach_only_the_unet",
     "test_weight_regularizer_keeps_no_weight_sized_tensor_for_the_backward",
     "test_lora_regularizer_equals_the_merged_weight_change",
+    "test_imagereward_gives_the_scores_and_gradients_of_its_original_code",
+    "test_lora_adapts_every_attention_projection_of_the_unet_and_nothing_else",
+    "test_a_checkpoint_whose_pickle_would_run_code_is_refused_unread",
 ]
 
 
