@@ -3,31 +3,35 @@ R0: few-step text-to-image generation by regularized reward maximization, on Sta
 
 Paper: Yihong Luo, Tianyang Hu, Weijian Luo, Kenji Kawaguchi, Jing Tang,
 "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv 2503.13070 (v1, March 2025).
-(v2 of the same arXiv id is renamed "Reward-Instruct: A Reward-Centric Approach to Fast Photo-Realistic
-Image Generation", NeurIPS 2025.) The official repository holds no code; this file is a from-scratch
-reference. Lines marked "paper:" follow the paper; every choice it does not pin down is marked "our choice:"
-(or "our reading:" where we interpret its text), with the reason.
+v2 of the same arXiv id (NeurIPS 2025) is renamed "Reward-Instruct: A Reward-Centric Approach to Fast Photo-Realistic
+Image Generation"; its abstract reads the same training as sampling the generator's parameters from a reward-tilted
+distribution, and we found no change to the algorithm in what could be read of it (README: "Not in this
+implementation"). The official repository holds no code; this file is a from-scratch reference. Each part below names
+the part of the paper (v1) it implements, by section or figure; "paper:" marks what the paper says, "our choice:"
+each decision it leaves open, with the reason, and "our reading:" where we interpret its text.
 
 The method: take the pretrained SD1.5 UNet, run it as a K-step (K=4) generator from pure noise, decode, score the
 images with several differentiable reward models, and push the reward gradients back into the UNet weights, while
 regularizers (a weight anchor, LoRA, random eta) stop the generator from hacking the rewards. The paper's objective:
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-What is actually optimized is not the gradient of this L: each reward's image gradient g_i = d r_i / d x is
-normalized per sample before the weighted sum (paper Fig. 8), so every step moves theta along
-    E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dtheta ]  -  2 lambda (theta - theta_0)
+What is followed is not the gradient of this L: each reward's image gradient g_i = d r_i / d x is normalized per
+sample before the weighted sum (paper Fig. 8). The trainable parameters phi (with LoRA, the default: the adapters'
+A and B, theta = theta_0 + scaling * B @ A; with full fine-tuning: theta itself) move along
+    E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dphi ]  -  lambda d||theta - theta_0||^2 / dphi
 (then gradient clipping and AdamW). No single loss has this gradient. r0_step builds a *surrogate*,
--<stopgrad(g), x> / B + lambda ||theta - theta_0||^2, whose negative gradient is exactly this direction (so
-descending it moves theta along it) and whose value means nothing: watch the logged rewards. No training images,
-no diffusion loss, no distillation loss: only prompts.
+    -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
+(g_pix: the image rewards' composed gradient at the pixels x; g_lat: the cfg reward's, at the latents x0_hat), whose
+negative gradient is exactly this direction and whose value means nothing: watch the logged rewards. No training
+images, no diffusion loss, no distillation loss: only prompts.
 
 Run it:
     python r0.py --tiny --prompts prompts.txt          # offline demo on CPU: tiny random models, colour reward
     python r0.py --prompts prompts.txt                 # SD1.5 + HPS v2.1 + CLIP score, one 24 GB GPU (LoRA, 512 px)
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
 
-File layout, in the paper's order: generator parameterization (3.2) -> rewards -> reward composition ->
-regularizers (3.3) -> the training step (R0 and R0+, section 4). Everything after the line "Plumbing" serves the
-method (config, matching and speed details, loading, checkpoints, the loop, the command line).
+File layout, in the paper's order: generator parameterization (3.2) -> rewards -> reward composition (Fig. 8) ->
+regularizers (3.3) -> the training step (R0 and R0+, section 4). That is the whole method; everything after the line
+"Plumbing" serves it (config, loading, the reward models' classes, checkpoints, the loop, the command line).
 """
 
 import argparse
@@ -66,10 +70,10 @@ import torch.nn.functional as F
 #       x_s    = sqrt(a_s) * x0_hat + sqrt(1 - a_s - sigma^2) * eps + sigma * noise
 # The last step has no next timestep: there a_s := 1, so sigma = 0 and the update returns x0_hat itself; the
 # generator's output is the last step's x0_hat (for K = 6, 7 see the note in generate).
-# paper: random eta sampling during training (a regularizer: the weights must serve a whole family of generation
-# paths); our reading of its form: DDIM's eta (0: deterministic DDIM, 1: DDPM's ancestral step), drawn
-# eta ~ U[0, 1] independently per step and per sample, and eta = 0 at inference. paper: no classifier-free
-# guidance inside the generator (one UNet call per step).
+# paper (3.3): random eta sampling during training, a regularizer: the weights must serve a whole family of
+# generation paths (Fig. 5 shows how eta changes a sampler's images from the same noise). our reading of its form:
+# DDIM's eta (0: deterministic DDIM, 1: DDPM's ancestral step), drawn eta ~ U[0, 1] independently per step and per
+# sample, and eta = 0 at inference. paper: no classifier-free guidance inside the generator (one UNet call per step).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain length
 
@@ -144,10 +148,12 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
 
 def decode(vae, latents):
     """SD latents (B,4,h,w) -> pixels (B,3,8h,8w) in [0,1], the same arithmetic as StableDiffusionPipeline. The frozen
-    VAE runs in its own dtype, also inside the training step's autocast (see own_dtype, under Plumbing)."""
+    VAE computes in its own dtype (own_dtype: Plumbing)."""
     with own_dtype(latents.device):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()  # (B,3,H,W) ~[-1,1]
-    return (images / 2 + 0.5).clamp(0, 1)  # as the pipeline does; a clamped pixel passes no reward gradient
+    # our choice: the pipeline's clamp to [0,1], so the rewards see the images a user gets; a pixel clamped here
+    # passes no reward gradient (the generator learns nothing from pixels pushed beyond black or white)
+    return (images / 2 + 0.5).clamp(0, 1)
 
 
 @torch.no_grad()
@@ -163,116 +169,80 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 # Rewards
 #
 # paper: HPS v2.1, ImageReward and CLIP score, plus (from its Diff-Instruct++ lineage) an implicit
-# classifier-free-guidance reward. Here:
-#   hps   HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt; r = cos(image features, text features)
-#   clip  CLIP score: open_clip ViT-H-14 laion2b_s32b_b79k; r = cos(image features, text features)
-#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + an MLP head; r = its normalized score
-#   cfg   implicit CFG reward of the frozen base UNet; defined through its gradient (see ImplicitCfgReward)
-#   color toy reward for the offline demo and the tests (ColourReward, under Plumbing)
-#
-# The reward interface, all a reward needs in order to be trained on:
+# classifier-free-guidance reward; quality rises as rewards are added, each checking the others' hacking (Figs. 9,
+# 10). Here (the names of --rewards):
+#   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt; r = clip_score
+#   clip         CLIP score: open_clip ViT-H-14 laion2b_s32b_b79k; r = clip_score
+#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + an MLP head; r = imagereward_score
+#   cfg          implicit CFG reward of the frozen base UNet, defined through its gradient (ImplicitCfgReward)
+#   color        a toy for the offline demo and the tests (ColourReward, Plumbing)
+# Every reward has this interface, all the method needs of it:
 #   space: "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (it reads x0_hat: (B,4,h,w));
 #   forward(x, prompts: list of B str, text_emb) -> (B,) scores that autograd can differentiate in x (no PIL, no
 #       no_grad on the image path); or, for a reward with no cheap value, gradient(x, prompts, text_emb, generator)
-#       -> (logged values (B,), ascent direction shaped like x), as cfg does;
-#   optionally enable_gradient_checkpointing(), called when --grad-checkpointing is on.
-# Reward models are frozen; text features never carry gradient. Adding a reward takes three steps:
-#   1. a class with that interface (ClipFamilyReward is a template);
-#   2. a branch in load_reward(): its real weights, and a tiny random-weight twin for --tiny and the tests (a reward
-#      that needs the generator's own UNet, like cfg, is built in load_models() instead);
-#   3. its name in REWARD_NAMES (and its hub files in HUB_FILES, so an offline machine is told what is missing).
+#       -> (logged values (B,), ascent direction shaped like x), as cfg does.
+# Reward models are frozen; text features never carry gradient. Their classes (caches, memory, layout) and loaders
+# are under Plumbing ("Reward models"), where adding a reward takes three steps: its class, its loader, one line
+# in the REWARDS registry.
 
-REWARD_NAMES = ("hps", "clip", "imagereward", "cfg", "color")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalization, used by ViT-H-14, HPS v2.1, ImageReward
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class ClipFamilyReward(torch.nn.Module):
-    """hps and clip: r(x, c) = cos(f_img(preprocess(x)), f_txt(c)), without the logit scale.
-    (Tables report 100 x this cosine.) The open_clip model is frozen; only the image path carries gradient."""
-
-    space = "pixels"
-
-    def __init__(self, name, clip_model, tokenizer):
-        super().__init__()
-        self.name, self.model, self.tokenizer = name, clip_model, tokenizer
-        self.model.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
-        sequence_first(self.model.visual.transformer)  # speed only, same numbers (see sequence_first)
-        self.image_size = clip_model.visual.image_size
-        self.image_size = self.image_size[0] if isinstance(self.image_size, (tuple, list)) else self.image_size
-        self._text_cache = {}  # prompt -> (D,) normalized text feature; text towers run once per prompt
-
-    @torch.no_grad()  # text features carry no gradient: only the image path does
-    def text_features(self, prompts):
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]  # new prompts, in order, once
-        if missing:
-            device = next(self.model.parameters()).device
-            feats = self.model.encode_text(self.tokenizer(missing).to(device), normalize=True).float()  # (M,D)
-            self._text_cache.update(zip(missing, feats))
-        return torch.stack([self._text_cache[p] for p in prompts])  # (B,D), unit norm
-
-    def forward(self, pixels, prompts, text_emb=None):
-        dtype = next(self.model.parameters()).dtype  # bf16 on a GPU run: cast the image to the tower's precision
-        # clip_preprocess: open_clip's Resize -> CenterCrop -> Normalize, as differentiable torch ops (Plumbing)
-        image = clip_preprocess(pixels, self.image_size).to(dtype)  # (B,3,224,224)
-        with own_dtype(pixels.device):  # the frozen tower computes in its own dtype, like the VAE
-            img_feat = self.model.encode_image(image, normalize=True).float()  # (B,D), unit norm
-        return (img_feat * self.text_features(prompts)).sum(-1)  # (B,) cosine in [-1,1]
-
-    def enable_gradient_checkpointing(self):
-        self.model.set_grad_checkpointing(True)
+def clip_preprocess(pixels, size=224):
+    """What every image reward sees: a differentiable twin of open_clip's evaluation transform (Resize(shorter side,
+    bicubic) -> CenterCrop -> Normalize), in torch ops so the reward gradient flows back to the pixels. (HPSv2's own
+    evaluation resizes the longer side and pads: the same on SD's square images.)
+    pixels: (B,3,H,W) in [0,1]  ->  (B,3,size,size) CLIP-normalized."""
+    assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B,3,H,W) pixels, got {tuple(pixels.shape)}"
+    # The classic reward bug is feeding [-1,1] images, or rescaling twice: refuse anything outside [0,1].
+    assert pixels.min() >= 0 and pixels.max() <= 1, "clip_preprocess expects pixels in [0,1]"
+    H, W = pixels.shape[-2:]
+    short, long = min(H, W), max(H, W)
+    new_long = int(size * long / short)  # torchvision's rule for Resize(int): the longer side is truncated
+    new_hw = (size, new_long) if H <= W else (new_long, size)
+    x = F.interpolate(pixels, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
+    # our choice: clamp the bicubic overshoot at sharp edges, as open_clip's PIL transform does (it stores uint8), so
+    # that scores agree with how images are scored at evaluation. HPSv2's evaluation and ImageReward's ReFL resize
+    # float tensors unclamped; here an overshooting pixel of the resized image passes no gradient (edges only).
+    x = x.clamp(0, 1)
+    top = int(round((new_hw[0] - size) / 2.0))  # torchvision's center_crop offsets
+    left = int(round((new_hw[1] - size) / 2.0))
+    x = x[:, :, top : top + size, left : left + size]  # (B,3,size,size) in [0,1]
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std  # (B,3,224,224) CLIP-normalized
 
 
-class ImageRewardReward(torch.nn.Module):
+def clip_score(clip_model, pixels, text_features):
+    """hps and clip: r(x, c) = cos(f_img(clip_preprocess(x)), f_txt(c)), without the logit scale (the paper's tables
+    report 100 x this cosine). clip_model: an open_clip CLIP (frozen); text_features: (B,D), unit norm, no gradient.
+    Returns (B,) in [-1,1]."""
+    size = clip_model.visual.image_size
+    image = clip_preprocess(pixels, size[0] if isinstance(size, (tuple, list)) else size)  # (B,3,224,224)
+    with own_dtype(pixels.device):  # the frozen tower computes in its own dtype (bf16 on a GPU)
+        image = image.to(next(clip_model.parameters()).dtype)
+        img_feat = clip_model.encode_image(image, normalize=True).float()  # (B,D), unit norm
+    return (img_feat * text_features).sum(-1)  # (B,)
+
+
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # the raw head's statistics (its own)
+
+
+def imagereward_score(model, pixels, input_ids, attention_mask):
     """imagereward: ImageReward (Xu et al., NeurIPS 2023), a BLIP model fine-tuned on human preference rankings:
-        image_embeds = ViT-L/16(clip_preprocess(x))                 (B,197,1024)
-        h            = BERT(prompt tokens, cross-attending to image_embeds)[:, 0]   (B,768), the [CLS] position
-        r(x, c)      = (MLP(h) - 0.16717362830052426) / 1.0333394966054072   MLP 768-1024-128-64-16-1, no activations
-    Built on transformers' BLIP towers (ports of the very modules BLIP uses); ImageReward.pt loads through
-    imagereward_key_map (Plumbing). The model is frozen; only the image path carries gradient."""
-
-    space = "pixels"
-    MEAN, STD = 0.16717362830052426, 1.0333394966054072  # the raw head output's statistics (ImageReward's own)
-
-    def __init__(self, vision_config, text_config, tokenizer):
-        super().__init__()
-        from transformers import BlipTextModel, BlipVisionModel
-        self.vision = BlipVisionModel(vision_config)  # BLIP's ViT
-        self.text = BlipTextModel(text_config, add_pooling_layer=False)  # BLIP's BERT with cross-attention
-        L, drop = torch.nn.Linear, torch.nn.Dropout  # dropouts kept only so that indices match the checkpoint
-        self.mlp = torch.nn.Sequential(L(text_config.hidden_size, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64),
-                                       drop(0.1), L(64, 16), L(16, 1))
-        self.tokenizer, self._tokens = tokenizer, {}  # prompt -> (input_ids, attention_mask), tokenized once
-        self.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
-
-    def tokens(self, prompts):  # as ImageReward: padded to 35 tokens, truncated; [CLS] first (no [ENC] swap)
-        missing = [p for p in dict.fromkeys(prompts) if p not in self._tokens]
-        if missing:
-            enc = self.tokenizer(missing, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-            self._tokens.update(zip(missing, zip(enc["input_ids"], enc["attention_mask"])))
-        ids, mask = zip(*(self._tokens[p] for p in prompts))
-        return torch.stack(ids).to(self.mlp[0].weight.device), torch.stack(mask).to(self.mlp[0].weight.device)
-
-    def forward(self, pixels, prompts, text_emb=None):
-        image = clip_preprocess(pixels, 224).to(self.vision.dtype)  # (B,3,224,224)
-        input_ids, attention_mask = self.tokens(prompts)  # (B,35) each
-        with own_dtype(pixels.device):  # the frozen model computes in its own dtype
-            image_embeds = self.vision(pixel_values=image).last_hidden_state  # (B,197,D), final LayerNorm included
-            image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-            h = self.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                          encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
-            raw = self.mlp(h.float()).squeeze(-1)  # (B,) the head in fp32 (ImageReward: .float() on this feature)
-        return (raw - self.MEAN) / self.STD  # (B,), about N(0,1) over ImageReward's data
-
-    def enable_gradient_checkpointing(self):
-        # transformers checkpoints a layer only while its .training flag is set, and BlipTextModel refuses
-        # gradient_checkpointing_enable(); so each layer is switched on as transformers' own code does it, with the
-        # layers' flag alone set (they read it for nothing else; their dropouts are 0, the head stays in eval mode)
-        import torch.utils.checkpoint
-        from transformers.modeling_layers import GradientCheckpointingLayer
-        for layer in self.modules():
-            if isinstance(layer, GradientCheckpointingLayer):
-                layer.gradient_checkpointing, layer.training = True, True
-                layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint,
-                                                                       use_reentrant=False)
+        image_embeds = ViT-L/16(clip_preprocess(x))                                   (B,197,1024)
+        h            = BERT(prompt tokens, cross-attending to image_embeds)[:, 0]      (B,768), the [CLS] position
+        r(x, c)      = (MLP(h) - mean) / std      MLP 768-1024-128-64-16-1, no activations; about N(0,1) on its data
+    model: ImageRewardReward (Plumbing: transformers' BLIP towers and the head); input_ids, attention_mask: (B,35)."""
+    image = clip_preprocess(pixels, 224).to(model.vision.dtype)  # (B,3,224,224)
+    with own_dtype(pixels.device):  # the frozen towers compute in their own dtype
+        image_embeds = model.vision(pixel_values=image).last_hidden_state  # (B,197,D), final LayerNorm included
+        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        h = model.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                       encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
+    raw = model.mlp(h.float()).squeeze(-1)  # (B,) the head in fp32, as ImageReward (.float() on this feature)
+    return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
 class ImplicitCfgReward:
@@ -328,7 +298,7 @@ def make_base_eps(unet, frozen_unet):
 #
 #   x   = decode(x0_hat)                                 (B,3,H,W) in [0,1]
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only, not the generator
-#   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   each reward pulls with the same per-sample strength w_i
+#   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   reward i pulls every sample with strength w_i
 #   surrogate = - sum(stopgrad(g) * x) / B               d surrogate / d theta = - g . dx/dtheta / B
 # our reading: the norm is taken per sample (each image's gradient has norm w_i), not over the batch, so one image
 # with a huge gradient cannot drown the others. The image rewards are normalized in pixel space and cfg in latent
@@ -366,18 +336,19 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Regularizers (paper section 3.3)
+# Regularizers (paper section 3.3; Fig. 11: without the weight regularization, reward hacking)
 #   1. weight regularization  lambda * ||theta - theta_0||^2   (keeps the generator near the pretrained model)
 #   2. LoRA: a low-rank update is itself a constraint (and the way to fit a 24 GB GPU)
 #   3. random eta sampling: in generate(random_eta=True)
 #   4. per-reward gradient normalization + several complementary rewards: in the reward composition
-# Plus our engineering choices: gradient clipping at 1.0 and AdamW with weight_decay 0 (the anchor to theta_0
-# replaces decay toward 0, which would pull the pretrained weights somewhere meaningless).
+# Plus our engineering choices: gradient clipping at 1.0 and AdamW with weight_decay 0. The anchor to theta_0
+# replaces decay: in full fine-tuning decay would pull theta toward 0, away from the pretrained model; under LoRA it
+# would pull A and B toward 0, i.e. toward theta_0 too, a second anchor whose strength lambda would not set.
 # No KL term, no diffusion loss, no distillation loss.
 
 def make_trainable(unet, cfg, device, frozen_dtype):
-    """What theta is, and where theta_0 lives. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
-    unet.train()  # SD1.5's UNet has no dropout or batch norm, so train() only matters for gradient checkpointing
+    """What theta is, and where theta_0 lives. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA).
+    (SD1.5's UNet has no dropout or batch norm, so its train/eval mode changes nothing.)"""
     if cfg.lora_rank > 0:
         # LoRA: theta = theta_0 + delta W, delta W = scaling * B @ A on each adapted layer; theta_0 is the frozen
         # base weights themselves (half precision), no copy needed. our choice, as diffusers' own SD LoRA training:
@@ -421,9 +392,9 @@ def weight_regularization(unet, frozen_unet):
     LoRA: theta - theta_0 = delta W = scaling * B @ A per adapted layer, so the same quantity is
           sum_layers ||scaling * B @ A||_F^2 (the frozen base weights cancel out).
     our choice: lambda = 1e-2 (--weight-reg); the paper gives no value, and this one is untuned (README). Because
-    the reward gradient has a fixed per-sample scale (normalized), lambda sets how large the update may grow before
-    the anchor pulls back as hard as the rewards push. 'reg' and every reward are logged: raise lambda if rewards
-    keep rising while the samples degrade (hacking), lower it if the rewards stall while 'reg' keeps growing.
+    the reward gradient has a fixed per-sample scale in pixel (or latent) space, lambda sets how large the update may
+    grow before the anchor pulls back as hard as the rewards push. 'reg' and every reward are logged: raise lambda if
+    rewards keep rising while the samples degrade (hacking), lower it if the rewards stall while 'reg' keeps growing.
     Both sums keep no weight-sized tensor in the autograd graph."""
     if frozen_unet is None:  # LoRA
         total = 0.0
@@ -438,8 +409,45 @@ def weight_regularization(unet, frozen_unet):
     return sum(F.mse_loss(p, p0, reduction="sum") for p, p0 in zip(unet.parameters(), frozen_unet.parameters()))
 
 
+@dataclass
+class Models:
+    """Everything R0 holds. paper: only the generator's weights theta move; the VAE, the text encoder and every
+    reward model are frozen (they pass gradients through, never store any)."""
+    tokenizer: object
+    text_encoder: object        # frozen
+    vae: object                 # frozen
+    unet: object                # the generator g_theta (trainable: all weights, or LoRA adapters)
+    frozen_unet: object         # theta_0: a frozen copy for full fine-tuning; None with LoRA (the adapters switch off)
+    scheduler_config: dict      # the base model's scheduler config (for the saved pipeline)
+    alphas_cumprod: torch.Tensor  # (1000,) on the CPU: generate() reads it as Python floats
+    rewards: dict               # name -> reward (frozen)
+    reward_weights: dict        # name -> w_i
+    device: str
+    reload_base: object = None  # () -> (tokenizer, text_encoder, vae, unet) of --model at full precision (the export)
+
+
+def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
+    """The pretrained SD1.5 parts -> Models: frozen parts frozen (in half precision on a GPU: they only run forward
+    and pass gradients through), theta and theta_0 set up, and the rewards of --rewards built."""
+    frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+    alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
+    for module in (text_encoder, vae):  # requires_grad_(False): the backward goes *through* the VAE decoder to the
+        cast(module.requires_grad_(False).eval(), cfg.device, frozen_dtype)  # generator, storing nothing for it
+    frozen_unet = make_trainable(unet, cfg, cfg.device, frozen_dtype)  # theta (LoRA or all weights) and theta_0
+    rewards = {}
+    for name in cfg.rewards:  # each loaded once, frozen, kept on the device (load_reward: Plumbing)
+        if name == "cfg":  # the base model theta_0 itself, unconditional = the empty prompt
+            uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
+            rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(cfg.device))
+        else:
+            rewards[name] = load_reward(name, cfg.tiny, cfg.device, frozen_dtype)
+    return Models(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, frozen_unet=frozen_unet,
+                  scheduler_config=scheduler_config, alphas_cumprod=alphas_cumprod, rewards=rewards,
+                  reward_weights=dict(cfg.rewards), device=cfg.device)
+
+
 # -----------------------------------------------------------------------------------------------------------
-# The training step: R0, and R0+ (paper section 4). One micro-batch, then one optimizer step.
+# The training step: R0, and R0+ (paper section 4; Fig. 12: R0+ converges faster). One micro-batch.
 #
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> VAE decode --> x (pixels in [0,1])
 #                      \______ R0+: steps before k run without gradient; x0_hat is taken at step k ______/
@@ -449,11 +457,17 @@ def weight_regularization(unet, frozen_unet):
 #    g = sum_i w_i g_i / ||g_i||  (per sample, in pixel or latent space)
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
 #    ONE backward of that through the decoder and the UNet steps (whatever the number of rewards)
-#    --> clip the gradient norm --> AdamW step on theta
+#
+# One optimizer step, in call order (optimizer_step, Plumbing):
+#    for each of --grad-accum micro-batches:  prompts = next B prompts  ->  loss = r0_step(prompts): encode_prompts
+#        -> generate -> decode -> composed_reward_gradients -> surrogate + lambda reg  ->  (loss / grad_accum).backward()
+#    -> clip the gradient to global norm 1.0 (our choice)  ->  AdamW step (make_optimizer)  ->  zero the gradients
+# (The loop also skips an update whose loss, rewards or gradient are not finite, and with several GPUs averages the
+# gradients over them first: Plumbing.)
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of R0 (or R0+). Returns (loss, stats); the caller calls loss.backward().
-    m: Models (unet, frozen_unet, vae, text encoder, rewards, ...), prompts: list of B strings."""
+    m: Models, prompts: list of B strings, generator: this run's random stream (noise, eta, R0+'s k, cfg's t)."""
     B, K = len(prompts), cfg.steps
     h = cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,768), no grad
@@ -461,7 +475,8 @@ def r0_step(m, prompts, cfg, generator):
     if cfg.r0_plus:
         # R0+ (paper 4): supervise x0_hat at a random step k; steps before k run without gradient, so the
         # backward graph holds one UNet call instead of K: faster, less memory, and every step gets direct signal.
-        # our reading: k drawn uniformly from all K steps (k = K-1 is plain R0's output), one k per micro-batch.
+        # our reading: k drawn uniformly from all K steps, one k per micro-batch. (k = K-1 rewards the same x0_hat
+        # as plain R0, but its gradient flows through the last UNet call only.)
         k = int(torch.randint(0, K, (1,), generator=generator, device=m.device))
         last_step, grad_from_step = k, k
     else:
@@ -473,7 +488,8 @@ def r0_step(m, prompts, cfg, generator):
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator)
     # The surrogate whose gradient w.r.t. theta is -(normalized, weighted reward gradient) . d(x)/d(theta).
-    # Its *value* means nothing (it is -g.x); watch the logged rewards, not the loss.
+    # Its *value* means nothing (it is -g.x); watch the logged rewards, not the loss. our choice: the mean over
+    # the batch (1/B), so that the step's size does not grow with the batch.
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
@@ -488,45 +504,10 @@ def make_optimizer(params, cfg):
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 
-def accumulate_gradients(m, order, cfg, generator):
-    """Forward and backward of --grad-accum micro-batches: p.grad then holds the gradient of the mean of their losses.
-    Returns (their stats, averaged; whether every loss and reward was finite)."""
-    stats_sum, finite = {}, True
-    for _ in range(cfg.grad_accum):
-        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)  # order: PromptOrder, shuffled epochs
-        stats["loss"] = loss.item()
-        finite = finite and all(math.isfinite(v) for v in stats.values())
-        if finite:  # no point pushing NaNs through the graph
-            (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
-        for k, v in stats.items():
-            stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
-    return stats_sum, finite
-
-
-def apply_update(optimizer, params, cfg, finite):
-    """Clip the gradient (our choice: global norm 1.0), then AdamW. A non-finite loss, reward or gradient skips the
-    update: weights and optimizer state stay exactly as they were. Returns (grad norm before clipping, applied)."""
-    finite = average_gradients_over_ranks(params, finite)  # several GPUs only (Plumbing: "Several GPUs")
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
-    applied = finite and math.isfinite(grad_norm)
-    if applied:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
-    return grad_norm, applied
-
-
-def optimizer_step(m, optimizer, params, order, cfg, generator):
-    """One optimizer step: the mean gradient of --grad-accum micro-batches, clipped, then AdamW.
-    Returns (stats, grad norm before clipping, applied)."""
-    stats, finite = accumulate_gradients(m, order, cfg, generator)
-    return stats, *apply_update(optimizer, params, cfg, finite)
-
-
 # ===========================================================================================================
-# Plumbing. The method is complete above; everything below serves it: the config, details that serve matching
-# or speed, loading, prompts and images, checkpoints, the training loop and the command line.
+# Plumbing. The method is complete above; everything below serves it: the config, the reward models' classes and
+# loaders, precision, loading, prompts and images, checkpoints, the training loop and the command line.
 # ===========================================================================================================
-
 # -----------------------------------------------------------------------------------------------------------
 # Config: name -> (default, what it is). Every default is for a real SD1.5 run on one 24 GB GPU (README: measured
 # memory per mode and batch); --tiny swaps in TINY_PRESET. Each name is a flag (output_dir: --output-dir); flags
@@ -545,7 +526,7 @@ OPTIONS = dict(
     # --- rewards --- our choice: HPS v2.1 and CLIP score at equal weight (the weights are relative pulls, since
     # gradients are normalized per reward); CLIP keeps text alignment while HPS pushes preference, each checking
     # the other's hacking.
-    rewards=("hps=1.0,clip=1.0", f"name=weight list from {', '.join(REWARD_NAMES)}; a name alone means weight 1.0"),
+    rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     # --- regularizers (paper 3.3) --- our choice: LoRA 64 fits 24 GB and low rank is itself a regularizer; full
     # fine-tuning needs a larger GPU (README). lambda: see weight_regularization(). Clipping: standard in fine-tuning.
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
@@ -590,50 +571,8 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Details the method uses, kept out of its way: matching open_clip's preprocessing exactly, a speed-up of the reward
-# towers, the toy colour reward of the offline demo, parsing --rewards, and the precision context.
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalization, used by ViT-H-14 and HPS v2.1
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-def clip_preprocess(pixels, size=224):
-    """Differentiable twin of open_clip's evaluation transform (Resize(shorter side, bicubic) -> CenterCrop ->
-    Normalize), in pure torch ops so the reward gradient can flow back to the pixels.
-    pixels: (B,3,H,W) in [0,1]  ->  (B,3,size,size) CLIP-normalized."""
-    assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B,3,H,W) pixels, got {tuple(pixels.shape)}"
-    # The classic reward bug is feeding [-1,1] images, or rescaling twice: refuse anything outside [0,1].
-    assert pixels.min() >= 0 and pixels.max() <= 1, "clip_preprocess expects pixels in [0,1]"
-    H, W = pixels.shape[-2:]
-    short, long = min(H, W), max(H, W)
-    new_long = int(size * long / short)  # torchvision's rule for Resize(int): the longer side is truncated
-    new_hw = (size, new_long) if H <= W else (new_long, size)
-    x = F.interpolate(pixels, size=new_hw, mode="bicubic", antialias=True, align_corners=False)
-    # our choice: clamp the bicubic overshoot at sharp edges, as open_clip's PIL transform does (it stores uint8), so
-    # that scores agree with how images are scored at evaluation. HPSv2's evaluation and ImageReward's ReFL resize
-    # float tensors unclamped; here an overshooting pixel of the resized image passes no gradient (edges only).
-    x = x.clamp(0, 1)
-    top = int(round((new_hw[0] - size) / 2.0))  # torchvision's center_crop offsets
-    left = int(round((new_hw[1] - size) / 2.0))
-    x = x[:, :, top : top + size, left : left + size]  # (B,3,size,size) in [0,1]
-    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
-    return (x - mean) / std  # (B,3,224,224) CLIP-normalized
-
-
-def sequence_first(transformer):
-    """our choice (speed; the same numbers): run open_clip's image transformer in its sequence-first (L,B,D) layout.
-    In the default batch-first layout, torch's nn.MultiheadAttention transposes its input to (L,B,D) as a strided
-    view; with gradient flowing to the image but not into the frozen weights, matmul cannot fold that view into one
-    matrix product and runs the input projection as L=257 small ones (README: the reward part's time before and
-    after). test_r0.py checks that scores and image gradients agree with open_clip's own layout."""
-    blocks = getattr(transformer, "resblocks", [])
-    if getattr(transformer, "batch_first", False) and all(isinstance(getattr(b, "attn", None),
-                                                              torch.nn.MultiheadAttention) for b in blocks):
-        transformer.batch_first = False  # open_clip's Transformer then transposes (B,L,D) <-> (L,B,D) around blocks
-        for b in blocks:
-            b.attn.batch_first = False
-
+# Details the method uses, kept out of its way: the toy colour reward of the offline demo, parsing --rewards, and
+# the precision contexts.
 
 # The toy colour reward. Palette values are our choice (typical sRGB renderings of each word).
 COLOURS = {
@@ -678,8 +617,8 @@ def parse_rewards(spec):
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, sep, value = item.partition("=")
         name = name.strip().lower()
-        if name not in REWARD_NAMES:
-            raise UserError(f"unknown reward '{name}' in --rewards; choose from {', '.join(REWARD_NAMES)} "
+        if name not in REWARDS:
+            raise UserError(f"unknown reward '{name}' in --rewards; choose from {', '.join(REWARDS)} "
                             f"(e.g. --rewards hps=1.0,clip=1.0).")
         try:
             weight = float(value) if sep else 1.0
@@ -712,22 +651,260 @@ def own_dtype(device):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Loading: SD1.5 from the hub or a folder, reward towers, and the tiny random-weight twins used by --tiny/tests.
+# Reward models: the registry, the classes around each reward's definition (frozen models, caches, memory, layout)
+# and their loaders.
+#
+# Adding a reward (say PickScore) takes three steps:
+#   1. a class with the reward interface (see "Rewards" above): ClipFamilyReward is the template for an open_clip
+#      model, ImageRewardReward for a transformers one. transformers checkpoints a layer's activations only while
+#      the layer is in training mode, which a frozen reward is not: its enable_gradient_checkpointing() calls
+#      checkpoint_transformers_layers(model), as ImageRewardReward does;
+#   2. a loader, (tiny, device, dtype) -> the reward, frozen, in dtype on device: its real weights (hub_file() for
+#      each of its downloads, load_tensors() for a pickled file), or with tiny a random-weight twin of the same
+#      classes, small enough for a CPU (--tiny and the tests);
+#   3. one line in REWARDS: its name (for --rewards), its loader, its hub downloads (so that an offline machine is
+#      told what is missing), and how sample.py --score reports it.
+# test_r0.py checks every registered reward (gradient to its input, none into its model) and sample.py scores it.
 
 @dataclass
-class Models:
-    tokenizer: object
-    text_encoder: object
-    vae: object
-    unet: object                # the generator g_theta (trainable: all weights, or LoRA adapters)
-    frozen_unet: object         # theta_0 copy for full fine-tuning, None with LoRA
-    scheduler_config: dict      # the base model's scheduler config (for the saved pipeline)
-    alphas_cumprod: torch.Tensor  # (1000,) on the CPU: generate() reads it as Python floats
-    rewards: dict               # name -> reward module
-    reward_weights: dict        # name -> w_i
-    device: str
-    reload_base: object = None  # () -> (tokenizer, text_encoder, vae, unet) of --model at full precision (the export)
+class Reward:
+    load: object            # (tiny, device, dtype) -> the reward; None: built from the generator itself (cfg)
+    downloads: list = ()    # [(what it is, hub repo, files: any one of them will do, the first is the one to get)]
+    scale: float = 1.0      # sample.py reports scale x score (the paper's tables: 100 x a cosine)
+    about: str = ""         # sample.py's note on its weights; "" = not a --score metric
 
+
+class ClipFamilyReward(torch.nn.Module):
+    """hps and clip: clip_score on an open_clip model, frozen, its text features computed once per prompt."""
+
+    space = "pixels"
+
+    def __init__(self, clip_model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = clip_model.requires_grad_(False).eval(), tokenizer
+        sequence_first(self.model.visual.transformer)  # speed only, the same numbers (see sequence_first)
+        self._text = {}  # prompt -> (D,) normalized text feature
+
+    @torch.no_grad()  # text features carry no gradient: only the image path does
+    def text_features(self, prompts):
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._text]  # new prompts, in order, once
+        if missing:
+            device = next(self.model.parameters()).device
+            feats = self.model.encode_text(self.tokenizer(missing).to(device), normalize=True).float()  # (M,D)
+            self._text.update(zip(missing, feats))
+        return torch.stack([self._text[p] for p in prompts])  # (B,D), unit norm
+
+    def forward(self, pixels, prompts, text_emb=None):
+        return clip_score(self.model, pixels, self.text_features(prompts))  # (B,)
+
+    def enable_gradient_checkpointing(self):
+        self.model.set_grad_checkpointing(True)
+
+
+def sequence_first(transformer):
+    """our choice (speed; the same numbers): run open_clip's image transformer in its sequence-first (L,B,D) layout.
+    In the default batch-first layout, torch's nn.MultiheadAttention transposes its input to (L,B,D) as a strided
+    view; with gradient flowing to the image but not into the frozen weights, matmul cannot fold that view into one
+    matrix product and runs the input projection as L=257 small ones. test_r0.py checks that scores and image
+    gradients agree with open_clip's own layout, and that the slow batched product is gone."""
+    blocks = getattr(transformer, "resblocks", [])
+    if getattr(transformer, "batch_first", False) and all(isinstance(getattr(b, "attn", None),
+                                                              torch.nn.MultiheadAttention) for b in blocks):
+        transformer.batch_first = False  # open_clip's Transformer then transposes (B,L,D) <-> (L,B,D) around blocks
+        for b in blocks:
+            b.attn.batch_first = False
+
+
+class ImageRewardReward(torch.nn.Module):
+    """imagereward: imagereward_score on transformers' BLIP towers (ports of the very modules BLIP uses) and the MLP
+    head, frozen; ImageReward.pt loads through imagereward_key_map. Prompts are tokenized once each."""
+
+    space = "pixels"
+
+    def __init__(self, vision_config, text_config, tokenizer):
+        super().__init__()
+        from transformers import BlipTextModel, BlipVisionModel
+        self.vision = BlipVisionModel(vision_config)  # BLIP's ViT
+        self.text = BlipTextModel(text_config, add_pooling_layer=False)  # BLIP's BERT with cross-attention
+        L, drop = torch.nn.Linear, torch.nn.Dropout  # dropouts kept only so that indices match the checkpoint
+        self.mlp = torch.nn.Sequential(L(text_config.hidden_size, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64),
+                                       drop(0.1), L(64, 16), L(16, 1))
+        self.tokenizer, self._tokens = tokenizer, {}  # prompt -> (input_ids, attention_mask)
+        self.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
+
+    def tokens(self, prompts):  # as ImageReward: padded to 35 tokens, truncated; [CLS] first (no [ENC] swap)
+        missing = [p for p in dict.fromkeys(prompts) if p not in self._tokens]
+        if missing:
+            enc = self.tokenizer(missing, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+            self._tokens.update(zip(missing, zip(enc["input_ids"], enc["attention_mask"])))
+        ids, mask = zip(*(self._tokens[p] for p in prompts))
+        return torch.stack(ids).to(self.mlp[0].weight.device), torch.stack(mask).to(self.mlp[0].weight.device)
+
+    def forward(self, pixels, prompts, text_emb=None):
+        return imagereward_score(self, pixels, *self.tokens(prompts))  # (B,)
+
+    def enable_gradient_checkpointing(self):
+        checkpoint_transformers_layers(self)
+
+
+def checkpoint_transformers_layers(model):
+    """Gradient checkpointing for a frozen transformers model: transformers checkpoints a layer only while its
+    .training flag is set (and BlipTextModel refuses gradient_checkpointing_enable()), so each layer is switched on
+    as transformers' own code does it, with the layers' flag alone set (they read it for nothing else where dropout
+    is 0, as in BLIP's and CLIP's layers; heads and embeddings stay in eval mode)."""
+    import torch.utils.checkpoint
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer):
+            layer.gradient_checkpointing, layer.training = True, True
+            layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
+
+
+def load_clip_family(name, tiny, device, dtype):
+    """hps or clip: open_clip ViT-H-14, with HPS v2.1's or CLIP-score's weights (or, tiny, a random tiny twin)."""
+    import open_clip
+    tokenizer = open_clip.get_tokenizer("ViT-H-14")  # open_clip's bundled BPE: no download
+    if tiny:
+        return ClipFamilyReward(cast(build_tiny_clip_tower(seed=1 if name == "hps" else 2)[0], device, dtype),
+                                tokenizer)
+    path = hub_file(name, REWARDS[name].downloads[0])  # open_clip is handed the file: it never goes to the network
+    print(f"{name}: open_clip ViT-H-14 with the weights of {path}")
+    if name == "clip":
+        model = open_clip.create_model("ViT-H-14", pretrained=path)
+    else:  # HPS v2.1 is a full fine-tune of ViT-H-14 (both towers), saved as a training checkpoint under 'state_dict'
+        model = open_clip.create_model("ViT-H-14", pretrained=None)  # the architecture; the weights come next
+        state = load_tensors(path, "HPS v2.1 checkpoint")["state_dict"]  # HPSv2's own loader reads this key
+        # strict=False tolerates extra keys of newer/older open_clip versions; a *missing* key means a wrong file
+        missing, _ = model.load_state_dict(state, strict=False)
+        if missing:
+            raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
+    return ClipFamilyReward(cast(model, device, dtype), tokenizer)
+
+
+def load_imagereward(tiny, device, dtype):
+    """ImageReward.pt on BLIP's towers, tokenizer bert-base-uncased + [DEC]/[ENC] (or, tiny, a random tiny twin that
+    reads CLIP's tokens: a BERT vocabulary would need a download)."""
+    if tiny:
+        with torch.random.fork_rng():
+            torch.manual_seed(3)
+            reward = ImageRewardReward(*imagereward_configs("tiny"), sd15_tokenizer_offline())
+    else:
+        from transformers import BertTokenizer
+        weights, vocab = (hub_file("imagereward", download) for download in REWARDS["imagereward"].downloads)
+        tokenizer = BertTokenizer(vocab)  # bert-base-uncased (lower-cased) plus BLIP's two tokens, as ImageReward
+        tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+        reward = ImageRewardReward(*imagereward_configs("full"), tokenizer)
+        reward.load_state_dict(imagereward_key_map(load_tensors(weights, "ImageReward checkpoint")))
+        print(f"imagereward: BLIP ViT-L + BERT with the weights of {weights}")
+    cast(reward, device, dtype).mlp.float()  # the towers in dtype, the head in fp32 (as ImageReward computes it)
+    return reward
+
+
+# ImageReward's checkpoint (THUDM/ImageReward, ImageReward.pt): its keys -> ImageRewardReward's, one rule each (full
+# matches, tried in order). test_r0.py checks that the rules cover every key of the original, shape for shape.
+_V, _T, _P = r"blip\.visual_encoder\.", r"blip\.text_encoder\.", r"\.(weight|bias)"
+IMAGEREWARD_KEY_RULES = [  # BLIP's timm-style ViT -> BlipVisionModel
+    (_V + r"cls_token", r"vision.embeddings.class_embedding"),
+    (_V + r"pos_embed", r"vision.embeddings.position_embedding"),
+    (_V + r"patch_embed\.proj" + _P, r"vision.embeddings.patch_embedding.\1"),
+    (_V + r"blocks\.(\d+)\.norm([12])" + _P, r"vision.encoder.layers.\1.layer_norm\2.\3"),
+    (_V + r"blocks\.(\d+)\.attn\.qkv" + _P, r"vision.encoder.layers.\1.self_attn.qkv.\2"),
+    (_V + r"blocks\.(\d+)\.attn\.proj" + _P, r"vision.encoder.layers.\1.self_attn.projection.\2"),
+    (_V + r"blocks\.(\d+)\.mlp\.(fc[12])" + _P, r"vision.encoder.layers.\1.mlp.\2.\3"),
+    (_V + r"norm" + _P, r"vision.post_layernorm.\1"),
+    # BLIP's med.py BERT -> BlipTextModel, a port of it: the same names under a new prefix
+    (_T + r"(embeddings\.(word|position)_embeddings\.weight|embeddings\.LayerNorm" + _P + ")", r"text.\1"),
+    (_T + r"(encoder\.layer\.\d+\.(attention|crossattention)\.(self\.(query|key|value)|output\.(dense|LayerNorm))"
+     + _P + ")", r"text.\1"),
+    (_T + r"(encoder\.layer\.\d+\.(intermediate\.dense|output\.(dense|LayerNorm))" + _P + ")", r"text.\1"),
+    (r"mlp\.layers\.([02467])" + _P, r"mlp.\1.\2"),  # the head: same indices
+]
+# in the checkpoint, never read by the score: BLIP's contrastive projections, and the text positions 0..511 (a buffer)
+IMAGEREWARD_UNUSED_KEYS = {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
+                           "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
+
+
+def imagereward_key_map(state):
+    """ImageReward.pt's state dict -> ImageRewardReward's (strict). An unknown key is refused, never half-loaded."""
+    out = {}
+    for key, value in state.items():
+        match = next((m.expand(r) for p, r in IMAGEREWARD_KEY_RULES if (m := re.fullmatch(p, key))), None)
+        if match is not None:
+            out[match] = value
+        elif key not in IMAGEREWARD_UNUSED_KEYS:
+            raise UserError(f"unexpected key '{key}' in the ImageReward checkpoint; is it THUDM/ImageReward's "
+                            "ImageReward.pt? Re-download it.")
+    return out
+
+
+def imagereward_configs(size):
+    """(BlipVisionConfig, BlipTextConfig) of ImageReward ('full'), or of a tiny twin with the same classes ('tiny').
+    transformers' defaults differ from BLIP's (LayerNorm eps, 8 text heads, 384 px): every number is given."""
+    from transformers import BlipTextConfig, BlipVisionConfig
+    full = size == "full"
+    vision = BlipVisionConfig(  # BLIP's ViT-L/16 at 224: exact GELU, LayerNorm eps 1e-6
+        hidden_size=1024 if full else 64, intermediate_size=4096 if full else 256, num_hidden_layers=24 if full else 2,
+        num_attention_heads=16 if full else 2, image_size=224, patch_size=16 if full else 32, hidden_act="gelu",
+        layer_norm_eps=1e-6, initializer_range=0.02)
+    text = BlipTextConfig(  # med_config.json: BERT-base, 30522 + [DEC] + [ENC] tokens (the tiny twin: CLIP's 49408)
+        vocab_size=30524 if full else 49408, hidden_size=768 if full else 32, intermediate_size=3072 if full else 64,
+        num_hidden_layers=12 if full else 2, num_attention_heads=12 if full else 2,
+        max_position_embeddings=512 if full else 64, encoder_hidden_size=vision.hidden_size, hidden_act="gelu",
+        layer_norm_eps=1e-12, pad_token_id=0, is_decoder=True)  # is_decoder: only makes it build the cross-attention
+    return vision, text
+
+
+# name -> Reward. The order is the order of --help and of sample.py's tables.
+REWARDS = {
+    "hps": Reward(functools.partial(load_clip_family, "hps"), [("HPS v2.1 weights", "xswu/HPSv2",
+                                                                ("HPS_v2.1_compressed.pt",))],
+                  100, "HPS v2.1 (xswu/HPSv2, HPS_v2.1_compressed.pt), 100 x cosine"),
+    "clip": Reward(functools.partial(load_clip_family, "clip"),
+                   [("CLIP-score weights (ViT-H-14 laion2b_s32b_b79k)", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+                     ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))],
+                   100, "CLIP score, open_clip ViT-H-14 laion2b_s32b_b79k, 100 x cosine"),
+    "imagereward": Reward(load_imagereward, [("ImageReward weights", "THUDM/ImageReward", ("ImageReward.pt",)),
+                                             ("tokenizer of ImageReward (bert-base-uncased)",
+                                              "google-bert/bert-base-uncased", ("vocab.txt",))],
+                          1, "ImageReward (THUDM/ImageReward, ImageReward.pt)"),
+    "cfg": Reward(None),  # the frozen base UNet: built by set_up_r0
+    "color": Reward(lambda tiny, device, dtype: ColourReward()),
+}
+
+
+def load_reward(name, tiny, device, dtype):
+    """The reward REWARDS[name] loads: real weights, or (tiny) its random-weight twin (offline: --tiny, the tests)."""
+    return REWARDS[name].load(tiny, device, dtype)
+
+
+def load_tensors(path, what):
+    """torch.load that cannot run code: weights_only=True reads tensors, numbers, strings and containers only (all
+    that r0.py's checkpoints and the rewards' weight files hold), so a tampered file in a cache, or in a run folder
+    someone hands you, is refused instead of executed. One sentence on failure."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{path} is not a plain {what}: it holds Python objects that could run code when loaded, so "
+                        "it was refused unread; use a file from a source you trust (weights: download them again).")
+    except (RuntimeError, EOFError) as err:  # truncated or not a torch file at all
+        raise UserError(f"{path} is not a readable {what} ({str(err).splitlines()[0][:100]}); use an intact copy "
+                        "(weights: download them again).")
+
+
+def hub_file(name, download):
+    """The local path of one of a reward's hub files (REWARDS[name].downloads): a cached file first, then a download."""
+    from huggingface_hub import hf_hub_download
+    what, repo, files = download
+
+    def path(local):
+        cached = [path for path in (in_cache(repo, f) for f in files) if path]
+        return cached[0] if cached else hf_hub_download(repo, files[0], local_files_only=local)
+    return from_hub(path, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), drop {name} from "
+                    "--rewards, or run offline with --tiny.")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Loading: SD1.5 from the hub or a folder, and the tiny random-weight twins used by --tiny and the tests.
 
 def tiny_sd15_configs():
     """Configs of the tiny UNet / VAE / text encoder: SD1.5's block types and interfaces (4 latent channels, the VAE's
@@ -877,16 +1054,6 @@ def hub_unreachable():
         return True
 
 
-# The hub downloads of each reward: [(what it is, repo, files: any one of them will do, the first is the one to get)]
-HUB_FILES = {
-    "hps": [("HPS v2.1 weights", "xswu/HPSv2", ("HPS_v2.1_compressed.pt",))],
-    "clip": [("CLIP-score weights (ViT-H-14 laion2b_s32b_b79k)", "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-              ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))],
-    "imagereward": [("ImageReward weights", "THUDM/ImageReward", ("ImageReward.pt",)),
-                    ("tokenizer of ImageReward (bert-base-uncased)", "google-bert/bert-base-uncased", ("vocab.txt",))],
-}
-
-
 def in_cache(repo, filename):
     """The local path of a hub file if the Hugging Face cache holds it, else None. Never touches the network."""
     from huggingface_hub import try_to_load_from_cache
@@ -896,7 +1063,7 @@ def in_cache(repo, filename):
 
 def check_downloads(model, downloads, also_missing=()):
     """Before anything loads: if the hub is unreachable, one sentence names every download the run lacks (the base
-    model, each of `downloads`: HUB_FILES entries, and `also_missing`) with the command that fetches it, instead of one
+    model, each of `downloads`: a Reward's, and `also_missing`) with the command that fetches it, instead of one
     failure per file."""
     missing = list(also_missing)
     if model and not os.path.isdir(model) and not in_cache(model, "model_index.json"):
@@ -961,168 +1128,27 @@ def check_sd15_shaped(text_encoder, vae, unet, scheduler_config):
                         "(SDXL or another family?); pass an SD1.5 model.")
 
 
-def load_reward(name, tiny, device, dtype):
-    """The reward model of a name, frozen, in `dtype` on `device`: its real weights, or (tiny) a tiny twin with
-    random weights and the same classes (offline: --tiny, the tests)."""
-    import open_clip
-    if name == "color":
-        return ColourReward()
-    if name == "imagereward":
-        if tiny:  # the tiny twin reads CLIP's tokens (a BERT vocabulary would need a download)
-            with torch.random.fork_rng():
-                torch.manual_seed(1 + REWARD_NAMES.index(name))
-                reward = ImageRewardReward(*imagereward_configs("tiny"), sd15_tokenizer_offline())
-        else:
-            from transformers import BertTokenizer
-            weights, vocab = (hub_file(name, download) for download in HUB_FILES[name])
-            tokenizer = BertTokenizer(vocab)  # bert-base-uncased (lower-cased) plus BLIP's two tokens, as ImageReward
-            tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-            reward = ImageRewardReward(*imagereward_configs("full"), tokenizer)
-            reward.load_state_dict(imagereward_key_map(load_tensors(weights, "ImageReward checkpoint")))
-            print(f"{name}: BLIP ViT-L + BERT with the weights of {weights}")
-        cast(reward, device, dtype).mlp.float()  # the towers in dtype, the head in fp32 (as ImageReward computes it)
-        return reward
-    assert name in ("hps", "clip"), name  # a new reward gets its own branch above this line
-    if tiny:
-        model, _ = build_tiny_clip_tower(seed=1 + REWARD_NAMES.index(name))
-        return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
-    # open_clip is handed the file itself, so it never goes to the network on its own
-    path = hub_file(name, HUB_FILES[name][0])
-    print(f"{name}: open_clip ViT-H-14 with the weights of {path}")
-    if name == "clip":
-        model = open_clip.create_model("ViT-H-14", pretrained=path)
-    else:  # HPS v2.1 is a full fine-tune of ViT-H-14 (both towers), saved as a training checkpoint under 'state_dict'
-        model = open_clip.create_model("ViT-H-14", pretrained=None)  # the architecture; the weights come next
-        state = load_tensors(path, "HPS v2.1 checkpoint")["state_dict"]  # HPSv2's own loader reads this key
-        # strict=False tolerates extra keys of newer/older open_clip versions; a *missing* key means a wrong file
-        missing, _ = model.load_state_dict(state, strict=False)
-        if missing:
-            raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
-    return ClipFamilyReward(name, model.to(device, dtype), open_clip.get_tokenizer("ViT-H-14"))
-
-
-def load_tensors(path, what):
-    """torch.load that cannot run code: weights_only=True reads tensors, numbers, strings and containers only (all
-    that r0.py's checkpoints and the rewards' weight files hold), so a tampered file in a cache, or in a run folder
-    someone hands you, is refused instead of executed. One sentence on failure."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} is not a plain {what}: it holds Python objects that could run code when loaded, so "
-                        "it was refused unread; use a file from a source you trust (weights: download them again).")
-    except (RuntimeError, EOFError) as err:  # truncated or not a torch file at all
-        raise UserError(f"{path} is not a readable {what} ({str(err).splitlines()[0][:100]}); use an intact copy "
-                        "(weights: download them again).")
-
-
-def hub_file(name, download):
-    """The local path of one of a reward's hub files (HUB_FILES): a cached file first, then a download."""
-    from huggingface_hub import hf_hub_download
-    what, repo, files = download
-
-    def path(local):
-        cached = [path for path in (in_cache(repo, f) for f in files) if path]
-        return cached[0] if cached else hf_hub_download(repo, files[0], local_files_only=local)
-    return from_hub(path, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), drop {name} from "
-                    "--rewards, or run offline with --tiny.")
-
-
-# ImageReward's checkpoint (THUDM/ImageReward, ImageReward.pt): its keys -> ImageRewardReward's, one rule each (full
-# matches, tried in order). test_r0.py checks that the rules cover every key of the original, shape for shape.
-_V, _T, _P = r"blip\.visual_encoder\.", r"blip\.text_encoder\.", r"\.(weight|bias)"
-IMAGEREWARD_KEY_RULES = [  # BLIP's timm-style ViT -> BlipVisionModel
-    (_V + r"cls_token", r"vision.embeddings.class_embedding"),
-    (_V + r"pos_embed", r"vision.embeddings.position_embedding"),
-    (_V + r"patch_embed\.proj" + _P, r"vision.embeddings.patch_embedding.\1"),
-    (_V + r"blocks\.(\d+)\.norm([12])" + _P, r"vision.encoder.layers.\1.layer_norm\2.\3"),
-    (_V + r"blocks\.(\d+)\.attn\.qkv" + _P, r"vision.encoder.layers.\1.self_attn.qkv.\2"),
-    (_V + r"blocks\.(\d+)\.attn\.proj" + _P, r"vision.encoder.layers.\1.self_attn.projection.\2"),
-    (_V + r"blocks\.(\d+)\.mlp\.(fc[12])" + _P, r"vision.encoder.layers.\1.mlp.\2.\3"),
-    (_V + r"norm" + _P, r"vision.post_layernorm.\1"),
-    # BLIP's med.py BERT -> BlipTextModel, a port of it: the same names under a new prefix
-    (_T + r"(embeddings\.(word|position)_embeddings\.weight|embeddings\.LayerNorm" + _P + ")", r"text.\1"),
-    (_T + r"(encoder\.layer\.\d+\.(attention|crossattention)\.(self\.(query|key|value)|output\.(dense|LayerNorm))"
-     + _P + ")", r"text.\1"),
-    (_T + r"(encoder\.layer\.\d+\.(intermediate\.dense|output\.(dense|LayerNorm))" + _P + ")", r"text.\1"),
-    (r"mlp\.layers\.([02467])" + _P, r"mlp.\1.\2"),  # the head: same indices
-]
-# in the checkpoint, never read by the score: BLIP's contrastive projections, and the text positions 0..511 (a buffer)
-IMAGEREWARD_UNUSED_KEYS = {"blip.vision_proj.weight", "blip.vision_proj.bias", "blip.text_proj.weight",
-                           "blip.text_proj.bias", "blip.text_encoder.embeddings.position_ids"}
-
-
-def imagereward_key_map(state):
-    """ImageReward.pt's state dict -> ImageRewardReward's (strict). An unknown key is refused, never half-loaded."""
-    out = {}
-    for key, value in state.items():
-        match = next((m.expand(r) for p, r in IMAGEREWARD_KEY_RULES if (m := re.fullmatch(p, key))), None)
-        if match is not None:
-            out[match] = value
-        elif key not in IMAGEREWARD_UNUSED_KEYS:
-            raise UserError(f"unexpected key '{key}' in the ImageReward checkpoint; is it THUDM/ImageReward's "
-                            "ImageReward.pt? Re-download it.")
-    return out
-
-
-def imagereward_configs(size):
-    """(BlipVisionConfig, BlipTextConfig) of ImageReward ('full'), or of a tiny twin with the same classes ('tiny').
-    transformers' defaults differ from BLIP's (LayerNorm eps, 8 text heads, 384 px): every number is given."""
-    from transformers import BlipTextConfig, BlipVisionConfig
-    full = size == "full"
-    vision = BlipVisionConfig(  # BLIP's ViT-L/16 at 224: exact GELU, LayerNorm eps 1e-6
-        hidden_size=1024 if full else 64, intermediate_size=4096 if full else 256, num_hidden_layers=24 if full else 2,
-        num_attention_heads=16 if full else 2, image_size=224, patch_size=16 if full else 32, hidden_act="gelu",
-        layer_norm_eps=1e-6, initializer_range=0.02)
-    text = BlipTextConfig(  # med_config.json: BERT-base, 30522 + [DEC] + [ENC] tokens (the tiny twin: CLIP's 49408)
-        vocab_size=30524 if full else 49408, hidden_size=768 if full else 32, intermediate_size=3072 if full else 64,
-        num_hidden_layers=12 if full else 2, num_attention_heads=12 if full else 2,
-        max_position_embeddings=512 if full else 64, encoder_hidden_size=vision.hidden_size, hidden_act="gelu",
-        layer_norm_eps=1e-12, pad_token_id=0, is_decoder=True)  # is_decoder: only makes it build the cross-attention
-    return vision, text
-
-
 def load_models(cfg):
-    """Everything a run needs (--model's weights, or with --tiny the tiny twins), frozen parts frozen and in half
-    precision, the trainable part set up."""
-    device = cfg.device
-    # Frozen models only run forward (and pass gradients through); bf16 halves their memory at no cost to training.
-    frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
+    """Everything a run needs: --model's weights (or with --tiny the tiny twins), set up for R0 by set_up_r0."""
     if cfg.tiny:
         tokenizer, text_encoder, vae, unet = build_tiny_sd15(seed=cfg.seed)
         scheduler_config = dict(SD15_SCHEDULER_CONFIG)
-    else:
-        downloads = [d for name in parse_rewards(cfg.rewards) for d in HUB_FILES.get(name, [])]
-        check_downloads(cfg.model, downloads)  # offline: every missing download in one sentence
+    else:  # offline: every missing download in one sentence, before anything loads
+        check_downloads(cfg.model, [d for name in cfg.rewards for d in REWARDS[name].downloads])
         tokenizer, text_encoder, vae, unet, scheduler_config = load_sd15(cfg.model)
     check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # refuse SDXL, v-prediction, ... before any work
-    # the schedule is computed from the model's own config (and must match SD1.5's, checked just above)
-    alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
-    # Frozen (paper): the text encoder and the VAE never change; requires_grad_(False) means the backward pass
-    # goes *through* the VAE decoder to the generator without storing gradients for the decoder's own weights.
-    for module in (text_encoder, vae):
-        cast(module.requires_grad_(False).eval(), device, frozen_dtype)
-    frozen_unet = make_trainable(unet, cfg, device, frozen_dtype)  # theta (LoRA or all weights) and theta_0
-    # The reward models, one per --rewards name (frozen, half precision; loaded once and kept on the device)
-    weights = parse_rewards(cfg.rewards)
-    rewards = {}
-    for name in weights:
-        if name == "cfg":
-            uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
-            rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(device))
-        else:
-            rewards[name] = load_reward(name, cfg.tiny, device, frozen_dtype)
-    random_towers = [name for name in rewards if cfg.tiny and name not in ("color", "cfg")]
-    if random_towers and getattr(cfg, "rank", 0) == 0:
-        print(f"note: --tiny builds {', '.join(random_towers)} as tiny towers with random weights, not the real "
-              "reward models: training against them checks the code path, not image quality.")
+    m = set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg)
+    towers = [name for name in m.rewards if cfg.tiny and REWARDS[name].downloads]
+    if towers and rank() == 0:
+        print(f"note: --tiny builds {', '.join(towers)} as tiny towers with random weights, not the real reward "
+              "models: training against them checks the code path, not image quality.")
     if cfg.grad_checkpointing:  # trade compute for memory on every module the backward passes through
-        for module in (unet, vae, *rewards.values()):
+        for module in (m.unet, m.vae, *m.rewards.values()):
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
     # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
-    reload_base = functools.partial(build_tiny_sd15, cfg.seed) if cfg.tiny else lambda: load_sd15(cfg.model)[:4]
-    return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod,
-                  rewards, weights, device, reload_base)
+    m.reload_base = functools.partial(build_tiny_sd15, cfg.seed) if cfg.tiny else lambda: load_sd15(cfg.model)[:4]
+    return m
 
 
 def cast(module, device, dtype):
@@ -1216,6 +1242,14 @@ def colour_accuracy(m, prompts, cfg, seeds=range(1000, 1004)):
     return sum(hit) / len(hit), per_colour
 
 
+def sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler):
+    """diffusers' StableDiffusionPipeline of these parts (no safety checker: SD1.5's is a separate download)."""
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
 def few_step_scheduler(scheduler_config):
     """The diffusers scheduler that reproduces generate(eta=0): DDIM, trailing spacing, final alpha = 1."""
     from diffusers import DDIMScheduler
@@ -1247,10 +1281,8 @@ def save_pipeline(m, out_dir):
     pipe.load_lora_weights(out/lora) on the base model."""
     from diffusers import StableDiffusionPipeline
     tokenizer, text_encoder, vae, base_unet = m.reload_base()
-    pipe = StableDiffusionPipeline(
-        vae=cast(vae, "cpu", torch.float32), text_encoder=cast(text_encoder, "cpu", torch.float32), tokenizer=tokenizer,
-        unet=merged_unet(m.unet, base_unet), scheduler=few_step_scheduler(m.scheduler_config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = sd_pipeline(tokenizer, cast(text_encoder, "cpu", torch.float32), cast(vae, "cpu", torch.float32),
+                       merged_unet(m.unet, base_unet), few_step_scheduler(m.scheduler_config))
     pipe.save_pretrained(os.path.join(out_dir, "pipeline"))
     if getattr(m.unet, "peft_config", None):
         from diffusers.utils import convert_state_dict_to_diffusers
@@ -1325,7 +1357,7 @@ def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_
         "config": vars(cfg),
         "prompts_sha256": prompts_hash,
     }
-    if cfg.rank != 0:  # several processes: rank 0 writes
+    if rank() != 0:  # several processes: rank 0 writes
         return None
     sums = [r["weights_sum"] for r in state["ranks"]]
     if len(set(sums)) > 1:  # several processes must hold the same weights
@@ -1351,11 +1383,16 @@ def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
     if state["prompts_sha256"] != prompts_hash:  # the saved data order would index into different prompts
         raise UserError(f"the prompts in {state['config']['prompts']} differ from those the run was trained on; resume "
                         "with the same prompt file, or start a new run.")
+    trained_by = len(state["ranks"])  # each process continues its own random streams: the count cannot change
+    if trained_by != world_size():
+        launcher = f"torchrun --nproc_per_node {trained_by}" if trained_by > 1 else "python"
+        raise UserError(f"{cfg.output_dir} was trained by {trained_by} process{'es' if trained_by > 1 else ''} and "
+                        f"this is {world_size()}; resume it with the same number ({launcher} r0.py --resume ...).")
     params = dict(m.unet.named_parameters())
     for name, value in state["trainable"].items():  # only the trainable tensors were saved (LoRA: a few MB)
         params[name].data.copy_(value)
     optimizer.load_state_dict(state["optimizer"])
-    mine = state["ranks"][cfg.rank]
+    mine = state["ranks"][rank()]
     generator.set_state(mine["generator"])
     torch.set_rng_state(mine["torch_rng"])
     if mine["cuda_rng"] is not None and cfg.device.startswith("cuda"):  # (resolve_config refused a cpu <-> cuda move)
@@ -1394,24 +1431,30 @@ class StopOnSignal:
 # forward per backward: our generator calls the UNet K times (and the cfg reward once more) before its one backward.
 # Averaging the gradients by hand is the same arithmetic, here, in a few lines.
 
-def init_distributed(cfg):
-    """Sets cfg.rank and cfg.world_size: (0, 1) for one process; under torchrun, joins its process group (NCCL on
-    GPUs, gloo on CPUs), each rank on the GPU LOCAL_RANK."""
-    cfg.rank, cfg.world_size = 0, 1
+def init_distributed(device):
+    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs) on this rank's device (resolve_config
+    picked the GPU LOCAL_RANK). Returns (rank, number of processes): (0, 1) for one process."""
     if "RANK" not in os.environ:  # not started by torchrun
-        return
-    if cfg.device.startswith("cuda"):
-        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(cfg.device)
+        return 0, 1
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
     # our choice: a 2-hour timeout for every collective (NCCL's default is 10 minutes). Rank 0 alone writes
     # checkpoints (full fine-tuning: ~10 GB), progress grids and the colour measurements while the others wait in the
     # next collective: a slow disk must not turn that wait into a crash. A rank that dies stops torchrun at once anyway.
-    dist.init_process_group("nccl" if cfg.device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
-    cfg.rank, cfg.world_size = dist.get_rank(), dist.get_world_size()
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
+    return rank(), world_size()
 
 
 def several_ranks():
     return dist.is_available() and dist.is_initialized()
+
+
+def rank():
+    return dist.get_rank() if several_ranks() else 0
+
+
+def world_size():
+    return dist.get_world_size() if several_ranks() else 1
 
 
 def average_gradients_over_ranks(params, finite):
@@ -1449,7 +1492,40 @@ def gather_from_ranks(obj):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Training loop
+# Training loop. One optimizer step (its call order is written above r0_step), then the loop around it.
+
+def accumulate_gradients(m, order, cfg, generator):
+    """Forward and backward of --grad-accum micro-batches: p.grad then holds the gradient of the mean of their losses.
+    Returns (their stats, averaged; whether every loss and reward was finite)."""
+    stats_sum, finite = {}, True
+    for _ in range(cfg.grad_accum):
+        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)  # order: PromptOrder, shuffled epochs
+        stats["loss"] = loss.item()
+        finite = finite and all(math.isfinite(v) for v in stats.values())
+        if finite:  # no point pushing NaNs through the graph
+            (loss / cfg.grad_accum).backward()  # ONE backward through decoder + generator per micro-batch
+        for k, v in stats.items():
+            stats_sum[k] = stats_sum.get(k, 0.0) + v / cfg.grad_accum
+    return stats_sum, finite
+
+
+def apply_update(optimizer, params, cfg, finite):
+    """Clip the gradient (our choice: global norm 1.0), then AdamW. A non-finite loss, reward or gradient skips the
+    update: weights and optimizer state stay exactly as they were. Returns (grad norm before clipping, applied)."""
+    finite = average_gradients_over_ranks(params, finite)  # several GPUs: the mean over the ranks
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
+    applied = finite and math.isfinite(grad_norm)
+    if applied:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
+    return grad_norm, applied
+
+
+def optimizer_step(m, optimizer, params, order, cfg, generator):
+    """One optimizer step. Returns (stats, grad norm before clipping, applied)."""
+    stats, finite = accumulate_gradients(m, order, cfg, generator)
+    return stats, *apply_update(optimizer, params, cfg, finite)
+
 
 def first_step(m, optimizer, params, order, cfg, generator):
     """optimizer_step, for a micro-batch that may not fit the GPU: if any rank runs out of memory in the forward or
@@ -1471,7 +1547,7 @@ def first_step(m, optimizer, params, order, cfg, generator):
             raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size}; use --batch-size 1 with a larger "
                             "--grad-accum, --r0-plus, a smaller --lora-rank or --resolution, or a larger GPU.")
         cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
-        if cfg.rank == 0:
+        if rank() == 0:
             print(f"out of GPU memory: retrying with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} "
                   "(the same effective batch)")
         generator.set_state(rng[0])  # the step starts again from its first draw
@@ -1484,21 +1560,15 @@ def first_step(m, optimizer, params, order, cfg, generator):
                         "fp32 copies of the trainable weights); train LoRA (a smaller --lora-rank) or use a larger GPU.")
 
 
-def check_output_dir(cfg):
-    """Fresh runs, before anything is loaded or written: refuse to mix with another run's files, and make sure the
-    folder can be written (checked on its nearest existing parent, so nothing is created yet)."""
-    out = cfg.output_dir
-    existing = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
-    if existing and not cfg.overwrite:
-        raise UserError(f"{out} already holds a run ({', '.join(existing)}); continue it with --resume {out}, "
-                        "replace it with --overwrite, or choose another --output-dir.")
-    parent = os.path.abspath(out)
+def check_writable(path, flag):
+    """Fail before minutes of loading if `path` (a folder to be made) cannot be written, without creating anything:
+    its nearest existing parent must be a writable folder."""
+    parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to --output-dir {out} ({parent} is not a writable folder); choose a folder "
-                        "you can write to.")
-    return existing
+        raise UserError(f"cannot write to {flag} {path} ({parent} is not a writable folder); choose a folder you can "
+                        "write to.")
 
 
 def write_atomic(path, text):
@@ -1509,100 +1579,105 @@ def write_atomic(path, text):
 
 
 def write_config(cfg):
-    """<out>/config.json: the resolved config (defaults + preset + flags), what a resume starts from. (Rank 0 writes.)"""
-    if getattr(cfg, "rank", 0) == 0:
-        saved = {k: v for k, v in vars(cfg).items() if k not in ("resume_checkpoint", "rank")}
+    """<out>/config.json: the resolved config (defaults + preset + flags), what a resume starts from, and the run's
+    number of processes and images per optimizer step. (Rank 0 writes.)"""
+    if rank() == 0:
+        saved = {k: v for k, v in vars(cfg).items() if k in OPTIONS}
+        saved.update(world_size=world_size(), effective_batch=cfg.batch_size * cfg.grad_accum * world_size())
         write_atomic(os.path.join(cfg.output_dir, "config.json"), json.dumps(saved, indent=2))
 
 
-def train(cfg):
-    trained_on = cfg.world_size  # processes of the run being resumed (each continues its own rank's random streams)
-    init_distributed(cfg)  # one process: rank 0 of 1; under torchrun: see "Several GPUs"
-    if cfg.resume_checkpoint and cfg.world_size != trained_on:
-        launcher = f"torchrun --nproc_per_node {trained_on}" if trained_on > 1 else "python"
-        raise UserError(f"{cfg.output_dir} was trained by {trained_on} process{'es' if trained_on > 1 else ''} and this "
-                        f"is {cfg.world_size}; resume it with the same number ({launcher} r0.py --resume ...).")
-    main_rank = cfg.rank == 0  # the one process that writes files and prints
-    say = print if main_rank else (lambda *args, **kwargs: None)
-    # --- everything the user gave is checked before anything heavy is loaded or anything is written ---
+def set_up_run(cfg):
+    """Everything before the first step, in the order that keeps a mistake from costing anything: the user's input is
+    checked, then the models load, and only then is anything written. Returns the run's state (a namespace)."""
+    process, processes = init_distributed(cfg.device)  # one process: rank 0 of 1; torchrun: see "Several GPUs"
+    say = print if process == 0 else (lambda *args, **kwargs: None)  # rank 0 speaks (and writes) for all
     prompts = load_prompts(cfg.prompts)
     prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()  # a resume must see the same prompts
-    resume_from = cfg.resume_checkpoint
-    existing = check_output_dir(cfg) if resume_from is None else []
-    torch.manual_seed(cfg.seed + cfg.rank)
-    random.seed(cfg.seed + cfg.rank)
+    existing = []  # a fresh run: the files of a run already in --output-dir (refused unless --overwrite)
+    if cfg.resume_checkpoint is None:
+        existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
+        if existing and not cfg.overwrite:
+            raise UserError(f"{cfg.output_dir} already holds a run ({', '.join(existing)}); continue it with --resume "
+                            f"{cfg.output_dir}, replace it with --overwrite, or choose another --output-dir.")
+        check_writable(cfg.output_dir, "--output-dir")
+    torch.manual_seed(cfg.seed + process)
+    random.seed(cfg.seed + process)
     m = load_models(cfg)  # may fail (no network, not SD1.5): still nothing written
-    if resume_from is None and main_rank:  # now the folder; --overwrite removes the previous run's files (only those)
+    if process == 0:  # now the folder; --overwrite removes the previous run's files (only those)
         os.makedirs(cfg.output_dir, exist_ok=True)
         for path in (os.path.join(cfg.output_dir, f) for f in existing):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-
-    # --- optimizer and the run's random streams, each rank its own (all of them go into checkpoints) ---
-    params = trainable_parameters(m.unet)
-    optimizer = make_optimizer(params, cfg)
-    generator = torch.Generator(cfg.device).manual_seed(cfg.seed + cfg.rank)  # latents, eta, noise, R0+ step, cfg t
-    order = PromptOrder(prompts, cfg.seed + cfg.rank)
     lengths = [len(ids) for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids]
     if max(lengths) > m.tokenizer.model_max_length:  # one warning, not one per prompt
         say(f"warning: {sum(n > m.tokenizer.model_max_length for n in lengths)} of {len(prompts)} prompts are longer "
             f"than CLIP's {m.tokenizer.model_max_length}-token limit (longest: {max(lengths)} tokens); they are "
             "truncated, as SD1.5 itself does.")
-    out = cfg.output_dir
-    summary_path = os.path.join(out, "summary.json")
-    log_path = os.path.join(out, "log.jsonl") if main_rank else os.devnull  # the other ranks log nowhere
-    summary = {}
-    start = 0
-    if resume_from:
-        start = load_checkpoint(resume_from, m, optimizer, generator, order, prompts_hash, cfg)
-        if main_rank:  # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
-            lines = open(log_path).read().splitlines() if os.path.exists(log_path) else []
-            write_atomic(log_path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= start))
-            summary = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-        say(f"resumed from {resume_from} (step {start})")
-        if start >= cfg.max_steps:
-            say(f"the run is already at step {start} of --max-steps {cfg.max_steps}: nothing to train; the pipeline "
-                  "and summary are written again from its last checkpoint (raise --max-steps to train further).")
-    cfg.effective_batch = cfg.batch_size * cfg.grad_accum * cfg.world_size  # images per optimizer step
+
+    # the optimizer and this rank's random streams (all of them go into checkpoints)
+    params = trainable_parameters(m.unet)
+    run = argparse.Namespace(
+        m=m, params=params, optimizer=make_optimizer(params, cfg), prompts=prompts, prompts_hash=prompts_hash,
+        generator=torch.Generator(cfg.device).manual_seed(cfg.seed + process),  # latents, eta, noise, R0+'s k, cfg's t
+        order=PromptOrder(prompts, cfg.seed + process), start=0, say=say, main=process == 0, summary={},
+        log_path=os.path.join(cfg.output_dir, "log.jsonl") if process == 0 else os.devnull,  # others log nowhere
+        summary_path=os.path.join(cfg.output_dir, "summary.json"))
+    if cfg.resume_checkpoint:
+        run.start = load_checkpoint(cfg.resume_checkpoint, m, run.optimizer, run.generator, run.order, prompts_hash,
+                                    cfg)
+        if run.main:  # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
+            lines = open(run.log_path).read().splitlines() if os.path.exists(run.log_path) else []
+            write_atomic(run.log_path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= run.start))
+            run.summary = json.load(open(run.summary_path)) if os.path.exists(run.summary_path) else {}
+        say(f"resumed from {cfg.resume_checkpoint} (step {run.start})")
+        if run.start >= cfg.max_steps:
+            say(f"the run is already at step {run.start} of --max-steps {cfg.max_steps}: nothing to train; the "
+                "pipeline and summary are written again from its last checkpoint (raise --max-steps to train further).")
     say(f"R0{'+' if cfg.r0_plus else ''} | {'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tuning'}"
         f" | {sum(p.numel() for p in params) / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps"
-        f" | {cfg.device} | "
-        f"batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {cfg.world_size} process"
-        f"{'es' if cfg.world_size > 1 else ''} = {cfg.effective_batch} images per step")
+        f" | {cfg.device} | batch {cfg.batch_size} x accumulation {cfg.grad_accum} x {processes} process"
+        f"{'es' if processes > 1 else ''} = {cfg.batch_size * cfg.grad_accum * processes} images per step")
     write_config(cfg)
 
-    track_colour = "color" in m.reward_weights and main_rank  # the toy demo: colour accuracy before and after
-    if track_colour and "colour_accuracy_before" not in summary:
+    run.track_colour = "color" in m.reward_weights and run.main  # the toy demo: colour accuracy before and after
+    if run.track_colour and "colour_accuracy_before" not in run.summary:
         before = colour_accuracy(m, prompts, cfg)
-        summary["colour_accuracy_before"], summary["colour_accuracy_before_per_colour"] = before
-        say(f"colour accuracy before training (held-out seeds): {summary['colour_accuracy_before']:.1%}")
-        write_atomic(summary_path, json.dumps(summary, indent=2))
-
+        run.summary["colour_accuracy_before"], run.summary["colour_accuracy_before_per_colour"] = before
+        say(f"colour accuracy before training (held-out seeds): {before[0]:.1%}")
+        write_atomic(run.summary_path, json.dumps(run.summary, indent=2))
     n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
     fixed_prompts = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
-    grid_prompts = [p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)]
-    grid_seeds = [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)]
-    def write_grid(step):
-        if not main_rank:
-            return
-        images = sample_images(m, grid_prompts, grid_seeds, cfg.steps, cfg.resolution, cfg.precision)
-        save_grid(images, os.path.join(out, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds,
-                  captions=grid_prompts)  # one row per prompt, the prompt under each image
+    run.grid = ([p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)],  # (prompts, seeds)
+                [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)])
+    if run.start == 0:
+        write_grid(run, cfg, 0)  # the 'before' picture
+    return run
 
-    # --- the loop: one optimizer step, one log line; checkpoints, grids and signals between steps ---
+
+def write_grid(run, cfg, step):
+    """<out>/samples/step_NNNNNN.png: the progress grid, one row per prompt, the prompt under each image."""
+    if run.main:
+        images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
+        save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds,
+                  captions=run.grid[0])
+
+
+def train(cfg):
+    """Train R0 as cfg says; returns the trained Models. The loop, nanoGPT's way: one optimizer step, one log line;
+    checkpoints, progress grids and signals between steps."""
     from tqdm import tqdm
-    if start == 0:
-        write_grid(0)  # the 'before' picture
-    bad_steps, last_checkpoint = 0, resume_from
-    with open(log_path, "a") as log, StopOnSignal() as stop:
-        bar = tqdm(range(start, cfg.max_steps), initial=start, total=cfg.max_steps, desc="R0", dynamic_ncols=True,
-                   disable=not main_rank)
+    run = set_up_run(cfg)
+    out, say, bad_steps, last_checkpoint = cfg.output_dir, run.say, 0, cfg.resume_checkpoint
+    with open(run.log_path, "a") as log, StopOnSignal() as stop:
+        bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, desc="R0",
+                   dynamic_ncols=True, disable=not run.main)
         for step in bar:
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            # the algorithm (this process's first step halves the micro-batch if the GPU runs out of memory)
-            step_fn = first_step if step == start else optimizer_step
-            stats, grad_norm, applied = step_fn(m, optimizer, params, order, cfg, generator)
+            # the algorithm (the first step of this process halves the micro-batch if the GPU runs out of memory)
+            step_fn = first_step if step == run.start else optimizer_step
+            stats, grad_norm, applied = step_fn(run.m, run.optimizer, run.params, run.order, cfg, run.generator)
             # one JSON line per step: the raw rewards are the numbers to watch (the loss value is a surrogate's)
             # (several processes: rank 0's micro-batches only; our choice, no extra all-reduce per step for a log)
             record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
@@ -1614,8 +1689,7 @@ def train(cfg):
                     f"({bad_steps}/{cfg.max_bad_steps} in a row)")
             log.write(json.dumps(record) + "\n")
             log.flush()  # a crash loses at most the line being written
-            # the numbers to watch: each reward (cfg: its guidance gap) and the regularizer; the surrogate 'loss' is
-            # only in log.jsonl, since its value means nothing
+            # on the bar: each reward (cfg: its guidance gap) and the regularizer (the surrogate: log.jsonl only)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:
@@ -1627,30 +1701,33 @@ def train(cfg):
             stopping = any_rank(stop.signum is not None, cfg.device)  # a signal to any rank stops all of them
             # checkpoint on schedule, at the end, and when a signal asked us to stop (never a state after a bad step)
             if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stopping):
-                last_checkpoint = save_checkpoint(out, step + 1, m, optimizer, generator, order, cfg,
-                                                  prompts_hash) or last_checkpoint
+                last_checkpoint = save_checkpoint(out, step + 1, run.m, run.optimizer, run.generator, run.order, cfg,
+                                                  run.prompts_hash) or last_checkpoint
             if (step + 1) % cfg.sample_every == 0 or done:
-                write_grid(step + 1)
+                write_grid(run, cfg, step + 1)
             if stopping and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
-                launcher = f"torchrun --nproc_per_node {cfg.world_size}" if cfg.world_size > 1 else "python"
+                launcher = f"torchrun --nproc_per_node {world_size()}" if world_size() > 1 else "python"
                 raise TrainingStopped(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
                                       f"{launcher} r0.py --resume {out}", exit_code=128 + (stop.signum or 15))
+    if run.main:
+        finish_run(run, cfg)
+    return run.m
 
-    # --- the end: the 'after' measurement and a standard diffusers pipeline of the trained generator ---
-    if not main_rank:
-        return m
-    if track_colour:
-        summary["colour_accuracy"], summary["colour_accuracy_per_colour"] = colour_accuracy(m, prompts, cfg)
+
+def finish_run(run, cfg):
+    """The end: the 'after' measurement, a standard diffusers pipeline of the trained generator, the summary."""
+    out, summary = cfg.output_dir, run.summary
+    if run.track_colour:
+        summary["colour_accuracy"], summary["colour_accuracy_per_colour"] = colour_accuracy(run.m, run.prompts, cfg)
         print(f"colour accuracy after training (held-out seeds): {summary['colour_accuracy']:.1%}  "
               f"(before: {summary['colour_accuracy_before']:.1%}); per colour: "
               + ", ".join(f"{c} {v:.0%}" for c, v in summary["colour_accuracy_per_colour"].items()))
-    save_pipeline(m, out)
-    write_atomic(summary_path, json.dumps(summary, indent=2))
-    lora = f", LoRA adapters in {out}/lora" if getattr(m.unet, "peft_config", None) else ""
+    save_pipeline(run.m, out)
+    write_atomic(run.summary_path, json.dumps(summary, indent=2))
+    lora = f", LoRA adapters in {out}/lora" if getattr(run.m.unet, "peft_config", None) else ""
     print(f"done: progress grids in {out}/samples, diffusers pipeline in {out}/pipeline{lora}, checkpoints in "
           f"{out}/checkpoints, log in {out}/log.jsonl, summary in {out}/summary.json")
-    return m
 
 
 def peak_memory_gb(device):
@@ -1689,7 +1766,8 @@ def build_parser():
             p.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true", help=what)
         else:
             choices = ["auto", "bf16", "fp32"] if name == "precision" else None  # the one flag with a fixed set
-            p.add_argument(flag, type=type(default) if default is not None else str, choices=choices, help=what)
+            kind = parse_rewards if name == "rewards" else type(default) if default is not None else str
+            p.add_argument(flag, type=kind, choices=choices, help=what.format(rewards=", ".join(REWARDS)))
     return p
 
 
@@ -1701,6 +1779,8 @@ def resolve_config(args):
     if typed.get("tiny"):
         cfg.update(TINY_PRESET)
     cfg.update(typed)
+    if isinstance(cfg["rewards"], str):  # the default or --tiny's; typed ones are parsed by the parser
+        cfg["rewards"] = parse_rewards(cfg["rewards"])  # {name: weight}
     cfg["resume_checkpoint"], trained_on = None, None  # the file a resumed run starts from, and its device
     if cfg["resume"]:
         run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
@@ -1714,6 +1794,7 @@ def resolve_config(args):
                                 f"(the run was trained with {', '.join(f'{k}={saved.get(k)}' for k in changed)}); "
                                 "start a new run for that.")
             # the run's own config, plus the harmless flags just typed; it keeps writing into its own folder
+            saved = {k: v for k, v in saved.items() if k in OPTIONS}
             cfg = {**saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
             trained_on = saved["device"]
         elif cfg["resume"] != "auto":  # 'auto' without a checkpoint simply starts fresh
@@ -1723,6 +1804,8 @@ def resolve_config(args):
     # --- validation: each mistake a user can make gets one sentence that says what to do ---
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if cfg.device.startswith("cuda") and "LOCAL_RANK" in os.environ:  # torchrun: each process on its own GPU
+        cfg.device = f"cuda:{os.environ['LOCAL_RANK']}"
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device} asked for a GPU but PyTorch sees none; use --device cpu.")
     if cfg.precision == "auto":  # bf16 where the GPU computes it natively (Ampere and newer), else fp32
@@ -1748,8 +1831,6 @@ def resolve_config(args):
         raise UserError(f"--lora-rank must be 0 (full fine-tuning) or positive, got {cfg.lora_rank}.")
     if cfg.weight_reg < 0 or cfg.grad_clip <= 0:
         raise UserError("--weight-reg must be >= 0 and --grad-clip > 0.")
-    parse_rewards(cfg.rewards)  # validates names and weights before anything is loaded
-    cfg.rank, cfg.world_size = 0, getattr(cfg, "world_size", 1)  # a resumed run's: its own; train() asks torchrun
     return cfg
 
 

@@ -27,23 +27,19 @@ import r0
 # evaluations per step, conditional and unconditional: 50 per image, against R0's K).
 BASE_STEPS, BASE_GUIDANCE = 25, 7.5
 
-# --score's metrics (the paper's Table 1 columns that need no reference dataset, plus the toy's colour accuracy), with
-# where their weights come from. hps, clip and imagereward are r0.py's rewards; aesthetic is evaluation only.
-METRICS = {
-    "hps": "HPS v2.1 (xswu/HPSv2, HPS_v2.1_compressed.pt), 100 x cosine",
-    "aesthetic": "LAION improved aesthetic predictor (github.com/christophschuhmann/improved-aesthetic-predictor, "
-                 "sac+logos+ava1-l14-linearMSE.pth) on OpenAI CLIP ViT-L/14 (timm/vit_large_patch14_clip_224.openai)",
-    "clip": "CLIP score, open_clip ViT-H-14 laion2b_s32b_b79k, 100 x cosine",
-    "imagereward": "ImageReward (THUDM/ImageReward, ImageReward.pt)",
-    "color": "the toy's colour accuracy (no model)",
-}
+# --score's metrics: r0.py's rewards that are metrics (r0.REWARDS: hps, clip, imagereward, and any reward registered
+# there with an `about`), the aesthetic score (evaluation only, below) and the toy's colour accuracy. Default: the
+# paper's Table 1 columns that need no reference dataset.
 AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
                  "sac+logos+ava1-l14-linearMSE.pth")
 AESTHETIC_PATH = os.path.join(torch.hub.get_dir(), "r0", os.path.basename(AESTHETIC_URL))  # where it is kept
-# the hub downloads of each metric (r0.py's rewards: their own; the aesthetic predictor's CLIP tower), so that an
-# offline machine is told at once what is missing
-DOWNLOADS = {**r0.HUB_FILES, "aesthetic": [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
-                                            ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))]}
+AESTHETIC = r0.Reward(None, [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
+                              ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))], 1,
+                      f"LAION improved aesthetic predictor ({AESTHETIC_URL}) on OpenAI CLIP ViT-L/14 "
+                      "(timm/vit_large_patch14_clip_224.openai)")
+METRICS = {**{n: r for n, r in r0.REWARDS.items() if r.about}, "aesthetic": AESTHETIC,
+           "color": r0.Reward(None, about="the toy's colour accuracy (no model)")}
+DEFAULT_METRICS = "hps,aesthetic,clip,imagereward"
 
 
 class AestheticScore(torch.nn.Module):
@@ -74,7 +70,7 @@ def load_metric(name, tiny, device, dtype):
         model, _ = r0.build_tiny_clip_tower(seed=7)
         scorer = AestheticScore(model, dim=model.visual.output_dim)
     else:
-        clip_file = r0.hub_file(name, DOWNLOADS[name][0])
+        clip_file = r0.hub_file(name, AESTHETIC.downloads[0])
         model = open_clip.create_model("ViT-L-14", pretrained=clip_file, force_quick_gelu=True)  # OpenAI CLIP: QuickGELU
         path = AESTHETIC_PATH
         if not os.path.isfile(path):
@@ -123,15 +119,17 @@ def as_models(parts, device, dtype):
     r0.check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # the same refusal as training
     for module in (text_encoder, vae, unet):  # inference only: no gradients, bf16 on a GPU
         r0.cast(module.requires_grad_(False).eval(), device, dtype)
-    alphas_cumprod = r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
-    return r0.Models(tokenizer, text_encoder, vae, unet, None, scheduler_config, alphas_cumprod, {}, {}, device)
+    return r0.Models(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, frozen_unet=None,
+                     scheduler_config=scheduler_config, rewards={}, reward_weights={}, device=device,
+                     alphas_cumprod=r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"]))
 
 
-def load_models(args, device, dtype):
-    """(R0 generator, base model or None, run config or None) from --run / --model [--lora] / --tiny."""
+def load_models(args, device, dtype, run=None):
+    """(R0 generator, base model or None, run config or None) from --run (run: find_run's answer, if known) /
+    --model [--lora] / --tiny."""
     run_cfg = None
     if args.run:  # a trained run: its pipeline/ holds the generator with LoRA already merged in
-        pipeline_dir, run_cfg = find_run(args.run)
+        pipeline_dir, run_cfg = run or find_run(args.run)
         generator = r0.load_sd15(pipeline_dir)
     elif args.tiny:  # an untrained tiny model: checks the whole path offline
         generator = (*r0.build_tiny_sd15(args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
@@ -148,14 +146,10 @@ def load_models(args, device, dtype):
         # alpha not 1), never the run's: a run's pipeline/ holds the few-step (trailing) one, made for R0's sampler.
         base = (*generator[:3], base_unet, base_scheduler_config)
     if args.lora:  # LoRA adapters of a LoRA run, folded into the UNet
-        from diffusers import StableDiffusionPipeline
-        tokenizer, text_encoder, vae, unet, scheduler_config = generator
         if not os.path.isfile(os.path.join(args.lora, "pytorch_lora_weights.safetensors")):
             raise r0.UserError(f"--lora {args.lora} holds no pytorch_lora_weights.safetensors; pass the lora/ "
                                "folder of a LoRA run.")
-        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=r0.few_step_scheduler(scheduler_config), safety_checker=None,
-                                       feature_extractor=None, requires_safety_checker=False)
+        pipe = r0.sd_pipeline(*generator[:4], r0.few_step_scheduler(generator[4]))
         pipe.load_lora_weights(args.lora)
         pipe.fuse_lora()  # fold delta W into the UNet weights (unet is modified in place)
         pipe.unload_lora_weights()
@@ -185,10 +179,7 @@ def base_scheduler(scheduler_config):
 def sample_base(m, prompts, seeds, resolution, batch_size):
     """The base model's usual sampler (a standard diffusers pipeline and scheduler: DDIM, 25 steps, CFG 7.5), from
     the same initial noise per seed as the R0 rows. (N,3,H,W) in [0,1]."""
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=m.vae, text_encoder=m.text_encoder, tokenizer=m.tokenizer, unet=m.unet,
-                                   scheduler=base_scheduler(m.scheduler_config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    pipe = r0.sd_pipeline(m.tokenizer, m.text_encoder, m.vae, m.unet, base_scheduler(m.scheduler_config))
     pipe.set_progress_bar_config(disable=True)
     images = []  # batches of (b,3,H,W) in [0,1]
     for i in range(0, len(prompts), batch_size):
@@ -222,11 +213,11 @@ def mean_se(values):
 
 @torch.no_grad()
 def score(images, prompts, scorers, device):
-    """Per-image scores, in the paper's Table 1 units: HPS v2.1 and CLIP score as 100 x cosine, ImageReward and the
-    aesthetic score as they come; colour accuracy (%) on prompts that name a colour."""
+    """Per-image scores, in the paper's Table 1 units (METRICS' scale: HPS v2.1 and CLIP score as 100 x cosine,
+    ImageReward and the aesthetic score as they come); colour accuracy (%) on prompts that name a colour."""
     result = {}
     for name, reward in scorers.items():
-        scale = 100 if name in ("hps", "clip") else 1
+        scale = METRICS[name].scale
         values = []
         for i in range(0, len(images), 8):  # small batches: two ViT-H-14 towers at once are large
             values += (scale * reward(images[i : i + 8].to(device), prompts[i : i + 8])).tolist()
@@ -248,18 +239,6 @@ def parse_steps(text):
     if not steps or any(not 1 <= k <= 8 for k in steps):
         raise r0.UserError(f"--steps must be between 1 and 8 (like 4 or 1,2,4), got '{text}'.")
     return steps
-
-
-def check_writable(out):
-    """Fail before loading and sampling (minutes) if --out cannot be written, without creating anything: like
-    r0.check_output_dir, check the nearest folder that exists (--out itself, or the parent it would be made in).
-    The folder is made only after sampling, so a bad run folder or flag leaves no empty --out behind."""
-    parent = os.path.abspath(out)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise r0.UserError(f"cannot write to --out {out} ({parent} is not a writable folder); pick a folder you can "
-                           "write to.")
 
 
 def make_out_dir(out):
@@ -313,7 +292,7 @@ def build_parser():
     p.add_argument("--compare-base", action="store_true", help=f"add the base model, {BASE_STEPS} steps, CFG {BASE_GUIDANCE}")
     p.add_argument("--score", action="store_true", help="print and save a score table (scores.json)")
     p.add_argument("--score-with", default=None, help=f"metrics, from {','.join(METRICS)} (default: the paper's "
-                                                     "Table 1 columns that need no dataset: hps,aesthetic,clip,imagereward)")
+                                                     f"Table 1 columns that need no dataset: {DEFAULT_METRICS})")
     p.add_argument("--device", default="auto")
     return p
 
@@ -328,14 +307,24 @@ def main(argv=None):
 
 
 def run(args):
-    # --- check everything the user typed before loading anything ---
+    job = check(args)  # everything the user typed, before anything loads
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    # bf16 where the GPU computes it natively; fp32 on CPUs (which emulate bf16, slowly) and on older GPUs
+    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported(False) else torch.float32
+    m, base, run_cfg = load_models(args, device, dtype, job.run)
+    rows, prompts, seeds, resolution = sample_rows(args, job, m, base, run_cfg, device, dtype)
+    write_and_score(args, job, rows, prompts, seeds, resolution, device, dtype)
+
+
+def check(args):
+    """Every input checked before minutes of loading and sampling: one sentence per mistake. Returns what was read:
+    the prompts, --steps, the metrics, the run folder (find_run), whether its models are the tiny twins."""
     if args.prompt is not None:
         prompts = [args.prompt.strip()]
         if not prompts[0]:
             raise r0.UserError("--prompt is empty; give a text such as --prompt \"a red fox in the snow\".")
     else:
         prompts = r0.load_prompts(args.prompts)
-    prompts = prompts[: args.max_prompts] if args.max_prompts else prompts
     for name in ("num_images", "batch_size"):
         if getattr(args, name) <= 0:
             raise r0.UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(args, name)}.")
@@ -345,82 +334,80 @@ def run(args):
         raise r0.UserError(f"--eta must be between 0 and 1, got {args.eta}.")
     if args.lora and not args.model:
         raise r0.UserError("--lora goes with --model (the base model the adapters were trained on).")
-    steps_arg = parse_steps(args.steps) if args.steps else None
-    bad = [n for n in (args.score_with or "").split(",") if n.strip() and n.strip() not in METRICS]
-    if bad:
-        raise r0.UserError(f"unknown metric '{bad[0].strip()}' in --score-with; choose from {', '.join(METRICS)}.")
-    check_writable(args.out)  # checks only: --out is created after sampling, once there is something to write
-    run_cfg = find_run(args.run)[1] if args.run else None  # fail on a bad run folder before loading anything heavy
-    # the rewards to score with (default: those the run was trained with); a --tiny run or --tiny scores with
-    # random-weight reward towers (offline), so its hps/clip numbers check the plumbing, not image quality
-    names = [n.strip() for n in (args.score_with or "hps,aesthetic,clip,imagereward").split(",") if n.strip()]
-    tiny = bool(args.tiny or (run_cfg is not None and run_cfg.tiny))
+    names = [n.strip() for n in (args.score_with or DEFAULT_METRICS).split(",") if n.strip()]
+    unknown = [n for n in names if n not in METRICS]
+    if unknown:
+        raise r0.UserError(f"unknown metric '{unknown[0]}' in --score-with; choose from {', '.join(METRICS)}.")
+    r0.check_writable(args.out, "--out")  # checks only: --out is made after sampling, once there is something to write
+    run = find_run(args.run) if args.run else None  # a bad run folder fails here, before anything heavy
+    tiny = bool(args.tiny or (run is not None and run[1] is not None and run[1].tiny))
     if not tiny:  # offline: every missing download (models, metrics) in one sentence, before anything loads
-        names_scored = names if args.score else []
-        base = run_cfg.model if run_cfg is not None and args.compare_base else None  # a run's base model
-        head = [f"the aesthetic predictor's head (download {AESTHETIC_URL} to {AESTHETIC_PATH})"]
-        r0.check_downloads(args.model or base, [d for n in names_scored for d in DOWNLOADS.get(n, [])],
-                           also_missing=head if "aesthetic" in names_scored and not os.path.isfile(AESTHETIC_PATH)
-                           else ())
+        scored = [n for n in names if args.score]
+        base = run[1].model if run is not None and run[1] is not None and args.compare_base else None  # a run's base
+        head = f"the aesthetic predictor's head (download {AESTHETIC_URL} to {AESTHETIC_PATH})"
+        r0.check_downloads(args.model or base, [d for n in scored for d in METRICS[n].downloads],
+                           also_missing=[head] if "aesthetic" in scored and not os.path.isfile(AESTHETIC_PATH) else [])
+    return argparse.Namespace(prompts=prompts[: args.max_prompts] if args.max_prompts else prompts, run=run, tiny=tiny,
+                              steps=parse_steps(args.steps) if args.steps else None, metrics=names)
 
-    # --- load the generator (and the base model for --compare-base) ---
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    # bf16 where the GPU computes it natively; fp32 on CPUs (which emulate bf16, slowly) and on older GPUs
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported(False) else torch.float32
-    m, base, run_cfg = load_models(args, device, dtype)
-    trained_steps = run_cfg.steps if run_cfg else 4  # default: sample as the run was trained (paper: K=4)
-    steps_list = steps_arg or ([1, 2, 4] if args.compare_base else [trained_steps])
+
+def sample_rows(args, job, m, base, run_cfg, device, dtype):
+    """Every sampler's images, timed (a warm-up call first, so one-time costs are not counted): the base model's
+    usual sampler with --compare-base, then R0 at each step count. Returns (rows, prompts, seeds, resolution); a row
+    is (label, UNet evaluations per image, images (N,3,H,W) in [0,1], seconds per image)."""
+    steps_list = job.steps or ([1, 2, 4] if args.compare_base else [run_cfg.steps if run_cfg else 4])  # as trained
     resolution = args.resolution or (run_cfg.resolution if run_cfg else (64 if args.tiny else 512))
     # image i of every prompt uses seed + i: each column of the grid shares its initial noise across rows
-    seeds = [args.seed + i for _ in prompts for i in range(args.num_images)]
-    all_prompts = [p for p in prompts for _ in range(args.num_images)]
+    seeds = [args.seed + i for _ in job.prompts for i in range(args.num_images)]
+    prompts = [p for p in job.prompts for _ in range(args.num_images)]
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-
-    # --- sample every row, timing each (a warm-up call first, so one-time costs are not counted) ---
-    rows = []  # (label, unet evals per image, images, seconds per image)
+    rows = []
     if base is not None:
-        sample_base(base, all_prompts[:1], seeds[:1], resolution, 1)
-        images, secs = timed(lambda: sample_base(base, all_prompts, seeds, resolution, args.batch_size), device)
+        sample_base(base, prompts[:1], seeds[:1], resolution, 1)
+        images, secs = timed(lambda: sample_base(base, prompts, seeds, resolution, args.batch_size), device)
         rows.append((f"base {BASE_STEPS}-step CFG {BASE_GUIDANCE}", 2 * BASE_STEPS, images, secs / len(seeds)))
     for k in steps_list:
         def few_step():
-            return r0.sample_images(m, all_prompts, seeds, k, resolution, precision, eta=args.eta,
-                                    batch_size=args.batch_size)
-        r0.sample_images(m, all_prompts[:1], seeds[:1], k, resolution, precision, eta=args.eta)
+            return r0.sample_images(m, prompts, seeds, k, resolution, precision, eta=args.eta, batch_size=args.batch_size)
+        r0.sample_images(m, prompts[:1], seeds[:1], k, resolution, precision, eta=args.eta)
         images, secs = timed(few_step, device)
         rows.append((f"R0 {k}-step", k, images, secs / len(seeds)))
+    return rows, prompts, seeds, resolution
 
-    # --- write every image as its own PNG, and the captioned grid (wrapped and capped: see save_sampler_grid) ---
+
+def write_and_score(args, job, rows, prompts, seeds, resolution, device, dtype):
+    """Every image as its own PNG, the captioned grid (wrapped and capped: see save_sampler_grid) and, with --score,
+    the score table of every row, by the same metric models (scores.json)."""
     make_out_dir(args.out)
     for label, _, images, _ in rows:
         tag = label.split(" CFG")[0].replace(" ", "_")
-        for img, p, s in zip(images, all_prompts, seeds):
-            r0.save_grid(img[None], os.path.join(args.out, f"{tag}_{prompts.index(p):03d}_seed{s}.png"), 1)
-    shown = save_sampler_grid([(label, images) for label, _, images, _ in rows], all_prompts,
+        for img, p, s in zip(images, prompts, seeds):
+            r0.save_grid(img[None], os.path.join(args.out, f"{tag}_{job.prompts.index(p):03d}_seed{s}.png"), 1)
+    shown = save_sampler_grid([(label, images) for label, _, images, _ in rows], prompts,
                               os.path.join(args.out, "grid.png"))
     print(f"wrote {len(rows) * len(seeds)} images and grid.png to {args.out}")
     if shown < len(seeds):
         print(f"grid.png shows the first {shown} of {len(seeds)} images of each row; every image is written as its "
               "own PNG.")
-
-    # --- score every row with the same reward models ---
-    if args.score:
-        scorers = {n: load_metric(n, tiny, device, dtype) for n in names if n != "color"}
-        table = []
-        for label, evals, images, secs in rows:
-            scores = score(images, all_prompts, scorers, device)
-            table.append({"row": label, "unet_evals_per_image": evals, "seconds_per_image": secs,
-                          **{k: dict(zip(("mean", "se"), mean_se(v))) for k, v in scores.items()}})
-        random_weights = tiny and bool(scorers)  # from random-weight tiny towers: not real scores
-        print_table(table)
-        if random_weights:
-            print(f"note: {', '.join(scorers)} are scored by random-weight tiny towers (--tiny), not the real "
-                  "weights: the numbers check the pipeline, not image quality.")
-        else:
-            print("weights: " + "; ".join(f"{n}: {METRICS[n]}" for n in scorers))
-        with open(os.path.join(args.out, "scores.json"), "w") as f:
-            json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds),
-                       "random_weights": random_weights, "rows": table}, f, indent=2)
+    if not args.score:
+        return
+    # a tiny run (or --tiny) scores with random-weight tiny towers (offline): its numbers check the plumbing only
+    scorers = {n: load_metric(n, job.tiny, device, dtype) for n in job.metrics if n != "color"}
+    table = []
+    for label, evals, images, secs in rows:
+        scores = score(images, prompts, scorers, device)
+        table.append({"row": label, "unet_evals_per_image": evals, "seconds_per_image": secs,
+                      **{k: dict(zip(("mean", "se"), mean_se(v))) for k, v in scores.items()}})
+    random_weights = job.tiny and bool(scorers)
+    print_table(table)
+    if random_weights:
+        print(f"note: {', '.join(scorers)} are scored by random-weight tiny towers (--tiny), not the real "
+              "weights: the numbers check the pipeline, not image quality.")
+    else:
+        print("weights: " + "; ".join(f"{n}: {METRICS[n].about}" for n in scorers))
+    with open(os.path.join(args.out, "scores.json"), "w") as f:
+        json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds),
+                   "random_weights": random_weights, "rows": table}, f, indent=2)
 
 
 def print_table(table):

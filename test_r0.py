@@ -198,7 +198,7 @@ def test_frozen_bf16_models_without_autocast_give_the_autocast_pixels_and_image_
     tok, te, vae, _ = tiny
     vae = r0.cast(copy.deepcopy(vae).requires_grad_(False).eval(), "cpu", torch.bfloat16)
     model, _ = r0.build_tiny_clip_tower(seed=1)
-    tower = r0.ClipFamilyReward("hps", r0.cast(model, "cpu", torch.bfloat16), __import__("open_clip").get_tokenizer("ViT-H-14"))
+    tower = r0.ClipFamilyReward(r0.cast(model, "cpu", torch.bfloat16), __import__("open_clip").get_tokenizer("ViT-H-14"))
     z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
     prompts = ["a red fox", "a blue car"]
 
@@ -285,7 +285,8 @@ def test_clip_preprocess_refuses_pixels_outside_0_1():
         r0.clip_preprocess(torch.rand(1, 3, 64, 64) * 2 - 1)  # a [-1,1] image: the classic reward bug
 
 
-def make_rewards(tiny_models, names=("hps", "clip", "imagereward", "color", "cfg")):
+def make_rewards(tiny_models, names=tuple(r0.REWARDS)):
+    """Every registered reward (r0.REWARDS): its tiny twin, or for cfg the implicit reward of the tiny UNet."""
     tok, te, vae, unet = tiny_models
     rewards = {}
     for name in names:
@@ -476,7 +477,7 @@ def test_score_heads_run_in_fp32_on_bf16_towers():
     seen = []
     reward.text.register_forward_hook(lambda mod, args, out: seen.append(out.last_hidden_state[:, 0]))
     scores = reward(pixels, prompts)
-    expected = (reward.mlp(seen[0].float()).squeeze(-1) - reward.MEAN) / reward.STD  # the fp32 head on that feature
+    expected = (reward.mlp(seen[0].float()).squeeze(-1) - r0.IMAGEREWARD_MEAN) / r0.IMAGEREWARD_STD  # fp32 head
     assert scores.dtype == torch.float32 and torch.equal(scores, expected)
     aesthetic = sample.load_metric("aesthetic", True, "cpu", torch.bfloat16)
     assert all(p.dtype == torch.float32 for p in aesthetic.layers.parameters())
@@ -1003,7 +1004,9 @@ def test_sample_py_tiny_needs_no_run(tmp_path):
 def test_eta_above_0_gives_each_image_its_own_random_stream(tiny):
     """sample.py --eta > 0: an image depends on its prompt and seed only, not on the batch size or its place in it."""
     tok, te, vae, unet = tiny
-    m = r0.Models(tok, te, vae, unet, None, r0.SD15_SCHEDULER_CONFIG, r0.sd15_alphas_cumprod(), {}, {}, "cpu")
+    m = r0.Models(tokenizer=tok, text_encoder=te, vae=vae, unet=unet, frozen_unet=None,
+                  scheduler_config=r0.SD15_SCHEDULER_CONFIG, alphas_cumprod=r0.sd15_alphas_cumprod(), rewards={},
+                  reward_weights={}, device="cpu")
     prompts, seeds = ["a red fox", "a blue car", "a green tree"], [5, 6, 7]
     together = r0.sample_images(m, prompts, seeds, 4, 64, "fp32", eta=0.8, batch_size=3)
     alone = torch.cat([r0.sample_images(m, [p], [s], 4, 64, "fp32", eta=0.8) for p, s in zip(prompts, seeds)])
