@@ -218,8 +218,7 @@ def clip_score(clip_model, pixels, text_features):
     """hps and clip: r(x, c) = cos(f_img(clip_preprocess(x)), f_txt(c)), without the logit scale (the paper's tables
     report 100 x this cosine). clip_model: an open_clip CLIP (frozen); text_features: (B,D), unit norm, no gradient.
     Returns (B,) in [-1,1]."""
-    size = clip_model.visual.image_size
-    image = clip_preprocess(pixels, size[0] if isinstance(size, (tuple, list)) else size)  # (B,3,224,224)
+    image = clip_preprocess(pixels, clip_model.visual.image_size[0])  # (B,3,224,224)
     with own_dtype(pixels.device):  # the frozen tower computes in its own dtype (bf16 on a GPU)
         image = image.to(next(clip_model.parameters()).dtype)
         img_feat = clip_model.encode_image(image, normalize=True).float()  # (B,D), unit norm
@@ -435,12 +434,12 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
         cast(module.requires_grad_(False).eval(), cfg.device, frozen_dtype)  # generator, storing nothing for it
     frozen_unet = make_trainable(unet, cfg, cfg.device, frozen_dtype)  # theta (LoRA or all weights) and theta_0
     rewards = {}
-    for name in cfg.rewards:  # each loaded once, frozen, kept on the device (load_reward: Plumbing)
+    for name in cfg.rewards:  # each loaded once, frozen, kept on the device (REWARDS: Plumbing)
         if name == "cfg":  # the base model theta_0 itself, unconditional = the empty prompt
             uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
             rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(cfg.device))
         else:
-            rewards[name] = load_reward(name, cfg.tiny, cfg.device, frozen_dtype)
+            rewards[name] = REWARDS[name].load(cfg.tiny, cfg.device, frozen_dtype)
     return Models(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, frozen_unet=frozen_unet,
                   scheduler_config=scheduler_config, alphas_cumprod=alphas_cumprod, rewards=rewards,
                   reward_weights=dict(cfg.rewards), device=cfg.device)
@@ -651,20 +650,15 @@ def own_dtype(device):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reward models: the registry, the classes around each reward's definition (frozen models, caches, memory, layout)
-# and their loaders.
-#
-# Adding a reward (say PickScore) takes three steps:
-#   1. a class with the reward interface (see "Rewards" above): ClipFamilyReward is the template for an open_clip
-#      model, ImageRewardReward for a transformers one. transformers checkpoints a layer's activations only while
-#      the layer is in training mode, which a frozen reward is not: its enable_gradient_checkpointing() calls
-#      checkpoint_transformers_layers(model), as ImageRewardReward does;
-#   2. a loader, (tiny, device, dtype) -> the reward, frozen, in dtype on device: its real weights (hub_file() for
-#      each of its downloads, load_tensors() for a pickled file), or with tiny a random-weight twin of the same
-#      classes, small enough for a CPU (--tiny and the tests);
-#   3. one line in REWARDS: its name (for --rewards), its loader, its hub downloads (so that an offline machine is
-#      told what is missing), and how sample.py --score reports it.
-# test_r0.py checks every registered reward (gradient to its input, none into its model) and sample.py scores it.
+# Reward models: the registry, and around each reward's definition its class (frozen model, caches, memory) and
+# loader. Adding a reward (say PickScore) takes three steps:
+#   1. a class with the reward interface ("Rewards", above), optionally enable_gradient_checkpointing(): for an
+#      open_clip model copy ClipFamilyReward; for a transformers model (ImageRewardReward) call
+#      checkpoint_transformers_layers(), since transformers checkpoints only layers in training mode;
+#   2. a loader (tiny, device, dtype) -> the reward, frozen: its real weights (hub_file per download, load_tensors
+#      for a pickle), or with tiny a random-weight twin of the same classes, small enough for a CPU;
+#   3. one line in REWARDS: name, loader, hub downloads (named offline), and how sample.py --score reports it.
+# Then --rewards takes it, test_r0.py checks its gradients (every registered reward) and sample.py scores it.
 
 @dataclass
 class Reward:
@@ -870,11 +864,6 @@ REWARDS = {
     "cfg": Reward(None),  # the frozen base UNet: built by set_up_r0
     "color": Reward(lambda tiny, device, dtype: ColourReward()),
 }
-
-
-def load_reward(name, tiny, device, dtype):
-    """The reward REWARDS[name] loads: real weights, or (tiny) its random-weight twin (offline: --tiny, the tests)."""
-    return REWARDS[name].load(tiny, device, dtype)
 
 
 def load_tensors(path, what):

@@ -37,8 +37,14 @@ AESTHETIC = r0.Reward(None, [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_pa
                               ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))], 1,
                       f"LAION improved aesthetic predictor ({AESTHETIC_URL}) on OpenAI CLIP ViT-L/14 "
                       "(timm/vit_large_patch14_clip_224.openai)")
-METRICS = {**{n: r for n, r in r0.REWARDS.items() if r.about}, "aesthetic": AESTHETIC,
-           "color": r0.Reward(None, about="the toy's colour accuracy (no model)")}
+COLOUR_ACCURACY = r0.Reward(None, about="the toy's colour accuracy (no model)")
+
+
+def metrics():
+    """name -> r0.Reward of every metric --score-with knows, r0.REWARDS read as it is now."""
+    return {**{n: r for n, r in r0.REWARDS.items() if r.about}, "aesthetic": AESTHETIC, "color": COLOUR_ACCURACY}
+
+
 DEFAULT_METRICS = "hps,aesthetic,clip,imagereward"
 
 
@@ -64,7 +70,7 @@ class AestheticScore(torch.nn.Module):
 def load_metric(name, tiny, device, dtype):
     """A --score metric's model, frozen, in dtype on device (tiny: random-weight tiny twins, offline)."""
     if name != "aesthetic":
-        return r0.load_reward(name, tiny, device, dtype)
+        return r0.REWARDS[name].load(tiny, device, dtype)
     import open_clip
     if tiny:
         model, _ = r0.build_tiny_clip_tower(seed=7)
@@ -213,11 +219,11 @@ def mean_se(values):
 
 @torch.no_grad()
 def score(images, prompts, scorers, device):
-    """Per-image scores, in the paper's Table 1 units (METRICS' scale: HPS v2.1 and CLIP score as 100 x cosine,
+    """Per-image scores, in the paper's Table 1 units (their scale: HPS v2.1 and CLIP score as 100 x cosine,
     ImageReward and the aesthetic score as they come); colour accuracy (%) on prompts that name a colour."""
     result = {}
     for name, reward in scorers.items():
-        scale = METRICS[name].scale
+        scale = metrics()[name].scale
         values = []
         for i in range(0, len(images), 8):  # small batches: two ViT-H-14 towers at once are large
             values += (scale * reward(images[i : i + 8].to(device), prompts[i : i + 8])).tolist()
@@ -291,7 +297,7 @@ def build_parser():
     p.add_argument("--resolution", type=int, default=None, help="default: as trained (512 for SD1.5)")
     p.add_argument("--compare-base", action="store_true", help=f"add the base model, {BASE_STEPS} steps, CFG {BASE_GUIDANCE}")
     p.add_argument("--score", action="store_true", help="print and save a score table (scores.json)")
-    p.add_argument("--score-with", default=None, help=f"metrics, from {','.join(METRICS)} (default: the paper's "
+    p.add_argument("--score-with", default=None, help=f"metrics, from {','.join(metrics())} (default: the paper's "
                                                      f"Table 1 columns that need no dataset: {DEFAULT_METRICS})")
     p.add_argument("--device", default="auto")
     return p
@@ -335,9 +341,9 @@ def check(args):
     if args.lora and not args.model:
         raise r0.UserError("--lora goes with --model (the base model the adapters were trained on).")
     names = [n.strip() for n in (args.score_with or DEFAULT_METRICS).split(",") if n.strip()]
-    unknown = [n for n in names if n not in METRICS]
+    unknown = [n for n in names if n not in metrics()]
     if unknown:
-        raise r0.UserError(f"unknown metric '{unknown[0]}' in --score-with; choose from {', '.join(METRICS)}.")
+        raise r0.UserError(f"unknown metric '{unknown[0]}' in --score-with; choose from {', '.join(metrics())}.")
     r0.check_writable(args.out, "--out")  # checks only: --out is made after sampling, once there is something to write
     run = find_run(args.run) if args.run else None  # a bad run folder fails here, before anything heavy
     tiny = bool(args.tiny or (run is not None and run[1] is not None and run[1].tiny))
@@ -345,7 +351,7 @@ def check(args):
         scored = [n for n in names if args.score]
         base = run[1].model if run is not None and run[1] is not None and args.compare_base else None  # a run's base
         head = f"the aesthetic predictor's head (download {AESTHETIC_URL} to {AESTHETIC_PATH})"
-        r0.check_downloads(args.model or base, [d for n in scored for d in METRICS[n].downloads],
+        r0.check_downloads(args.model or base, [d for n in scored for d in metrics()[n].downloads],
                            also_missing=[head] if "aesthetic" in scored and not os.path.isfile(AESTHETIC_PATH) else [])
     return argparse.Namespace(prompts=prompts[: args.max_prompts] if args.max_prompts else prompts, run=run, tiny=tiny,
                               steps=parse_steps(args.steps) if args.steps else None, metrics=names)
@@ -404,7 +410,7 @@ def write_and_score(args, job, rows, prompts, seeds, resolution, device, dtype):
         print(f"note: {', '.join(scorers)} are scored by random-weight tiny towers (--tiny), not the real "
               "weights: the numbers check the pipeline, not image quality.")
     else:
-        print("weights: " + "; ".join(f"{n}: {METRICS[n].about}" for n in scorers))
+        print("weights: " + "; ".join(f"{n}: {metrics()[n].about}" for n in scorers))
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds),
                    "random_weights": random_weights, "rows": table}, f, indent=2)

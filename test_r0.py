@@ -285,17 +285,17 @@ def test_clip_preprocess_refuses_pixels_outside_0_1():
         r0.clip_preprocess(torch.rand(1, 3, 64, 64) * 2 - 1)  # a [-1,1] image: the classic reward bug
 
 
-def make_rewards(tiny_models, names=tuple(r0.REWARDS)):
+def make_rewards(tiny_models, names=None):
     """Every registered reward (r0.REWARDS): its tiny twin, or for cfg the implicit reward of the tiny UNet."""
     tok, te, vae, unet = tiny_models
     rewards = {}
-    for name in names:
+    for name in names or r0.REWARDS:
         if name == "cfg":
             uncond = r0.encode_prompts(tok, te, [""])
             rewards[name] = r0.ImplicitCfgReward(r0.make_base_eps(unet, copy.deepcopy(unet)), uncond,
                                                  r0.sd15_alphas_cumprod())
         else:
-            rewards[name] = r0.load_reward(name, True, device="cpu", dtype=torch.float32)
+            rewards[name] = r0.REWARDS[name].load(True, "cpu", torch.float32)
     return rewards
 
 
@@ -311,12 +311,83 @@ def test_every_reward_passes_gradient_to_its_input_and_none_to_its_model(tiny):
         assert scores.shape == (2,) and torch.isfinite(scores).all(), name
         assert grad.shape == x.shape and torch.isfinite(grad).all(), name
         assert (grad.flatten(1).norm(dim=1) > 0).all(), f"{name} passes no gradient to some sample"
-        model = getattr(reward, "model", None)
-        if model is not None:
-            assert all(p.grad is None and not p.requires_grad for p in model.parameters()), name
+        if isinstance(reward, torch.nn.Module):  # frozen: no gradient into the reward model itself
+            assert all(p.grad is None and not p.requires_grad for p in reward.parameters()), name
     # the colour reward's gradient points the right way: more red for 'red', more blue for 'blue'
     _, grad = r0.reward_gradient(r0.ColourReward(), torch.full((2, 3, 8, 8), 0.5), prompts, emb)
     assert grad[0, 0].mean() > 0 > grad[0, 2].mean() and grad[1, 2].mean() > 0 > grad[1, 0].mean()
+
+
+class PickScoreLike(torch.nn.Module):
+    """Adding a reward, step 1: a class with the reward interface, here on transformers' CLIPModel (PickScore's class):
+    r = cos(image features, text features) of CLIP's projections."""
+
+    space = "pixels"
+
+    def __init__(self, model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = model.requires_grad_(False).eval(), tokenizer
+
+    def forward(self, pixels, prompts, text_emb=None):
+        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+        with torch.no_grad():  # text features carry no gradient (transformers 5: projected features as pooler_output)
+            text = self.model.get_text_features(input_ids=ids.input_ids).pooler_output
+        image = self.model.get_image_features(pixel_values=r0.clip_preprocess(pixels, 224)).pooler_output
+        return torch.nn.functional.cosine_similarity(image, text, dim=-1)  # (B,)
+
+    def enable_gradient_checkpointing(self):
+        r0.checkpoint_transformers_layers(self.model)
+
+
+def load_pickscore_like(tiny, device, dtype):
+    """Step 2: its loader: the real weights (PickScore_v1, a CLIPModel folder on the hub), or a random tiny twin."""
+    from transformers import CLIPConfig, CLIPModel
+    if tiny:
+        with torch.random.fork_rng():
+            torch.manual_seed(11)
+            tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+            model = CLIPModel(CLIPConfig(text_config=dict(**tower, vocab_size=49408, max_position_embeddings=77,
+                                                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+                                         vision_config=dict(**tower, image_size=224, patch_size=32), projection_dim=16))
+    else:  # its hub files (cached, or downloaded), then the snapshot folder they sit in
+        paths = [r0.hub_file("pickscore", download) for download in r0.REWARDS["pickscore"].downloads]
+        model = CLIPModel.from_pretrained(os.path.dirname(paths[0]))
+    return r0.cast(PickScoreLike(model, r0.sd15_tokenizer_offline()), device, dtype)  # CLIP's BPE, as PickScore's
+
+
+def test_a_reward_is_added_in_the_three_steps_r0_promises(tmp_path, monkeypatch, capsys):
+    """The recipe under 'Reward models' in r0.py, followed for a transformers reward: the class and the loader above,
+    and one line in r0.REWARDS (step 3). Nothing else: then --rewards trains with it (gradient checkpointing
+    reaching its layers), the offline check names its download, the registry's gradient test takes it, and
+    sample.py --score scores it in its units."""
+    import huggingface_hub
+    import sample
+    monkeypatch.setitem(r0.REWARDS, "pickscore", r0.Reward(
+        load_pickscore_like, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
+                              ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100,
+        "PickScore-like (a test's tiny CLIPModel), 100 x cosine"))
+    flags = ["--prompts", few_prompts(), "--device", "cpu", "--rewards", "pickscore=1,color=1"]
+    cfg = run_cfg(tmp_path / "run", "--rewards", "pickscore=1,color=1", "--max-steps", "2", "--grad-checkpointing")
+    m = r0.train(cfg)
+    log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+    assert [r["step"] for r in log] == [1, 2] and all(math.isfinite(r["pickscore"]) for r in log)
+    layers = [l for l in m.rewards["pickscore"].model.modules() if hasattr(l, "_gradient_checkpointing_func")]
+    assert layers and all(l.gradient_checkpointing for l in layers)
+    assert "pickscore as tiny towers with random weights" in capsys.readouterr().out
+    tok, te, vae, unet = r0.build_tiny_sd15(seed=0)
+    reward = make_rewards((tok, te, vae, unet), ["pickscore"])["pickscore"]
+    _, grad = r0.reward_gradient(reward, torch.rand(2, 3, 64, 64), ["a red fox", "a blue car"], None)
+    assert (grad.flatten(1).norm(dim=1) > 0).all() and not any(p.requires_grad for p in reward.parameters())
+    # offline, with an empty cache: its download is named with the others
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(SystemExit):
+        r0.main([*flags, "--output-dir", str(tmp_path / "real")])
+    err = capsys.readouterr().err
+    assert all(f"hf download yuvalkirstain/PickScore_v1 {f}" in err for f in ("config.json", "model.safetensors"))
+    sample.main(["--run", str(tmp_path / "run"), "--prompt", "a red fox", "--score", "--score-with", "pickscore,color",
+                 "--out", str(tmp_path / "scored"), "--device", "cpu"])
+    scores = json.load(open(tmp_path / "scored" / "scores.json"))
+    assert {"pickscore x100", "colour acc %"} <= set(scores["rows"][0])
 
 
 # ImageReward.pt's state dict (THUDM/ImageReward), as ImageReward's own model code builds it, one line per key pattern
@@ -472,7 +543,7 @@ def test_score_heads_run_in_fp32_on_bf16_towers():
     score near 6 by up to 0.016)."""
     import sample
     pixels, prompts = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)), ["a red fox", "a blue car"]
-    reward = r0.load_reward("imagereward", True, "cpu", torch.bfloat16)
+    reward = r0.REWARDS["imagereward"].load(True, "cpu", torch.bfloat16)
     assert reward.vision.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in reward.mlp.parameters())
     seen = []
     reward.text.register_forward_hook(lambda mod, args, out: seen.append(out.last_hidden_state[:, 0]))
@@ -489,7 +560,7 @@ def test_score_heads_run_in_fp32_on_bf16_towers():
 def test_imagereward_gradient_checkpointing_recomputes_both_towers_and_changes_nothing():
     """--grad-checkpointing reaches ImageReward's two transformers towers (each layer 0 runs again in the backward),
     with the same scores and image gradients; the reward stays in eval mode (its head's dropout off)."""
-    reward = r0.load_reward("imagereward", True, "cpu", torch.float32)
+    reward = r0.REWARDS["imagereward"].load(True, "cpu", torch.float32)
     prompts = ["a red fox in the snow", "a blue car"]
 
     def run():
@@ -512,7 +583,7 @@ def test_imagereward_gradient_checkpointing_recomputes_both_towers_and_changes_n
 
 
 def test_clip_family_reward_is_the_cosine_of_open_clip_features():
-    reward = r0.load_reward("hps", True, device="cpu", dtype=torch.float32)
+    reward = r0.REWARDS["hps"].load(True, "cpu", torch.float32)
     pixels = torch.rand(2, 3, 64, 64)
     prompts = ["a red fox", "a blue car"]
     with torch.no_grad():
@@ -536,7 +607,7 @@ def test_reward_tower_layout_change_keeps_scores_and_gradients_and_avoids_the_sl
             self.seen.add(str(func.overloadpacket))
             return func(*args, **(kwargs or {}))
 
-    reward = r0.load_reward("hps", True, device="cpu", dtype=torch.float32)
+    reward = r0.REWARDS["hps"].load(True, "cpu", torch.float32)
     plain, _ = r0.build_tiny_clip_tower(seed=1)  # the same weights, open_clip's default layout
     plain.requires_grad_(False).eval()
     assert reward.model.visual.transformer.batch_first is False and plain.visual.transformer.batch_first is True
