@@ -18,7 +18,7 @@ What is followed is not the gradient of this L: each reward's image gradient g_i
 sample before the weighted sum (paper Fig. 8). The trainable parameters phi (with LoRA, the default: the adapters'
 A and B, theta = theta_0 + scaling * B @ A; with full fine-tuning: theta itself) move along
     E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dphi ]  -  lambda d||theta - theta_0||^2 / dphi
-(then gradient clipping and AdamW). No single loss has this gradient. r0_step builds a *surrogate*,
+(then gradient clipping and AdamW). No fixed objective of theta has this gradient; each step, r0_step builds a *surrogate*,
     -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
 (g_pix: the image rewards' composed gradient at the pixels x; g_lat: the cfg reward's, at the latents x0_hat), whose
 negative gradient is exactly this direction and whose value means nothing: watch the logged rewards. No training
@@ -101,7 +101,7 @@ def x0_from_eps(x_t, eps, alpha_bar_t):
 
 def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_eta=False, generator=None,
              last_step=None, grad_from_step=0):
-    """The few-step generator g_theta. Returns the clean latent (B,4,h,w) (SD latent scale): the final step's
+    """The few-step generator g_theta. Returns its output latent (B,4,h,w) (SD latent scale): the final step's
     x0_hat (for K = 6, 7 after DDIM's last tiny step to t=0, see below), or with last_step set, that intermediate
     step's x0_hat (R0+).
 
@@ -127,7 +127,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
         with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_step):
             a_t = alphas[t]
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
-            # the UNet computes in its own dtype (bf16 on a GPU); the DDIM arithmetic stays in fp32
+            # the UNet computes in bf16 on a GPU (bf16 weights, or fp32 ones under autocast); DDIM's arithmetic in fp32
             eps = unet(x.to(unet.dtype), t_batch, encoder_hidden_states=text_emb.to(unet.dtype)).sample.float()
             x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
             if stop_early and i == last_step:  # R0+: the rewards look at this intermediate x0_hat
@@ -178,9 +178,9 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   color        a toy for the offline demo and the tests (ColourReward, Plumbing)
 # Every reward has this interface, all the method needs of it:
 #   space: "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (it reads x0_hat: (B,4,h,w));
-#   forward(x, prompts: list of B str, text_emb) -> (B,) scores that autograd can differentiate in x (no PIL, no
-#       no_grad on the image path); or, for a reward with no cheap value, gradient(x, prompts, text_emb, generator)
-#       -> (logged values (B,), ascent direction shaped like x), as cfg does.
+#   forward(x, prompts: list of B str, text_emb=None) -> (B,) scores that autograd can differentiate in x (no PIL,
+#       no no_grad on the image path); or, for a reward with no cheap value, gradient(x, prompts, text_emb, generator)
+#       -> (logged values (B,), ascent direction shaped like x), as cfg does (its log_as names the logged value).
 # Reward models are frozen; text features never carry gradient. Their classes (caches, memory, layout) and loaders
 # are under Plumbing ("Reward models"), where adding a reward takes three steps: its class, its loader, one line
 # in the REWARDS registry.
@@ -297,15 +297,16 @@ def make_base_eps(unet, frozen_unet):
 #
 #   x   = decode(x0_hat)                                 (B,3,H,W) in [0,1]
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only, not the generator
-#   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   reward i pulls every sample with strength w_i
+#   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   reward i pulls each sample with strength w_i (0 if g_i = 0)
 #   surrogate = - sum(stopgrad(g) * x) / B               d surrogate / d theta = - g . dx/dtheta / B
-# our reading: the norm is taken per sample (each image's gradient has norm w_i), not over the batch, so one image
+# our reading: the norm is taken per sample (each reward's term has norm w_i in each image), not over the batch, so one image
 # with a huge gradient cannot drown the others. The image rewards are normalized in pixel space and cfg in latent
 # space (where its gradient lives): each has norm w_i in its own space, so cfg=1,hps=1 is not an equal pull on
 # theta; set the weights with that in mind (the decoder's Jacobian scales the pixel-space term).
 
 def normalize_per_sample(g, eps=1e-8):
-    """g / ||g|| for each sample separately: (B,...) -> (B,...), each sample of unit L2 norm (or 0 if g was 0)."""
+    """g / ||g|| for each sample separately: (B,...) -> (B,...), each sample of unit L2 norm (or 0 if g was 0; our
+    choice: eps = 1e-8 only guards that division)."""
     norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))  # (B,1,1,1)
     return g / (norm + eps)
 
@@ -394,7 +395,7 @@ def weight_regularization(unet, frozen_unet):
     the reward gradient has a fixed per-sample scale in pixel (or latent) space, lambda sets how large the update may
     grow before the anchor pulls back as hard as the rewards push. 'reg' and every reward are logged: raise lambda if
     rewards keep rising while the samples degrade (hacking), lower it if the rewards stall while 'reg' keeps growing.
-    Both sums keep no weight-sized tensor in the autograd graph."""
+    Neither sum saves an extra weight-sized tensor for the backward."""
     if frozen_unet is None:  # LoRA
         total = 0.0
         for A, B, scaling in lora_layers(unet):  # A (r,in), B (out,r)
@@ -426,8 +427,9 @@ class Models:
 
 
 def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
-    """The pretrained SD1.5 parts -> Models: frozen parts frozen (in half precision on a GPU: they only run forward
-    and pass gradients through), theta and theta_0 set up, and the rewards of --rewards built."""
+    """The pretrained SD1.5 parts -> Models: frozen parts frozen (our choice: in bf16 on a GPU, as the trainable UNet
+    computes under autocast; they only run forward and pass gradients through), theta and theta_0 set up, and the
+    rewards of --rewards built."""
     frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
     alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
     for module in (text_encoder, vae):  # requires_grad_(False): the backward goes *through* the VAE decoder to the
@@ -457,12 +459,14 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
 #    ONE backward of that through the decoder and the UNet steps (whatever the number of rewards)
 #
-# One optimizer step, in call order (optimizer_step, Plumbing):
+# One optimizer step, in call order (optimizer_step, Plumbing; a run's first step is first_step, the same with a
+# retry at half the micro-batch if the GPU runs out of memory):
 #    for each of --grad-accum micro-batches:  prompts = next B prompts  ->  loss = r0_step(prompts): encode_prompts
 #        -> generate -> decode -> composed_reward_gradients -> surrogate + lambda reg  ->  (loss / grad_accum).backward()
 #    -> clip the gradient to global norm 1.0 (our choice)  ->  AdamW step (make_optimizer)  ->  zero the gradients
-# (The loop also skips an update whose loss, rewards or gradient are not finite, and with several GPUs averages the
-# gradients over them first: Plumbing.)
+# (A micro-batch whose loss or rewards are not finite is not backpropagated and the update is skipped, as it is when
+# the gradient is not finite; with several GPUs the gradients are averaged over them before clipping: Plumbing.)
+# The hyperparameters read as cfg.* and their defaults (each labelled ours or the paper's): OPTIONS, under Plumbing.
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of R0 (or R0+). Returns (loss, stats); the caller calls loss.backward().
@@ -474,8 +478,9 @@ def r0_step(m, prompts, cfg, generator):
     if cfg.r0_plus:
         # R0+ (paper 4): supervise x0_hat at a random step k; steps before k run without gradient, so the
         # backward graph holds one UNet call instead of K: faster, less memory, and every step gets direct signal.
-        # our reading: k drawn uniformly from all K steps, one k per micro-batch. (k = K-1 rewards the same x0_hat
-        # as plain R0, but its gradient flows through the last UNet call only.)
+        # our reading: k drawn uniformly from all K steps, one k per micro-batch, the steps before k sampled with
+        # random eta too (they are the same generator). (k = K-1 rewards the same x0_hat as plain R0, but its
+        # gradient flows through the last UNet call only.)
         k = int(torch.randint(0, K, (1,), generator=generator, device=m.device))
         last_step, grad_from_step = k, k
     else:

@@ -70,7 +70,7 @@ MUTANTS = [
     ("CLIP normalization skipped in preprocessing", "return (x - mean) / std  # (B,3,224,224)", "return x  # (B,3,224,224)"),
     ("resume does not restore the generator", 'generator.set_state(mine["generator"])', "pass"),
     ("a bad step still counts as a good one", "bad_steps = 0 if applied else bad_steps + 1", "bad_steps = 0"),
-    ("ImageReward's raw head output, not in its units", "return (raw - self.MEAN) / self.STD", "return raw"),
+    ("ImageReward's raw head output, not in its units", "return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD", "return raw"),
     ("LoRA adapters left off to_out.0", 'target_modules=["to_k", "to_q", "to_v", "to_out.0"]',
      'target_modules=["to_k", "to_q", "to_v"]'),
     ("each rank decides alone to retry after running out of memory", "if not any_rank(out_of_memory, cfg.device):",
