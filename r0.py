@@ -51,6 +51,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -323,14 +324,16 @@ def reward_gradient(reward, x, prompts, text_emb, generator=None):
     return scores.detach(), grad
 
 
-def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None):
-    """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg); plus the logged values."""
+def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None, normalize=True):
+    """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg); plus the logged values.
+    normalize=False (--no-normalize) sums the raw w_i g_i instead: the ablation of Fig. 8."""
     grads = {"pixels": torch.zeros_like(pixels), "latents": torch.zeros_like(latents)}
     scores = {}
     for name, reward in rewards.items():
         x = pixels if reward.space == "pixels" else latents
         score, grad = reward_gradient(reward, x, prompts, text_emb, generator)
-        grads[reward.space] += weights[name] * normalize_per_sample(grad.float())
+        grad = normalize_per_sample(grad.float()) if normalize else grad.float()
+        grads[reward.space] += weights[name] * grad
         scores[getattr(reward, "log_as", name)] = score  # (B,) raw, for logging
     return grads["pixels"], grads["latents"], scores
 
@@ -423,7 +426,6 @@ class Models:
     rewards: dict               # name -> reward (frozen)
     reward_weights: dict        # name -> w_i
     device: str
-    reload_base: object = None  # () -> (tokenizer, text_encoder, vae, unet) of --model at full precision (the export)
 
 
 def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
@@ -486,11 +488,12 @@ def r0_step(m, prompts, cfg, generator):
     else:
         last_step, grad_from_step = K - 1, 0  # R0: backprop through all K steps
     with autocast(m.device, cfg.precision):  # bf16 on a GPU (Plumbing: autocast)
-        x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=True, generator=generator,
+        # (--no-random-eta: eta = 0, the ablation of 3.3's regularizer)
+        x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
                           last_step=last_step, grad_from_step=grad_from_step)  # (B,4,h,w), in the graph
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1], in the graph
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
-                                                         text_emb, generator)
+                                                         text_emb, generator, cfg.normalize)
     # The surrogate whose gradient w.r.t. theta is -(normalized, weighted reward gradient) . d(x)/d(theta).
     # Its *value* means nothing (it is -g.x); watch the logged rewards, not the loss. our choice: the mean over
     # the batch (1/B), so that the step's size does not grow with the batch.
@@ -498,7 +501,9 @@ def r0_step(m, prompts, cfg, generator):
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
     stats = {name: s.float().mean().item() for name, s in scores.items()}
-    stats.update(reg=reg.item(), surrogate=surrogate.item())
+    # 'detail', the images' spatial standard deviation, is logged beside them: a gauge of reward hacking (a collapse
+    # toward flat colour fields) that no reward here scores
+    stats.update(reg=reg.item(), surrogate=surrogate.item(), detail=pixels.detach().std(dim=(2, 3)).mean().item())
     return loss, stats
 
 
@@ -536,6 +541,8 @@ OPTIONS = dict(
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda*||theta - theta_0||^2"),
     grad_clip=(1.0, "max global gradient norm"),
+    random_eta=(True, "random eta in training (paper 3.3); --no-random-eta: eta = 0 (an ablation)"),
+    normalize=(True, "normalize each reward's gradient per sample (paper Fig. 8); --no-normalize: raw (an ablation)"),
     # --- optimization (the paper gives none of these) --- our choice: the usual LoRA rate for SD1.5 (use ~1e-5 with
     # --lora-rank 0); the largest LoRA micro-batch that fits 24 GB (README); if the first step runs out of GPU memory
     # the micro-batch halves and grad_accum doubles (the same effective batch); 2000 steps, not tuned (README).
@@ -566,7 +573,7 @@ DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 # (the tiny models come from a miniature pretraining), no gradient checkpointing (it saves nothing worth having at
 # this size; the tests switch it on, for the GPU path).
 TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", lora_rank=8, lr=1e-2, batch_size=16,
-                   max_steps=200, grad_checkpointing=False, sample_every=50, checkpoint_every=50, num_sample_prompts=6,
+                   max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
 
@@ -613,6 +620,18 @@ class ColourReward(torch.nn.Module):
         has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
         mean = pixels.mean(dim=(2, 3))  # (B,3)
         return -((mean - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
+
+
+class BrightnessReward(torch.nn.Module):
+    """bright: r(x) = mean luma (0.299 R + 0.587 G + 0.114 B) on an image editor's 0-255 scale. A second toy on
+    another scale than color's, as real rewards are (HPS a cosine, ImageReward about N(0,1)): its raw gradient is two
+    orders of magnitude larger, which is what Fig. 8's ablation of the normalization needs (README: the toy)."""
+
+    space = "pixels"
+
+    def forward(self, pixels, prompts, text_emb=None):
+        luma = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
+        return 255 * (pixels * luma).sum(1).mean(dim=(1, 2))  # (B,)
 
 
 def parse_rewards(spec):
@@ -868,6 +887,7 @@ REWARDS = {
                           1, "ImageReward (THUDM/ImageReward, ImageReward.pt)"),
     "cfg": Reward(None),  # the frozen base UNet: built by set_up_r0
     "color": Reward(lambda tiny, device, dtype: ColourReward()),
+    "bright": Reward(lambda tiny, device, dtype: BrightnessReward()),
 }
 
 
@@ -968,10 +988,11 @@ def _build_tiny_sd15(seed):
     return tokenizer, text_encoder, vae, unet
 
 
-def pretrain_tiny_decoder(vae, seed, steps=100, batch=16, lr=1e-2):
+def pretrain_tiny_decoder(vae, seed, steps=400, batch=8, lr=1e-2):
     """Our choice, for the tiny models only: teach the tiny VAE decoder SD1.5's colour behaviour (latent channel
-    means map almost linearly to RGB). A random decoder paints mid-gray whatever the latent (its GroupNorms
-    standardize global shifts away), which would leave the colour reward nothing to learn from."""
+    means map almost linearly to RGB) over the whole colour cube. A random decoder paints mid-gray whatever the
+    latent (its GroupNorms standardize global shifts away), which would leave the colour reward nothing to learn
+    from; one taught only on colours near gray cannot make yellow, green or purple at all (README: the toy)."""
     g = torch.Generator().manual_seed(seed)
     # SD1.5's approximate linear map from (scaled) latent channels (rows) to R, G, B in [-1,1] (columns), the one
     # latent-preview tools use: its VAE is close to linear in colour
@@ -980,8 +1001,10 @@ def pretrain_tiny_decoder(vae, seed, steps=100, batch=16, lr=1e-2):
     h = vae.config.sample_size // 8
 
     def loss():
-        # toy latents: textures plus a per-image global shift (the part that sets an image's colour)
-        z = 1.5 * torch.randn((batch, 4, h, h), generator=g) + torch.randn((batch, 4, 1, 1), generator=g)
+        # toy latents: textures, plus a per-image global shift (what sets an image's colour) drawn so that its colour
+        # is uniform over the RGB cube: a random RGB mapped back to latents through latent_rgb's pseudo-inverse
+        rgb = torch.rand((batch, 3), generator=g) * 2 - 1  # (B,3) in [-1,1]
+        z = torch.randn((batch, 4, h, h), generator=g) + (rgb @ torch.linalg.pinv(latent_rgb)).view(batch, 4, 1, 1)
         target = torch.einsum("bchw,cd->bdhw", z, latent_rgb).clamp(-1, 1)  # (B,3,h,w) in [-1,1]
         target = F.interpolate(target, scale_factor=8, mode="bilinear")  # (B,3,8h,8w)
         return F.mse_loss(vae.decode(z / vae.config.scaling_factor).sample, target)
@@ -1140,8 +1163,6 @@ def load_models(cfg):
         for module in (m.unet, m.vae, *m.rewards.values()):
             if hasattr(module, "enable_gradient_checkpointing"):
                 module.enable_gradient_checkpointing()
-    # the export reloads the base at full precision (training holds bf16 copies of the frozen parts)
-    m.reload_base = functools.partial(build_tiny_sd15, cfg.seed) if cfg.tiny else lambda: load_sd15(cfg.model)[:4]
     return m
 
 
@@ -1204,7 +1225,9 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
     if (captions or row_labels) and images.shape[-1] < 128:  # small (tiny-model) images: make room for text
         images = F.interpolate(images, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
     N, _, H, W = images.shape
-    cap_h = 14 if captions else 0
+    # each caption wraps onto up to 3 lines of ~6 px characters (PIL's default font)
+    captions = [textwrap.wrap(c, max(W // 6 - 1, 1), max_lines=3, placeholder="~") or [""] for c in captions or []]
+    cap_h = 2 + 11 * max(map(len, captions)) if captions else 0
     label_w = 6 * max(map(len, row_labels)) + 8 if row_labels else 0
     nrows = math.ceil(N / ncols)
     grid = Image.new("RGB", (label_w + ncols * W, nrows * (H + cap_h)), "white")
@@ -1213,9 +1236,8 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
         r, c = divmod(i, ncols)
         x, y = label_w + c * W, r * (H + cap_h)
         grid.paste(Image.fromarray((img.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()), (x, y))
-        if captions:  # ~6 px per character in PIL's default font
-            text = captions[i] if len(captions[i]) * 6 <= W else captions[i][: max(W // 6 - 1, 1)] + "~"
-            draw.text((x + 2, y + H + 1), text, fill="black")
+        for line, text in enumerate(captions[i] if captions else []):
+            draw.text((x + 2, y + H + 1 + 11 * line), text, fill="black")
     for r, label in enumerate(row_labels or []):
         draw.text((4, r * (H + cap_h) + H // 2 - 6), label, fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -1223,17 +1245,47 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
 
 
 @torch.no_grad()
-def colour_accuracy(m, prompts, cfg, seeds=range(1000, 1004)):
-    """(share of generated images whose dominant colour is the prompt's colour word, {colour: its share}), for every
-    prompt that names a colour at held-out seeds (never used by training draws or the progress grids)."""
+def toy_measures(m, prompts, cfg, seeds=range(1000, 1004)):
+    """The toy's held-out measures, on every prompt that names a colour, at seeds that training draws and progress
+    grids never use: colour_accuracy, the share of images whose dominant colour is the prompt's colour word (chance:
+    1 in 11), that share per colour, and detail, the images' mean spatial standard deviation (what the colour reward
+    ignores: a generator that paints flat colour fields hacks it, and its detail falls)."""
     pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]  # every colour prompt x every seed
     if not pairs:
-        return float("nan"), {}
+        return {}
     images = sample_images(m, [p for p, _ in pairs], [s for _, s in pairs], cfg.steps, cfg.resolution, cfg.precision)
     wanted = [colour_of(p) for p, _ in pairs]
     hit = [w == got for w, got in zip(wanted, dominant_colour(images))]
     per_colour = {c: sum(h for w, h in zip(wanted, hit) if w == c) / wanted.count(c) for c in sorted(set(wanted))}
-    return sum(hit) / len(hit), per_colour
+    return {"colour_accuracy": sum(hit) / len(hit), "colour_accuracy_per_colour": per_colour,
+            "detail": images.std(dim=(2, 3)).mean().item()}
+
+
+def write_curves(out_dir):
+    """<out>/curves.png from <out>/log.jsonl: each logged reward, reg and detail against the step, and the toy's
+    held-out colour accuracy and detail where they were measured (step 0, from summary.json, and each progress grid)."""
+    import matplotlib
+    matplotlib.use("Agg")  # files only, no window
+    import matplotlib.pyplot as plt
+    log = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    summary_path = os.path.join(out_dir, "summary.json")
+    before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
+    if "colour_accuracy_before" in before:  # the held-out measures of the base model, at step 0
+        log.insert(0, {"step": 0, "colour_accuracy": before["colour_accuracy_before"],
+                       "heldout_detail": before["detail_before"]})
+    keys = [k for k in log[-1] if k not in ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb",
+                                            "skipped", "heldout_detail", "colour_accuracy")]
+    keys += [k for k in ("colour_accuracy", "heldout_detail") if any(k in r for r in log)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(r["step"], r[key]) for r in log if key in r]
+        ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, lw=1)
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
+    plt.close(fig)
 
 
 def sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler):
@@ -1268,13 +1320,14 @@ def merged_unet(unet, base):
     return base
 
 
-def save_pipeline(m, out_dir):
+def save_pipeline(m, cfg):
     """<out>/pipeline: a standard diffusers folder (fp32: --model's text encoder and VAE, the trained UNet from
     merged_unet) whose scheduler is the few-step DDIM one, so StableDiffusionPipeline.from_pretrained(out/pipeline)(
     prompt, num_inference_steps=4, guidance_scale=1.0) reproduces our sampler. LoRA runs also write <out>/lora, for
     pipe.load_lora_weights(out/lora) on the base model."""
     from diffusers import StableDiffusionPipeline
-    tokenizer, text_encoder, vae, base_unet = m.reload_base()
+    out_dir = cfg.output_dir  # the base reloaded at full precision (training holds bf16 copies of the frozen parts)
+    tokenizer, text_encoder, vae, base_unet = build_tiny_sd15(cfg.seed) if cfg.tiny else load_sd15(cfg.model)[:4]
     pipe = sd_pipeline(tokenizer, cast(text_encoder, "cpu", torch.float32), cast(vae, "cpu", torch.float32),
                        merged_unet(m.unet, base_unet), few_step_scheduler(m.scheduler_config))
     pipe.save_pretrained(os.path.join(out_dir, "pipeline"))
@@ -1293,7 +1346,7 @@ def save_pipeline(m, out_dir):
 RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sample_seeds", "checkpoint_every",
                      "keep_checkpoints", "max_bad_steps", "device", "grad_checkpointing", "prompts", "resume",
                      "overwrite", "output_dir"}
-RUN_FILES = ("config.json", "log.jsonl", "summary.json", "checkpoints", "samples", "pipeline", "lora")
+RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
 
 
 class TrainingStopped(UserError):
@@ -1633,27 +1686,32 @@ def set_up_run(cfg):
         f"{'es' if processes > 1 else ''} = {cfg.batch_size * cfg.grad_accum * processes} images per step")
     write_config(cfg)
 
-    run.track_colour = "color" in m.reward_weights and run.main  # the toy demo: colour accuracy before and after
-    if run.track_colour and "colour_accuracy_before" not in run.summary:
-        before = colour_accuracy(m, prompts, cfg)
-        run.summary["colour_accuracy_before"], run.summary["colour_accuracy_before_per_colour"] = before
-        say(f"colour accuracy before training (held-out seeds): {before[0]:.1%}")
-        write_atomic(run.summary_path, json.dumps(run.summary, indent=2))
+    run.track_colour = "color" in m.reward_weights and run.main  # the toy: held-out measures before, during, after
     n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
     fixed_prompts = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
     run.grid = ([p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)],  # (prompts, seeds)
                 [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)])
+    run.measured = {}  # the toy's latest held-out measures
     if run.start == 0:
-        write_grid(run, cfg, 0)  # the 'before' picture
+        before = progress(run, cfg, 0)  # the 'before' picture (and measures)
+        run.summary.update({f"{k}_before": v for k, v in before.items()})
+        if before:
+            say(f"colour accuracy before training (held-out seeds): {before['colour_accuracy']:.1%} (chance: 1 in "
+                f"{len(COLOURS)}; every untrained image is near gray), detail {before['detail']:.3f}")
+            write_atomic(run.summary_path, json.dumps(run.summary, indent=2))
     return run
 
 
-def write_grid(run, cfg, step):
-    """<out>/samples/step_NNNNNN.png: the progress grid, one row per prompt, the prompt under each image."""
-    if run.main:
-        images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
-        save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds,
-                  captions=run.grid[0])
+def progress(run, cfg, step):
+    """At step 0, every --sample-every steps and at the end: the progress grid <out>/samples/step_NNNNNN.png (one row
+    per prompt, the prompt under each image) and, for the colour toy, its held-out measures (returned)."""
+    if not run.main:
+        return {}
+    images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
+    save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds,
+              captions=run.grid[0])
+    run.measured = toy_measures(run.m, run.prompts, cfg) if run.track_colour else {}
+    return run.measured
 
 
 def train(cfg):
@@ -1681,8 +1739,16 @@ def train(cfg):
                 record["skipped"] = "non-finite loss, reward or gradient"
                 say(f"step {step + 1}: non-finite loss, reward or gradient; update skipped "
                     f"({bad_steps}/{cfg.max_bad_steps} in a row)")
+            done = step + 1 == cfg.max_steps
+            grid_step = (step + 1) % cfg.sample_every == 0 or done
+            if grid_step:  # the progress grid, and the toy's held-out measures into this step's line
+                held_out = progress(run, cfg, step + 1)
+                if held_out:
+                    record.update(colour_accuracy=held_out["colour_accuracy"], heldout_detail=held_out["detail"])
             log.write(json.dumps(record) + "\n")
             log.flush()  # a crash loses at most the line being written
+            if grid_step and run.main:
+                write_curves(out)  # <out>/curves.png, refreshed with each progress grid
             # on the bar: each reward (cfg: its guidance gap) and the regularizer (the surrogate: log.jsonl only)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
                             | {"s/it": f"{record['seconds']:.2f}"})
@@ -1691,14 +1757,11 @@ def train(cfg):
                     f"stopped at step {step + 1} after {bad_steps} steps in a row with non-finite values (NaN/Inf); "
                     f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}. "
                     "Lower --lr or check the rewards, then --resume.", exit_code=3)
-            done = step + 1 == cfg.max_steps
             stopping = any_rank(stop.signum is not None, cfg.device)  # a signal to any rank stops all of them
             # checkpoint on schedule, at the end, and when a signal asked us to stop (never a state after a bad step)
             if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stopping):
                 last_checkpoint = save_checkpoint(out, step + 1, run.m, run.optimizer, run.generator, run.order, cfg,
                                                   run.prompts_hash) or last_checkpoint
-            if (step + 1) % cfg.sample_every == 0 or done:
-                write_grid(run, cfg, step + 1)
             if stopping and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
                 launcher = f"torchrun --nproc_per_node {world_size()}" if world_size() > 1 else "python"
@@ -1710,18 +1773,21 @@ def train(cfg):
 
 
 def finish_run(run, cfg):
-    """The end: the 'after' measurement, a standard diffusers pipeline of the trained generator, the summary."""
+    """The end: the toy's 'after' measures, a standard diffusers pipeline of the trained generator, the summary."""
     out, summary = cfg.output_dir, run.summary
     if run.track_colour:
-        summary["colour_accuracy"], summary["colour_accuracy_per_colour"] = colour_accuracy(run.m, run.prompts, cfg)
-        print(f"colour accuracy after training (held-out seeds): {summary['colour_accuracy']:.1%}  "
-              f"(before: {summary['colour_accuracy_before']:.1%}); per colour: "
-              + ", ".join(f"{c} {v:.0%}" for c, v in summary["colour_accuracy_per_colour"].items()))
-    save_pipeline(run.m, out)
+        after = run.measured or toy_measures(run.m, run.prompts, cfg)  # (measured with the last grid, if any)
+        summary.update(after, detail_kept=after["detail"] / summary.get("detail_before", float("nan")))
+        print(f"colour accuracy on held-out seeds: {summary['colour_accuracy_before']:.1%} before, "
+              f"{summary['colour_accuracy']:.1%} after (chance: 1 in {len(COLOURS)}); per colour: "
+              + ", ".join(f"{c} {v:.0%}" for c, v in summary["colour_accuracy_per_colour"].items())
+              + f"; detail (which the colour reward ignores) {summary['detail_before']:.3f} before, "
+              f"{summary['detail']:.3f} after ({summary['detail_kept']:.0%} kept)")
+    save_pipeline(run.m, cfg)
     write_atomic(run.summary_path, json.dumps(summary, indent=2))
     lora = f", LoRA adapters in {out}/lora" if getattr(run.m.unet, "peft_config", None) else ""
-    print(f"done: progress grids in {out}/samples, diffusers pipeline in {out}/pipeline{lora}, checkpoints in "
-          f"{out}/checkpoints, log in {out}/log.jsonl, summary in {out}/summary.json")
+    print(f"done: progress grids in {out}/samples, curves in {out}/curves.png, diffusers pipeline in {out}/pipeline"
+          f"{lora}, checkpoints in {out}/checkpoints, log in {out}/log.jsonl, summary in {out}/summary.json")
 
 
 def peak_memory_gb(device):

@@ -651,6 +651,19 @@ def test_normalization_gives_each_reward_unit_per_sample_norm_before_weighting(t
     assert_fp32_close(g_both, 2 * g_one)
 
 
+def test_the_two_toy_rewards_differ_in_raw_gradient_scale_by_two_orders_of_magnitude(tiny):
+    """The premise of the normalization's ablation (README: the paper's claims in miniature): bright's raw image
+    gradient is >= 100x color's, as real rewards differ in scale; normalized, both pull with norm w."""
+    prompts = ["a red fox", "a blue car", "a green tree", "a white horse"]
+    pixels = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 0.5 + 0.25
+    _, g_colour = r0.reward_gradient(r0.ColourReward(), pixels, prompts, None)
+    _, g_bright = r0.reward_gradient(r0.BrightnessReward(), pixels, prompts, None)
+    ratio = g_bright.flatten(1).norm(dim=1) / g_colour.flatten(1).norm(dim=1)
+    assert (ratio > 100).all(), ratio
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # and it is brightness: d r / d pixel = 255 luma / HW
+    assert_fp32_close(g_bright, (255 * luma / 64**2).expand_as(g_bright))
+
+
 def test_rebuilt_tokenizer_is_sd15s_and_matches_open_clip():
     from open_clip.tokenizer import SimpleTokenizer
     tok = r0.sd15_tokenizer_offline()
@@ -781,15 +794,17 @@ def perturbed(m, scale=0.01, seed=0):
     return r0.trainable_parameters(m.unet)
 
 
-@pytest.mark.parametrize("lora_rank", [4, 0])
-def test_surrogate_gradient_equals_the_direct_per_sample_per_reward_computation(tmp_path, lora_rank):
+@pytest.mark.parametrize("lora_rank, switch", [(4, None), (0, None), (4, "--no-normalize"), (4, "--no-random-eta")])
+def test_surrogate_gradient_equals_the_direct_per_sample_per_reward_computation(tmp_path, lora_rank, switch):
     """r0_step's one backward of the surrogate gives, for the generator's trainable weights theta,
         -(1/B) sum_i sum_r w_r grad_theta r(x_i) / ||grad_x r(x_i)||  +  lambda grad_theta ||theta - theta_0||^2.
     Computed here directly: plain autograd through generate -> decode -> reward, one sample and one reward at a
     time, with the same noise and random eta (replayed from the same generator). The latent-space term (cfg's) is
-    checked the same way, with a latent reward of known direction d:  -(1/B) sum_i w d_i/||d_i|| . dx0_hat_i/dtheta."""
+    checked the same way, with a latent reward of known direction d:  -(1/B) sum_i w d_i/||d_i|| . dx0_hat_i/dtheta.
+    The ablation switches change exactly one thing: --no-normalize drops the 1/||.|| (raw gradients), and
+    --no-random-eta samples with eta = 0 (the same noise draws, multiplied by sigma = 0)."""
     cfg = tiny_cfg(tmp_path, "--lora-rank", str(lora_rank), "--precision", "fp32", "--rewards", "color=1.0,hps=0.5",
-                   "--weight-reg", "0.3")
+                   "--weight-reg", "0.3", *([switch] if switch else []))
     m = r0.load_models(cfg)
     params = perturbed(m)
     prompts, B, w_latent, seed = ["a red fox", "a blue car"], 2, 0.7, 3
@@ -804,9 +819,12 @@ def test_surrogate_gradient_equals_the_direct_per_sample_per_reward_computation(
     replay = torch.Generator().manual_seed(seed)  # r0_step's draws: the initial noise, then generate()'s eta and noise
     emb = r0.encode_prompts(m.tokenizer, m.text_encoder, prompts)
     noise = torch.randn((B, 4, 8, 8), generator=replay)
-    x0 = r0.generate(m.unet, noise, emb, cfg.steps, m.alphas_cumprod, random_eta=True, generator=replay)
+    x0 = r0.generate(m.unet, noise, emb, cfg.steps, m.alphas_cumprod, random_eta=switch != "--no-random-eta",
+                     generator=replay)
     pixels = r0.decode(m.vae, x0)
+    assert stats["detail"] == pytest.approx(pixels.std(dim=(2, 3)).mean().item(), rel=1e-5)  # the hacking gauge
     expected = [cfg.weight_reg * g for g in torch.autograd.grad(reg, params)]
+    norm = (lambda g: 1.0) if switch == "--no-normalize" else (lambda g: g.norm())
 
     def add(scale, grads):
         for e, g in zip(expected, grads):
@@ -816,9 +834,9 @@ def test_surrogate_gradient_equals_the_direct_per_sample_per_reward_computation(
         scores = m.rewards[name](pixels, prompts, emb)  # (B,)
         for i in range(B):
             (dx,) = torch.autograd.grad(scores[i], pixels, retain_graph=True)  # d r(x_i) / d x: zero but for sample i
-            add(-m.reward_weights[name] / (B * dx[i].norm()), torch.autograd.grad(scores[i], params, retain_graph=True))
+            add(-m.reward_weights[name] / (B * norm(dx[i])), torch.autograd.grad(scores[i], params, retain_graph=True))
     for i in range(B):
-        add(-w_latent / B, torch.autograd.grad(x0[i], params, grad_outputs=d[i] / d[i].norm(), retain_graph=True))
+        add(-w_latent / B, torch.autograd.grad(x0[i], params, grad_outputs=d[i] / norm(d[i]), retain_graph=True))
     for g, e in zip(got, expected):
         assert_fp32_close(g, e)
 
@@ -935,11 +953,20 @@ def test_tiny_training_raises_the_colour_reward(tmp_path, device, precision):
     assert after > before + 0.02, (before, after)
     log = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 25))
-    assert {"loss", "color", "reg", "grad_norm", "lr", "seconds", "peak_mem_gb"} <= set(log[0])
+    assert {"loss", "color", "reg", "detail", "grad_norm", "lr", "seconds", "peak_mem_gb"} <= set(log[0])
     assert all(np.isfinite(r["color"]) and np.isfinite(r["grad_norm"]) for r in log)
     samples = sorted(os.listdir(tmp_path / "run" / "samples"))
     assert samples == ["step_000000.png", "step_000012.png", "step_000024.png"]
     assert json.load(open(tmp_path / "run" / "config.json"))["max_steps"] == 24
+    # the toy's held-out measures: with every progress grid in its step's line, before and after in summary.json
+    assert [r["step"] for r in log if "colour_accuracy" in r] == [12, 24] and "heldout_detail" in log[-1]
+    summary = json.load(open(tmp_path / "run" / "summary.json"))
+    assert summary["colour_accuracy"] == log[-1]["colour_accuracy"] and summary["detail"] == log[-1]["heldout_detail"]
+    assert summary["detail_kept"] == pytest.approx(summary["detail"] / summary["detail_before"])
+    assert set(summary["colour_accuracy_per_colour"]) == set(summary["colour_accuracy_per_colour_before"]) == {
+        r0.colour_of(p) for p in prompts if r0.colour_of(p)}
+    from PIL import Image  # every run's curves, refreshed with each grid: one panel per curve
+    assert Image.open(tmp_path / "run" / "curves.png").size[0] == 5 * int(3.2 * 80)  # color, reg, detail, 2 held-out
 
 
 @pytest.fixture(scope="module")
@@ -1022,6 +1049,10 @@ def test_sample_py_equals_diffusers_pipeline_of_the_run(tiny_run, tmp_path):
     assert_fp32_close(ours, ref)
 
 
+# a grid row: a 64 px image upscaled to 128 px, and under it its prompt wrapped onto (here) 3 lines of 11 px
+CAPTIONED_ROW = 128 + 2 + 11 * 3
+
+
 def test_sample_py_compare_base_and_score_writes_images_grid_and_table(tiny_run, tmp_path, capsys):
     import sample
     run, _ = tiny_run
@@ -1037,7 +1068,7 @@ def test_sample_py_compare_base_and_score_writes_images_grid_and_table(tiny_run,
     files = sorted(os.listdir(out))
     assert "grid.png" in files and len([f for f in files if f.endswith("seed0.png")]) == 4 * 3
     from PIL import Image
-    assert Image.open(out / "grid.png").size[1] == 4 * (128 + 14)  # 4 rows of upscaled 64px images + captions
+    assert Image.open(out / "grid.png").size[1] == 4 * CAPTIONED_ROW  # 4 rows: upscaled 64 px images + captions
     assert "R0 4-step" in capsys.readouterr().out
 
 
@@ -1122,10 +1153,10 @@ def test_sample_py_grid_wraps_and_caps_so_it_stays_viewable(tmp_path, capsys):
     # the bound: 8 columns of (upscaled) 128 px images plus the label column; 2 samplers x 2 lines of image + caption
     label_w = 6 * len("R0 1-step") + 8  # r0.save_grid's label column for the longest label
     grid = Image.open(out / "grid.png")
-    assert grid.size == (label_w + 8 * 128, 2 * 2 * (128 + 14))
+    assert grid.size == (label_w + 8 * 128, 2 * 2 * CAPTIONED_ROW)
     # the R0 2-step block starts on line 2 (after the 1-step block's 2 lines), its first cell image 0 of that row
     first = Image.open(out / "R0_2-step_000_seed0.png").convert("RGB").resize((128, 128), Image.NEAREST)
-    cell = grid.crop((label_w, 2 * (128 + 14), label_w + 128, 2 * (128 + 14) + 128))
+    cell = grid.crop((label_w, 2 * CAPTIONED_ROW, label_w + 128, 2 * CAPTIONED_ROW + 128))
     assert np.array_equal(np.asarray(cell), np.asarray(first))
 
 
@@ -1426,7 +1457,7 @@ def one_thread_part(out, flags, torchrun):
         optimizer.zero_grad(set_to_none=True)
 
     def check(step):
-        ckpt = torch.load(out / "checkpoints" / f"step_{step:06d}.pt", weights_only=False)
+        ckpt = torch.load(out / "checkpoints" / f"step_{step:06d}.pt", weights_only=True)
         for name, p in zip(names, params):
             assert torch.equal(ckpt["trainable"][name], p.detach()), name  # bitwise
         ranks = ckpt["ranks"]
@@ -1437,8 +1468,8 @@ def one_thread_part(out, flags, torchrun):
     union_step()
     assert not all(torch.equal(a, p) for a, p in zip(before, params))  # the step moved the weights
     check(1)
-    assert sorted(os.listdir(out)) == sorted(["checkpoints", "config.json", "log.jsonl", "lora", "pipeline", "samples",
-                                              "summary.json"])  # rank 0's files, once
+    assert sorted(os.listdir(out)) == sorted(["checkpoints", "config.json", "curves.png", "log.jsonl", "lora", "pipeline",
+                                              "samples", "summary.json"])  # rank 0's files, once
     with pytest.raises(r0.UserError, match="trained by 2 processes and this is 1"):
         r0.train(r0.resolve_config(r0.build_parser().parse_args(["--resume", str(out), "--max-steps", "2"])))
     torchrun("--resume", str(out), "--max-steps", "2")
@@ -1457,8 +1488,8 @@ def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
     resumed = r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path / "b"), "--max-steps", "4"]))
     assert resumed.tiny and resumed.batch_size == 2 and resumed.max_steps == 4  # the saved config, plus the change
     r0.train(resumed)
-    a = torch.load(tmp_path / "a" / "checkpoints" / "step_000004.pt", weights_only=False)
-    b = torch.load(tmp_path / "b" / "checkpoints" / "step_000004.pt", weights_only=False)
+    a = torch.load(tmp_path / "a" / "checkpoints" / "step_000004.pt", weights_only=True)
+    b = torch.load(tmp_path / "b" / "checkpoints" / "step_000004.pt", weights_only=True)
     assert {"step", "trainable", "optimizer", "ranks", "config", "prompts_sha256"} <= set(a) and len(a["ranks"]) == 1
     assert {"generator", "torch_rng", "cuda_rng", "python_rng", "order", "weights_sum"} <= set(a["ranks"][0])
     assert a["trainable"].keys() == b["trainable"].keys()
@@ -1604,7 +1635,7 @@ def test_non_finite_values_skip_the_update_and_stop_after_max_bad_steps(tmp_path
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
     assert [r["step"] for r in log] == [1, 2, 3, 4] and ["skipped" in r for r in log] == [False, False, True, True]
     assert sorted(os.listdir(tmp_path / "checkpoints"))[-1] == "step_000002.pt"  # the last good one, kept
-    good = torch.load(tmp_path / "checkpoints" / "step_000002.pt", weights_only=False)["trainable"]
+    good = torch.load(tmp_path / "checkpoints" / "step_000002.pt", weights_only=True)["trainable"]
     weights = dict(captured["m"].unet.named_parameters())
     assert all(torch.equal(weights[k].detach(), v) for k, v in good.items())  # two NaN steps changed nothing
 
@@ -1707,7 +1738,7 @@ def test_out_of_gpu_memory_on_the_first_step_halves_the_micro_batch_and_keeps_th
     assert (saved["batch_size"], saved["grad_accum"]) == (2, 4)  # what a --resume continues with
     monkeypatch.setattr(r0, "r0_step", real_step)
     r0.train(run_cfg(tmp_path / "b", "--batch-size", "2", "--grad-accum", "4", "--max-steps", "2"))
-    a, b = (torch.load(tmp_path / d / "checkpoints" / "step_000002.pt", weights_only=False) for d in "ab")
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "step_000002.pt", weights_only=True) for d in "ab")
     assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in b["trainable"])
 
     def no_gpu_memory(m, prompts, cfg, generator):

@@ -23,7 +23,7 @@ HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # (what the bug does to training, the text in r0.py, its replacement)
 MUTANTS = [
-    ("random eta off in r0_step", "m.alphas_cumprod, random_eta=True, generator=generator,",
+    ("random eta off in r0_step", "m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,",
      "m.alphas_cumprod, random_eta=False, generator=generator,"),
     ("weight regularizer left out of the loss", "loss = surrogate + cfg.weight_reg * reg", "loss = surrogate"),
     ("R0+ without the graph cut", "last_step, grad_from_step = k, k", "last_step, grad_from_step = k, 0"),
@@ -39,10 +39,9 @@ MUTANTS = [
      "eta_i = torch.rand(1, generator=generator, device=x.device).expand(B).reshape(B, 1, 1, 1)"),
     ("gradient normalized per batch, not per sample", "norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))",
      "norm = g.norm()"),
-    ("reward weights ignored", "grads[reward.space] += weights[name] * normalize_per_sample(grad.float())",
-     "grads[reward.space] += normalize_per_sample(grad.float())"),
-    ("reward gradients not normalized", "grads[reward.space] += weights[name] * normalize_per_sample(grad.float())",
-     "grads[reward.space] += weights[name] * grad.float()"),
+    ("reward weights ignored", "grads[reward.space] += weights[name] * grad", "grads[reward.space] += grad"),
+    ("reward gradients not normalized", "grad = normalize_per_sample(grad.float()) if normalize else grad.float()",
+     "grad = grad.float()"),
     ("surrogate sign flipped (reward minimized)", "surrogate = -((g_pix * pixels).sum()", "surrogate = ((g_pix * pixels).sum()"),
     ("surrogate not divided by the batch size", "(g_lat * x0_hat).sum()) / B", "(g_lat * x0_hat).sum())"),
     ("cfg reward direction flipped", "return gap, eps_u - eps_c", "return gap, eps_c - eps_u"),
