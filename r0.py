@@ -18,7 +18,8 @@ What is followed is not the gradient of this L: each reward's image gradient g_i
 sample before the weighted sum (paper Fig. 8). The trainable parameters phi (with LoRA, the default: the adapters'
 A and B, theta = theta_0 + scaling * B @ A; with full fine-tuning: theta itself) move along
     E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dphi ]  -  lambda d||theta - theta_0||^2 / dphi
-(then gradient clipping and AdamW). No fixed objective of theta has this gradient; each step, r0_step builds a *surrogate*,
+(then gradient clipping and AdamW). No fixed objective of theta has this gradient; at each step, r0_step builds a
+*surrogate*,
     -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
 (g_pix: the image rewards' composed gradient at the pixels x; g_lat: the cfg reward's, at the latents x0_hat), whose
 negative gradient is exactly this direction and whose value means nothing: watch the logged rewards. No training
@@ -300,8 +301,8 @@ def make_base_eps(unet, frozen_unet):
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only, not the generator
 #   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   reward i pulls each sample with strength w_i (0 if g_i = 0)
 #   surrogate = - sum(stopgrad(g) * x) / B               d surrogate / d theta = - g . dx/dtheta / B
-# our reading: the norm is taken per sample (each reward's term has norm w_i in each image), not over the batch, so one image
-# with a huge gradient cannot drown the others. The image rewards are normalized in pixel space and cfg in latent
+# our reading: the norm is taken per sample (each reward's term has norm w_i in each image), not over the batch, so
+# one image with a huge gradient cannot drown the others. The image rewards are normalized in pixel space and cfg in latent
 # space (where its gradient lives): each has norm w_i in its own space, so cfg=1,hps=1 is not an equal pull on
 # theta; set the weights with that in mind (the decoder's Jacobian scales the pixel-space term).
 
@@ -464,7 +465,7 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 # One optimizer step, in call order (optimizer_step, Plumbing; a run's first step is first_step, the same with a
 # retry at half the micro-batch if the GPU runs out of memory):
 #    for each of --grad-accum micro-batches:  prompts = next B prompts  ->  loss = r0_step(prompts): encode_prompts
-#        -> generate -> decode -> composed_reward_gradients -> surrogate + lambda reg  ->  (loss / grad_accum).backward()
+#       -> generate -> decode -> composed_reward_gradients -> surrogate + lambda reg  ->  (loss / grad_accum).backward()
 #    -> clip the gradient to global norm 1.0 (our choice)  ->  AdamW step (make_optimizer)  ->  zero the gradients
 # (A micro-batch whose loss or rewards are not finite is not backpropagated and the update is skipped, as it is when
 # the gradient is not finite; with several GPUs the gradients are averaged over them before clipping: Plumbing.)
@@ -553,8 +554,7 @@ OPTIONS = dict(
     seed=(0, "seed of prompts, noise, eta and LoRA init"),
     # --- system --- our choice: fp32 on CPUs, which without bf16 units emulate it, slowly
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
-    precision=("auto", "bf16 (autocast; fp32 trainable weights, bf16 frozen models) or fp32; auto = bf16 on GPU, "
-                       "fp32 on CPU"),
+    precision=("auto", "bf16 (autocast, fp32 trainable weights) or fp32; auto: bf16 on a GPU that has it, else fp32"),
     grad_checkpointing=(True, "recompute activations in backward: UNet, VAE decoder, reward towers"),
     # --- logging and long runs ---
     sample_every=(100, "a PNG grid of fixed prompts at fixed seeds every N steps (and at step 0)"),
@@ -725,11 +725,9 @@ def sequence_first(transformer):
     view; with gradient flowing to the image but not into the frozen weights, matmul cannot fold that view into one
     matrix product and runs the input projection as L=257 small ones. test_r0.py checks that scores and image
     gradients agree with open_clip's own layout, and that the slow batched product is gone."""
-    blocks = getattr(transformer, "resblocks", [])
-    if getattr(transformer, "batch_first", False) and all(isinstance(getattr(b, "attn", None),
-                                                              torch.nn.MultiheadAttention) for b in blocks):
+    if all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in transformer.resblocks):  # (open_clip's default)
         transformer.batch_first = False  # open_clip's Transformer then transposes (B,L,D) <-> (L,B,D) around blocks
-        for b in blocks:
+        for b in transformer.resblocks:
             b.attn.batch_first = False
 
 
@@ -981,26 +979,27 @@ def _build_tiny_sd15(seed):
         text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg, bos_token_id=49406, eos_token_id=49407,
                                                     pad_token_id=49407))
         tokenizer = sd15_tokenizer_offline()
-        # our choice: miniature pretrainings, so the toy starts where R0 starts (see below)
-        pretrain_tiny_decoder(vae, seed)
-        prompts = ["a photo", "a red fox", "a blue car", "a green tree"]
-        pretrain_tiny_denoiser(unet, encode_prompts(tokenizer, text_encoder, prompts), seed)
+        prompts = ["a photo", "a red fox", "a blue car", "a green tree"]  # the denoiser's conditions (ignored)
+        pretrain_tiny(vae, unet, encode_prompts(tokenizer, text_encoder, prompts), seed)  # our choice: see there
     return tokenizer, text_encoder, vae, unet
 
 
-def pretrain_tiny_decoder(vae, seed, steps=400, batch=8, lr=1e-2):
-    """Our choice, for the tiny models only: teach the tiny VAE decoder SD1.5's colour behaviour (latent channel
-    means map almost linearly to RGB) over the whole colour cube. A random decoder paints mid-gray whatever the
-    latent (its GroupNorms standardize global shifts away), which would leave the colour reward nothing to learn
-    from; one taught only on colours near gray cannot make yellow, green or purple at all (README: the toy)."""
-    g = torch.Generator().manual_seed(seed)
+def pretrain_tiny(vae, unet, text_emb, seed):
+    """Our choice, for the tiny models only: miniature pretrainings, so that the toy starts where R0 starts.
+    The VAE decoder learns SD1.5's colour behaviour (latent channel means map almost linearly to RGB) over the whole
+    colour cube: a random decoder paints mid-gray whatever the latent (its GroupNorms standardize global shifts away),
+    and one taught only on colours near gray cannot make yellow, green or purple at all (README: the toy).
+    The UNet learns to denoise: R0 fine-tunes a *pretrained* UNet; a random one predicts an eps unrelated to x_t, so
+    the first step's x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns any text
+    signal. A few dozen steps of the DDPM loss ||eps_theta(x_t, t, c) - eps||^2 on toy latents fix that; those ignore
+    the text, so colour conditioning must still be learned from the reward alone. Deterministic."""
     # SD1.5's approximate linear map from (scaled) latent channels (rows) to R, G, B in [-1,1] (columns), the one
     # latent-preview tools use: its VAE is close to linear in colour
     latent_rgb = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
                                [-0.2120, -0.2616, -0.7177]])  # (4,3)
-    h = vae.config.sample_size // 8
+    alphas_cumprod, h, g = sd15_alphas_cumprod(), unet.config.sample_size, torch.Generator()
 
-    def loss():
+    def decoder_loss(batch=8):
         # toy latents: textures, plus a per-image global shift (what sets an image's colour) drawn so that its colour
         # is uniform over the RGB cube: a random RGB mapped back to latents through latent_rgb's pseudo-inverse
         rgb = torch.rand((batch, 3), generator=g) * 2 - 1  # (B,3) in [-1,1]
@@ -1008,27 +1007,18 @@ def pretrain_tiny_decoder(vae, seed, steps=400, batch=8, lr=1e-2):
         target = torch.einsum("bchw,cd->bdhw", z, latent_rgb).clamp(-1, 1)  # (B,3,h,w) in [-1,1]
         target = F.interpolate(target, scale_factor=8, mode="bilinear")  # (B,3,8h,8w)
         return F.mse_loss(vae.decode(z / vae.config.scaling_factor).sample, target)
-    fit([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], loss, steps, lr)
 
-
-def pretrain_tiny_denoiser(unet, text_emb, seed, steps=60, batch=16, lr=3e-3):
-    """Our choice, for the tiny models only: a miniature 'SD pretraining', so that the toy starts where R0 starts:
-    from a denoiser. R0 fine-tunes a *pretrained* UNet; a random one predicts an eps unrelated to x_t, so the first
-    step's x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns any text signal.
-    A few dozen steps of the standard DDPM loss ||eps_theta(x_t, t, c) - eps||^2 on toy latents fix that. The toy
-    data ignore the text, so colour conditioning must still be learned from the reward alone. Deterministic."""
-    g = torch.Generator().manual_seed(seed)
-    alphas_cumprod = sd15_alphas_cumprod()
-    h = unet.config.sample_size
-
-    def loss():
+    def denoiser_loss(batch=16):
         z0, eps = torch.randn((2, batch, 4, h, h), generator=g)  # toy data z0 ~ N(0, I): random colour textures
         t = torch.randint(0, NUM_TRAIN_TIMESTEPS, (batch,), generator=g)
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         x_t = a.sqrt() * z0 + (1 - a).sqrt() * eps  # forward diffusion of the toy data
         c = text_emb[torch.randint(0, len(text_emb), (batch,), generator=g)]
         return F.mse_loss(unet(x_t, t, encoder_hidden_states=c).sample, eps)
-    fit(list(unet.parameters()), loss, steps, lr)
+    g.manual_seed(seed)
+    fit([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], decoder_loss, steps=400, lr=1e-2)
+    g.manual_seed(seed)
+    fit(list(unet.parameters()), denoiser_loss, steps=60, lr=3e-3)
 
 
 def fit(params, loss, steps, lr):
@@ -1608,8 +1598,7 @@ def first_step(m, optimizer, params, order, cfg, generator):
 
 
 def check_writable(path, flag):
-    """Fail before minutes of loading if `path` (a folder to be made) cannot be written, without creating anything:
-    its nearest existing parent must be a writable folder."""
+    """Fail before minutes of loading, creating nothing, if path's nearest existing parent is not a writable folder."""
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)

@@ -125,9 +125,10 @@ def as_models(parts, device, dtype):
     r0.check_sd15_shaped(text_encoder, vae, unet, scheduler_config)  # the same refusal as training
     for module in (text_encoder, vae, unet):  # inference only: no gradients, bf16 on a GPU
         r0.cast(module.requires_grad_(False).eval(), device, dtype)
+    alphas_cumprod = r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
     return r0.Models(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae, unet=unet, frozen_unet=None,
-                     scheduler_config=scheduler_config, rewards={}, reward_weights={}, device=device,
-                     alphas_cumprod=r0.sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"]))
+                     scheduler_config=scheduler_config, alphas_cumprod=alphas_cumprod, rewards={}, reward_weights={},
+                     device=device)
 
 
 def load_models(args, device, dtype, run=None):
@@ -374,7 +375,7 @@ def sample_rows(args, job, m, base, run_cfg, device, dtype):
         rows.append((f"base {BASE_STEPS}-step CFG {BASE_GUIDANCE}", 2 * BASE_STEPS, images, secs / len(seeds)))
     for k in steps_list:
         def few_step():
-            return r0.sample_images(m, prompts, seeds, k, resolution, precision, eta=args.eta, batch_size=args.batch_size)
+            return r0.sample_images(m, prompts, seeds, k, resolution, precision, args.eta, args.batch_size)
         r0.sample_images(m, prompts[:1], seeds[:1], k, resolution, precision, eta=args.eta)
         images, secs = timed(few_step, device)
         rows.append((f"R0 {k}-step", k, images, secs / len(seeds)))
