@@ -242,7 +242,7 @@ def imagereward_score(model, pixels, input_ids, attention_mask):
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         h = model.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
                        encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
-    raw = model.mlp(h.float()).squeeze(-1)  # (B,) the head in fp32, as ImageReward (.float() on this feature)
+        raw = model.mlp(h.float()).squeeze(-1)  # (B,) the head in fp32, as ImageReward (.float() on this feature)
     return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
@@ -255,7 +255,7 @@ class ImplicitCfgReward:
         d log p(c | x_t) / d x0_hat = sqrt(a_t) / sqrt(1 - a_t) * (eps_u - eps_c).
     (The score of a noised sample is -eps / sqrt(1 - a_t), conditional or not.) our choice: drop the factor
     sqrt(a_t / (1 - a_t)): any positive per-sample factor cancels completely in the per-sample normalization of the
-    reward composition, so only the distribution of t matters, t ~ U{20..980}; the unconditional c is the empty
+    reward composition (not under --no-normalize), so only the distribution of t matters, t ~ U{20..980}; the unconditional c is the empty
     prompt, as in SD1.5's own guidance. The reward has no cheap value: we log the guidance gap ||eps_c - eps_u||^2
     per element instead, as 'cfg_gap' (a diagnostic, not a reward value)."""
 
@@ -526,7 +526,7 @@ def make_optimizer(params, cfg):
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (the paper's Table 1 fine-tunes Realistic Vision, an SD1.5 fine-tune)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny random-weight SD1.5-shaped models built in code: offline, CPU (the demo)"),
+    tiny=(False, "tiny SD1.5-shaped models built in code (a miniature pretraining): offline, CPU (the demo)"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     # --- generator (paper 3.2, 4) ---
@@ -657,6 +657,12 @@ def parse_rewards(spec):
     return weights
 
 
+def native_bf16(device):
+    """Whether `device` is a GPU that computes bf16 natively (Ampere and newer): then bf16, else fp32 (CPUs and older
+    GPUs only emulate it, slowly)."""
+    return str(device).startswith("cuda") and torch.cuda.is_bf16_supported(False)
+
+
 def autocast(device, precision):
     """bf16 autocast on GPU *and* CPU (so the tests exercise the GPU's precision path), or nothing for fp32. It is
     there for the UNet, whose trainable weights are fp32 (LoRA adapters, or all of them) and compute in bf16."""
@@ -742,9 +748,7 @@ class ImageRewardReward(torch.nn.Module):
         from transformers import BlipTextModel, BlipVisionModel
         self.vision = BlipVisionModel(vision_config)  # BLIP's ViT
         self.text = BlipTextModel(text_config, add_pooling_layer=False)  # BLIP's BERT with cross-attention
-        L, drop = torch.nn.Linear, torch.nn.Dropout  # dropouts kept only so that indices match the checkpoint
-        self.mlp = torch.nn.Sequential(L(text_config.hidden_size, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64),
-                                       drop(0.1), L(64, 16), L(16, 1))
+        self.mlp = preference_head(text_config.hidden_size)
         self.tokenizer, self._tokens = tokenizer, {}  # prompt -> (input_ids, attention_mask)
         self.requires_grad_(False).eval()  # frozen: gradients flow through it to the image, never into it
 
@@ -761,6 +765,14 @@ class ImageRewardReward(torch.nn.Module):
 
     def enable_gradient_checkpointing(self):
         checkpoint_transformers_layers(self)
+
+
+def preference_head(dim):
+    """ImageReward's MLP, and the LAION aesthetic predictor's (sample.py): dim -> 1024 -> 128 -> 64 -> 16 -> 1 with no
+    activations; the dropouts (off in eval mode) are kept only so that the indices match their checkpoints."""
+    L, drop = torch.nn.Linear, torch.nn.Dropout
+    return torch.nn.Sequential(L(dim, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64), drop(0.1), L(64, 16),
+                               L(16, 1))
 
 
 def checkpoint_transformers_layers(model):
@@ -895,9 +907,10 @@ def load_tensors(path, what):
     someone hands you, is refused instead of executed. One sentence on failure."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{path} is not a plain {what}: it holds Python objects that could run code when loaded, so "
-                        "it was refused unread; use a file from a source you trust (weights: download them again).")
+    except pickle.UnpicklingError as err:  # torch names the object it refused: "... GLOBAL posix.system ..."
+        refused = next(iter(re.findall(r"GLOBAL ([\w.]+)", str(err))), "an object")
+        raise UserError(f"{path} is not a plain {what}: it holds {refused}, and a Python object could run code when "
+                        "loaded, so it was refused unread; use a file from a source you trust.")
     except (RuntimeError, EOFError) as err:  # truncated or not a torch file at all
         raise UserError(f"{path} is not a readable {what} ({str(err).splitlines()[0][:100]}); use an intact copy "
                         "(weights: download them again).")
@@ -911,8 +924,8 @@ def hub_file(name, download):
     def path(local):
         cached = [path for path in (in_cache(repo, f) for f in files) if path]
         return cached[0] if cached else hf_hub_download(repo, files[0], local_files_only=local)
-    return from_hub(path, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), drop {name} from "
-                    "--rewards, or run offline with --tiny.")
+    return from_hub(path, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), leave {name} out "
+                    "(of --rewards, or sample.py's --score-with), or run offline with --tiny.")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -992,7 +1005,8 @@ def pretrain_tiny(vae, unet, text_emb, seed):
     The UNet learns to denoise: R0 fine-tunes a *pretrained* UNet; a random one predicts an eps unrelated to x_t, so
     the first step's x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns any text
     signal. A few dozen steps of the DDPM loss ||eps_theta(x_t, t, c) - eps||^2 on toy latents fix that; those ignore
-    the text, so colour conditioning must still be learned from the reward alone. Deterministic."""
+    the text, so colour conditioning must still be learned from the reward alone. Deterministic on a given machine
+    and thread count (the order of floating-point sums changes with them, and a few hundred steps amplify it)."""
     # SD1.5's approximate linear map from (scaled) latent channels (rows) to R, G, B in [-1,1] (columns), the one
     # latent-preview tools use: its VAE is close to linear in colour
     latent_rgb = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
@@ -1191,8 +1205,10 @@ def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batc
     (a run's progress grids). The results stay on the device until the end: no host sync per batch."""
     noise = torch.stack([initial_noise(s, resolution, "cpu") for s in seeds]).to(m.device)  # (N,4,h,w), one copy
     fp32_unet = precision == "bf16" and any(p.dtype == torch.float32 for p in m.unet.parameters())
-    batch_size = batch_size if eta == 0 else 1  # eta > 0: each image draws its noise from its own seed, so that it
-    images = []                                 # does not depend on the batch it lands in
+    # eta > 0: each image draws its step noise from its own seed, so that it does not depend on the batch it lands in
+    # (drawn on the device: a seed's image with eta > 0 differs between a CPU and a GPU)
+    batch_size = batch_size if eta == 0 else 1
+    images = []
     for i in range(0, len(prompts), batch_size):
         gen = torch.Generator(m.device).manual_seed(seeds[i])  # the eta>0 draws; unused at eta=0
         text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts[i : i + batch_size])
@@ -1236,10 +1252,11 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
 
 @torch.no_grad()
 def toy_measures(m, prompts, cfg, seeds=range(1000, 1004)):
-    """The toy's held-out measures, on every prompt that names a colour, at seeds that training draws and progress
-    grids never use: colour_accuracy, the share of images whose dominant colour is the prompt's colour word (chance:
-    1 in 11), that share per colour, and detail, the images' mean spatial standard deviation (what the colour reward
-    ignores: a generator that paints flat colour fields hacks it, and its detail falls)."""
+    """The toy's held-out measures, on every prompt that names a colour, at fixed seeds 1000-1003 (the grids use
+    seeds 0, 1, ...; training draws its noise from the run's own stream): colour_accuracy, the share of images whose
+    dominant colour is the prompt's colour word (chance: 1 in 11), that share per colour, and detail, the images' mean
+    spatial standard deviation. our choice: detail as the gauge of hacking, since the colour reward ignores it (a
+    generator that paints flat colour fields hacks it, and its detail falls)."""
     pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]  # every colour prompt x every seed
     if not pairs:
         return {}
@@ -1261,11 +1278,10 @@ def write_curves(out_dir):
     summary_path = os.path.join(out_dir, "summary.json")
     before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     if "colour_accuracy_before" in before:  # the held-out measures of the base model, at step 0
-        log.insert(0, {"step": 0, "colour_accuracy": before["colour_accuracy_before"],
-                       "heldout_detail": before["detail_before"]})
+        log.insert(0, {"step": 0, "colour_accuracy": before["colour_accuracy_before"], "detail_kept": 1.0})
     keys = [k for k in log[-1] if k not in ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb",
-                                            "skipped", "heldout_detail", "colour_accuracy")]
-    keys += [k for k in ("colour_accuracy", "heldout_detail") if any(k in r for r in log)]
+                                            "skipped", "detail_kept", "colour_accuracy")]
+    keys += [k for k in ("colour_accuracy", "detail_kept") if any(k in r for r in log)]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in log if key in r]
@@ -1422,9 +1438,9 @@ def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
                         "with the same prompt file, or start a new run.")
     trained_by = len(state["ranks"])  # each process continues its own random streams: the count cannot change
     if trained_by != world_size():
-        launcher = f"torchrun --nproc_per_node {trained_by}" if trained_by > 1 else "python"
         raise UserError(f"{cfg.output_dir} was trained by {trained_by} process{'es' if trained_by > 1 else ''} and "
-                        f"this is {world_size()}; resume it with the same number ({launcher} r0.py --resume ...).")
+                        f"this is {world_size()}; resume it with the same number ({launcher(trained_by)} r0.py "
+                        "--resume ...).")
     params = dict(m.unet.named_parameters())
     for name, value in state["trainable"].items():  # only the trainable tensors were saved (LoRA: a few MB)
         params[name].data.copy_(value)
@@ -1432,7 +1448,7 @@ def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
     mine = state["ranks"][rank()]
     generator.set_state(mine["generator"])
     torch.set_rng_state(mine["torch_rng"])
-    if mine["cuda_rng"] is not None and cfg.device.startswith("cuda"):  # (resolve_config refused a cpu <-> cuda move)
+    if isinstance(mine["cuda_rng"], torch.Tensor) and cfg.device.startswith("cuda"):  # (no cpu <-> cuda: resolve_config)
         torch.cuda.set_rng_state(mine["cuda_rng"], cfg.device)
     random.setstate(mine["python_rng"])
     order.load_state_dict(mine["order"])
@@ -1508,6 +1524,11 @@ def average_gradients_over_ranks(params, finite):
         work.wait()
     torch._foreach_div_([p.grad for p in params], dist.get_world_size())
     return True
+
+
+def launcher(processes):
+    """The command that starts r0.py with this many processes (for the messages that say how to resume)."""
+    return f"torchrun --nproc_per_node {processes}" if processes > 1 else "python"
 
 
 def any_rank(flag, device):
@@ -1675,7 +1696,8 @@ def set_up_run(cfg):
         f"{'es' if processes > 1 else ''} = {cfg.batch_size * cfg.grad_accum * processes} images per step")
     write_config(cfg)
 
-    run.track_colour = "color" in m.reward_weights and run.main  # the toy: held-out measures before, during, after
+    # the toy: held-out measures before, during and after (when some prompt names a colour)
+    run.track_colour = "color" in m.reward_weights and run.main and any(map(colour_of, prompts))
     n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
     fixed_prompts = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
     run.grid = ([p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)],  # (prompts, seeds)
@@ -1732,8 +1754,9 @@ def train(cfg):
             grid_step = (step + 1) % cfg.sample_every == 0 or done
             if grid_step:  # the progress grid, and the toy's held-out measures into this step's line
                 held_out = progress(run, cfg, step + 1)
-                if held_out:
-                    record.update(colour_accuracy=held_out["colour_accuracy"], heldout_detail=held_out["detail"])
+                if held_out:  # detail relative to the base model's at step 0
+                    record.update(colour_accuracy=held_out["colour_accuracy"],
+                                  detail_kept=held_out["detail"] / run.summary.get("detail_before", math.nan))
             log.write(json.dumps(record) + "\n")
             log.flush()  # a crash loses at most the line being written
             if grid_step and run.main:
@@ -1753,9 +1776,8 @@ def train(cfg):
                                                   run.prompts_hash) or last_checkpoint
             if stopping and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
-                launcher = f"torchrun --nproc_per_node {world_size()}" if world_size() > 1 else "python"
                 raise TrainingStopped(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
-                                      f"{launcher} r0.py --resume {out}", exit_code=128 + (stop.signum or 15))
+                                      f"{launcher(world_size())} r0.py --resume {out}", exit_code=128 + (stop.signum or 15))
     if run.main:
         finish_run(run, cfg)
     return run.m
@@ -1766,12 +1788,13 @@ def finish_run(run, cfg):
     out, summary = cfg.output_dir, run.summary
     if run.track_colour:
         after = run.measured or toy_measures(run.m, run.prompts, cfg)  # (measured with the last grid, if any)
-        summary.update(after, detail_kept=after["detail"] / summary.get("detail_before", float("nan")))
-        print(f"colour accuracy on held-out seeds: {summary['colour_accuracy_before']:.1%} before, "
-              f"{summary['colour_accuracy']:.1%} after (chance: 1 in {len(COLOURS)}); per colour: "
-              + ", ".join(f"{c} {v:.0%}" for c, v in summary["colour_accuracy_per_colour"].items())
-              + f"; detail (which the colour reward ignores) {summary['detail_before']:.3f} before, "
-              f"{summary['detail']:.3f} after ({summary['detail_kept']:.0%} kept)")
+        summary.update(after, detail_kept=after["detail"] / summary.get("detail_before", math.nan))
+        before = summary.get("colour_accuracy_per_colour_before", {})
+        print(f"colour accuracy on held-out seeds: {summary.get('colour_accuracy_before', math.nan):.1%} before, "
+              f"{summary['colour_accuracy']:.1%} after (chance: 1 in {len(COLOURS)}); per colour, before -> after: "
+              + ", ".join(f"{c} {before.get(c, math.nan):.0%} -> {v:.0%}"
+                          for c, v in summary["colour_accuracy_per_colour"].items())
+              + f"; detail, which the colour reward ignores: {summary['detail_kept']:.0%} of the base model's kept")
     save_pipeline(run.m, cfg)
     write_atomic(run.summary_path, json.dumps(summary, indent=2))
     lora = f", LoRA adapters in {out}/lora" if getattr(run.m.unet, "peft_config", None) else ""
@@ -1844,7 +1867,7 @@ def resolve_config(args):
                                 "start a new run for that.")
             # the run's own config, plus the harmless flags just typed; it keeps writing into its own folder
             saved = {k: v for k, v in saved.items() if k in OPTIONS}
-            cfg = {**saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
+            cfg = {**DEFAULTS, **saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
             trained_on = saved["device"]
         elif cfg["resume"] != "auto":  # 'auto' without a checkpoint simply starts fresh
             raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir}/checkpoints; pass the --output-dir "
@@ -1858,8 +1881,8 @@ def resolve_config(args):
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {cfg.device} asked for a GPU but PyTorch sees none; use --device cpu.")
     if cfg.precision == "auto":  # bf16 where the GPU computes it natively (Ampere and newer), else fp32
-        cfg.precision = "bf16" if cfg.device.startswith("cuda") and torch.cuda.is_bf16_supported(False) else "fp32"
-        if cfg.device.startswith("cuda") and cfg.precision == "fp32":
+        cfg.precision = "bf16" if native_bf16(cfg.device) else "fp32"
+        if cfg.device.startswith("cuda") and cfg.precision == "fp32" and os.environ.get("RANK", "0") == "0":
             print("note: this GPU has no native bf16 (it is older than Ampere): training in fp32, which needs more "
                   "memory than the README's bf16 table.")
     if trained_on and torch.device(trained_on).type != torch.device(cfg.device).type:

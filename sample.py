@@ -27,27 +27,6 @@ import r0
 # evaluations per step, conditional and unconditional: 50 per image, against R0's K).
 BASE_STEPS, BASE_GUIDANCE = 25, 7.5
 
-# --score's metrics: r0.py's rewards that are metrics (r0.REWARDS: hps, clip, imagereward, and any reward registered
-# there with an `about`), the aesthetic score (evaluation only, below) and the toy's colour accuracy. Default: the
-# paper's Table 1 columns that need no reference dataset.
-AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
-                 "sac+logos+ava1-l14-linearMSE.pth")
-AESTHETIC_PATH = os.path.join(torch.hub.get_dir(), "r0", os.path.basename(AESTHETIC_URL))  # where it is kept
-AESTHETIC = r0.Reward(None, [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
-                              ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))], 1,
-                      f"LAION improved aesthetic predictor ({AESTHETIC_URL}) on OpenAI CLIP ViT-L/14 "
-                      "(timm/vit_large_patch14_clip_224.openai)")
-COLOUR_ACCURACY = r0.Reward(None, about="the toy's colour accuracy (no model)")
-
-
-def metrics():
-    """name -> r0.Reward of every metric --score-with knows, r0.REWARDS read as it is now."""
-    return {**{n: r for n, r in r0.REWARDS.items() if r.about}, "aesthetic": AESTHETIC, "color": COLOUR_ACCURACY}
-
-
-DEFAULT_METRICS = "hps,aesthetic,clip,imagereward"
-
-
 class AestheticScore(torch.nn.Module):
     """The LAION improved aesthetic predictor: an MLP 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (dropouts, no activations)
     on the L2-normalized image embedding of OpenAI's CLIP ViT-L/14 (open_clip's evaluation transform, here
@@ -56,43 +35,61 @@ class AestheticScore(torch.nn.Module):
     def __init__(self, clip_model, dim=768):
         super().__init__()
         self.clip = clip_model
-        L, drop = torch.nn.Linear, torch.nn.Dropout  # index layout of the published weights: layers.0/2/4/6/7
-        self.layers = torch.nn.Sequential(L(dim, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64), drop(0.1),
-                                          L(64, 16), L(16, 1))
+        self.layers = r0.preference_head(dim)  # the published weights' layout: layers.0/2/4/6/7
         self.requires_grad_(False).eval()
 
     def forward(self, pixels, prompts=None):  # the prompt plays no part
         dtype = next(self.clip.parameters()).dtype
-        emb = self.clip.encode_image(r0.clip_preprocess(pixels, 224).to(dtype), normalize=True)
-        return self.layers(emb.float()).squeeze(-1)  # (B,) the head in fp32, as the predictor's own code runs it
+        emb = self.clip.encode_image(r0.clip_preprocess(pixels, 224).to(dtype)).float()  # (B,768)
+        # normalized and scored in fp32, as the predictor's own code does it (it casts its input to a float tensor)
+        return self.layers(torch.nn.functional.normalize(emb, dim=-1)).squeeze(-1)  # (B,)
 
 
-def load_metric(name, tiny, device, dtype):
-    """A --score metric's model, frozen, in dtype on device (tiny: random-weight tiny twins, offline)."""
-    if name != "aesthetic":
-        return r0.REWARDS[name].load(tiny, device, dtype)
+AESTHETIC_URL = ("https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/"
+                 "sac+logos+ava1-l14-linearMSE.pth")
+AESTHETIC_PATH = os.path.join(torch.hub.get_dir(), "r0", os.path.basename(AESTHETIC_URL))  # where it is kept
+
+
+def load_aesthetic(tiny, device, dtype):
+    """The aesthetic metric, frozen: its CLIP tower in dtype on device, its head in fp32 (tiny: random-weight tiny
+    twins, offline)."""
     import open_clip
     if tiny:
         model, _ = r0.build_tiny_clip_tower(seed=7)
         scorer = AestheticScore(model, dim=model.visual.output_dim)
     else:
-        clip_file = r0.hub_file(name, AESTHETIC.downloads[0])
+        clip_file = r0.hub_file("aesthetic", AESTHETIC.downloads[0])
         model = open_clip.create_model("ViT-L-14", pretrained=clip_file, force_quick_gelu=True)  # OpenAI CLIP: QuickGELU
-        path = AESTHETIC_PATH
-        if not os.path.isfile(path):
+        if not os.path.isfile(AESTHETIC_PATH):
             try:
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                torch.hub.download_url_to_file(AESTHETIC_URL, path, progress=False)
+                os.makedirs(os.path.dirname(AESTHETIC_PATH), exist_ok=True)
+                torch.hub.download_url_to_file(AESTHETIC_URL, AESTHETIC_PATH, progress=False)
             except Exception as err:
                 raise r0.UserError(f"could not download the aesthetic predictor's weights ({type(err).__name__}); "
-                                   f"fetch {AESTHETIC_URL} into {path} on a machine with network, or leave aesthetic "
-                                   "out of --score-with.")
+                                   f"fetch {AESTHETIC_URL} into {AESTHETIC_PATH} on a machine with network, or leave "
+                                   "aesthetic out of --score-with.")
         scorer = AestheticScore(model)
         scorer.layers.load_state_dict({k.removeprefix("layers."): v for k, v in
-                                       r0.load_tensors(path, "aesthetic predictor").items()})
-        print(f"aesthetic: OpenAI CLIP ViT-L/14 with {clip_file}, predictor {path}")
+                                       r0.load_tensors(AESTHETIC_PATH, "aesthetic predictor").items()})
+        print(f"aesthetic: OpenAI CLIP ViT-L/14 with {clip_file}, predictor {AESTHETIC_PATH}")
     r0.cast(scorer, device, dtype).layers.float()  # the CLIP tower in dtype, the head in fp32
     return scorer
+
+
+# --score's metrics, each an r0.Reward (its loader, its hub downloads, its table scale and note): r0.py's rewards that
+# are metrics (r0.REWARDS: hps, clip, imagereward, and any reward registered there with an `about`), the aesthetic
+# score (evaluation only) and the toy's colour accuracy. Default: the paper's Table 1 columns that need no dataset.
+AESTHETIC = r0.Reward(load_aesthetic, [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
+                                        ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))], 1,
+                      f"LAION improved aesthetic predictor ({AESTHETIC_URL}) on OpenAI CLIP ViT-L/14 "
+                      "(timm/vit_large_patch14_clip_224.openai)")
+COLOUR_ACCURACY = r0.Reward(None, about="the toy's colour accuracy (no model)")
+DEFAULT_METRICS = "hps,aesthetic,clip,imagereward"
+
+
+def metrics():
+    """name -> r0.Reward of every metric --score-with knows, r0.REWARDS read as it is now."""
+    return {**{n: r for n, r in r0.REWARDS.items() if r.about}, "aesthetic": AESTHETIC, "color": COLOUR_ACCURACY}
 
 
 # grid.png stays viewable however many images are sampled: each sampler's images wrap after GRID_COLUMNS, and only
@@ -138,7 +135,7 @@ def load_models(args, device, dtype, run=None):
     if args.run:  # a trained run: its pipeline/ holds the generator with LoRA already merged in
         pipeline_dir, run_cfg = run or find_run(args.run)
         generator = r0.load_sd15(pipeline_dir)
-    elif args.tiny:  # an untrained tiny model: checks the whole path offline
+    elif args.tiny:  # a tiny model R0 has not trained: checks the whole path offline
         generator = (*r0.build_tiny_sd15(args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
     else:  # any SD1.5 folder or hub id, e.g. the base model plus --lora
         generator = r0.load_sd15(args.model)
@@ -169,7 +166,7 @@ def load_base(args, run_cfg):
         if run_cfg.tiny:
             return (*r0.build_tiny_sd15(run_cfg.seed), dict(r0.SD15_SCHEDULER_CONFIG))
         return r0.load_sd15(run_cfg.model)
-    if args.tiny or args.run:
+    if args.tiny:
         return (*r0.build_tiny_sd15(args.seed), dict(r0.SD15_SCHEDULER_CONFIG))
     return r0.load_sd15(args.model)
 
@@ -281,7 +278,7 @@ def build_parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="an r0.py run folder (or its pipeline/ folder)")
     src.add_argument("--model", help="any SD1.5 diffusers folder or hub id (e.g. with --lora)")
-    src.add_argument("--tiny", action="store_true", help="a fresh tiny random model (offline)")
+    src.add_argument("--tiny", action="store_true", help="a fresh tiny model, built in code (offline)")
     p.add_argument("--lora", help="lora/ folder of a LoRA run, applied onto --model")
     txt = p.add_mutually_exclusive_group(required=True)
     txt.add_argument("--prompt", help="one prompt")
@@ -316,8 +313,7 @@ def main(argv=None):
 def run(args):
     job = check(args)  # everything the user typed, before anything loads
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    # bf16 where the GPU computes it natively; fp32 on CPUs (which emulate bf16, slowly) and on older GPUs
-    dtype = torch.bfloat16 if device.startswith("cuda") and torch.cuda.is_bf16_supported(False) else torch.float32
+    dtype = torch.bfloat16 if r0.native_bf16(device) else torch.float32
     m, base, run_cfg = load_models(args, device, dtype, job.run)
     rows, prompts, seeds, resolution = sample_rows(args, job, m, base, run_cfg, device, dtype)
     write_and_score(args, job, rows, prompts, seeds, resolution, device, dtype)
@@ -347,9 +343,12 @@ def check(args):
         raise r0.UserError(f"unknown metric '{unknown[0]}' in --score-with; choose from {', '.join(metrics())}.")
     r0.check_writable(args.out, "--out")  # checks only: --out is made after sampling, once there is something to write
     run = find_run(args.run) if args.run else None  # a bad run folder fails here, before anything heavy
+    if args.compare_base and run is not None and run[1] is None:
+        raise r0.UserError(f"{args.run} has no config.json that names its base model, which --compare-base needs; "
+                           "pass the run folder itself, or the base with --model and a LoRA run's lora/ with --lora.")
     tiny = bool(args.tiny or (run is not None and run[1] is not None and run[1].tiny))
     if not tiny:  # offline: every missing download (models, metrics) in one sentence, before anything loads
-        scored = [n for n in names if args.score]
+        scored = names if args.score else []
         base = run[1].model if run is not None and run[1] is not None and args.compare_base else None  # a run's base
         head = f"the aesthetic predictor's head (download {AESTHETIC_URL} to {AESTHETIC_PATH})"
         r0.check_downloads(args.model or base, [d for n in scored for d in metrics()[n].downloads],
@@ -399,7 +398,7 @@ def write_and_score(args, job, rows, prompts, seeds, resolution, device, dtype):
     if not args.score:
         return
     # a tiny run (or --tiny) scores with random-weight tiny towers (offline): its numbers check the plumbing only
-    scorers = {n: load_metric(n, job.tiny, device, dtype) for n in job.metrics if n != "color"}
+    scorers = {n: metrics()[n].load(job.tiny, device, dtype) for n in job.metrics if n != "color"}
     table = []
     for label, evals, images, secs in rows:
         scores = score(images, prompts, scorers, device)
