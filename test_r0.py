@@ -1185,29 +1185,6 @@ def test_sample_py_grid_wraps_and_caps_so_it_stays_viewable(tmp_path, capsys):
     assert np.array_equal(np.asarray(cell), np.asarray(first))
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--run", "{tmp}/nope"], "does not exist"),
-    (["--run", "{empty}"], "holds no trained weights"),
-    (["--model", "{run}/pipeline", "--lora", "{empty}"], "holds no pytorch_lora_weights"),  # fails after loading
-    (["--tiny", "--out", "{file}/sub"], "cannot write to --out"),
-])
-def test_sample_py_creates_no_output_folder_before_its_inputs_are_good(tiny_run, tmp_path, capsys, argv, message):
-    """A refused command leaves no --out behind (not even an empty one): one sentence, exit code 2, no traceback."""
-    import sample
-    run, _ = tiny_run
-    (tmp_path / "empty").mkdir()
-    (tmp_path / "file").write_text("x")
-    fill = {"{tmp}": str(tmp_path), "{run}": str(run), "{empty}": str(tmp_path / "empty"),
-            "{file}": str(tmp_path / "file")}
-    argv = [next((a.replace(k, v) for k, v in fill.items() if k in a), a) for a in argv]
-    out = argv[argv.index("--out") + 1] if "--out" in argv else str(tmp_path / "out" / "sub")
-    with pytest.raises(SystemExit) as exit_info:
-        sample.main([*argv, "--prompt", "a red fox", "--out", out, "--device", "cpu"])
-    err = capsys.readouterr().err.strip()
-    assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
-    assert not os.path.exists(out) and not (tmp_path / "out").exists()
-
-
 def test_sample_py_score_on_a_tiny_model_says_its_towers_have_random_weights(tmp_path, capsys):
     """--tiny scores with random-weight towers: a line under the table and scores.json say so; colour accuracy
     alone needs no tower, and then nothing is flagged."""
@@ -1271,24 +1248,32 @@ def test_sample_py_base_row_uses_the_base_models_own_ddim_schedule(tiny_run, tmp
     (["--run", "{run}", "--prompt", "a fox", "--steps", "two"], "whole numbers"),
     (["--run", "{run}", "--prompt", "   "], "--prompt is empty"),
     (["--run", "{run}", "--prompt", "a fox", "--out", "{file}/sub"], "cannot write to --out"),
+    (["--tiny", "--prompt", "a fox", "--out", "{file}/sub"], "cannot write to --out"),
     (["--run", "{run}", "--prompt", "a fox", "--score", "--score-with", "fid"], "unknown metric 'fid'"),
     (["--run", "{run}", "--prompt", "a fox", "--step", "4"], "unrecognized arguments: --step"),
     (["--run", "{run}"], "one of the arguments --prompt --prompts is required"),
+    (["--model", "{run}/pipeline", "--lora", "{empty}", "--prompt", "a fox"], "holds no pytorch_lora_weights"),
+    (["--run", "{bare}", "--prompt", "a fox", "--compare-base"], "no config.json that names its base model"),
 ])
-def test_sample_py_bad_input_is_one_clear_sentence(tiny_run, tmp_path, capsys, argv, message):
+def test_sample_py_bad_input_is_one_clear_sentence_and_leaves_no_output_folder(tiny_run, tmp_path, capsys, argv,
+                                                                              message):
+    """One sentence, exit code 2, no traceback; and no --out left behind, not even an empty one (some of these fail
+    only after loading: --lora)."""
+    import shutil
     import sample
     run, _ = tiny_run
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("x")
-    fill = {"{run}": str(run), "{empty}": str(tmp_path / "empty"), "{file}": str(tmp_path / "file")}
+    shutil.copytree(run / "pipeline", tmp_path / "bare")  # a diffusers folder with no run config beside it
+    fill = {"{run}": str(run), "{empty}": str(tmp_path / "empty"), "{file}": str(tmp_path / "file"),
+            "{bare}": str(tmp_path / "bare")}
     argv = [next((a.replace(k, v) for k, v in fill.items() if k in a), a) for a in argv]
-    if "--out" not in argv:
-        argv += ["--out", str(tmp_path / "out")]
-    argv += ["--device", "cpu"]
+    out = argv[argv.index("--out") + 1] if "--out" in argv else str(tmp_path / "out" / "sub")
     with pytest.raises(SystemExit) as exit_info:
-        sample.main(argv)
+        sample.main([*[a for a in argv if a != "--out" and a != out], "--out", out, "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(out) and not (tmp_path / "out").exists()
 
 
 # ----------------------------------------------------------------------------------------------------------------
