@@ -255,9 +255,9 @@ class ImplicitCfgReward:
         d log p(c | x_t) / d x0_hat = sqrt(a_t) / sqrt(1 - a_t) * (eps_u - eps_c).
     (The score of a noised sample is -eps / sqrt(1 - a_t), conditional or not.) our choice: drop the factor
     sqrt(a_t / (1 - a_t)): any positive per-sample factor cancels completely in the per-sample normalization of the
-    reward composition (not under --no-normalize), so only the distribution of t matters, t ~ U{20..980}; the unconditional c is the empty
-    prompt, as in SD1.5's own guidance. The reward has no cheap value: we log the guidance gap ||eps_c - eps_u||^2
-    per element instead, as 'cfg_gap' (a diagnostic, not a reward value)."""
+    reward composition (not under --no-normalize), so only the distribution of t matters, t ~ U{20..980}; the
+    unconditional c is the empty prompt, as in SD1.5's own guidance. The reward has no cheap value: we log the
+    guidance gap ||eps_c - eps_u||^2 per element instead, as 'cfg_gap' (a diagnostic, not a reward value)."""
 
     space = "latents"
     log_as = "cfg_gap"  # the logged number is the guidance gap, not a reward value
@@ -302,9 +302,9 @@ def make_base_eps(unet, frozen_unet):
 #   g   = sum_i w_i * g_i / (||g_i||_per-sample + eps)   reward i pulls each sample with strength w_i (0 if g_i = 0)
 #   surrogate = - sum(stopgrad(g) * x) / B               d surrogate / d theta = - g . dx/dtheta / B
 # our reading: the norm is taken per sample (each reward's term has norm w_i in each image), not over the batch, so
-# one image with a huge gradient cannot drown the others. The image rewards are normalized in pixel space and cfg in latent
-# space (where its gradient lives): each has norm w_i in its own space, so cfg=1,hps=1 is not an equal pull on
-# theta; set the weights with that in mind (the decoder's Jacobian scales the pixel-space term).
+# one image with a huge gradient cannot drown the others. The image rewards are normalized in pixel space and cfg in
+# latent space (where its gradient lives): each has norm w_i in its own space, so cfg=1,hps=1 is not an equal pull
+# on theta; set the weights with that in mind (the decoder's Jacobian scales the pixel-space term).
 
 def normalize_per_sample(g, eps=1e-8):
     """g / ||g|| for each sample separately: (B,...) -> (B,...), each sample of unit L2 norm (or 0 if g was 0; our
@@ -519,9 +519,8 @@ def make_optimizer(params, cfg):
 # loaders, precision, loading, prompts and images, checkpoints, the training loop and the command line.
 # ===========================================================================================================
 # -----------------------------------------------------------------------------------------------------------
-# Config: name -> (default, what it is). Every default is for a real SD1.5 run on one 24 GB GPU (README: measured
-# memory per mode and batch); --tiny swaps in TINY_PRESET. Each name is a flag (output_dir: --output-dir); flags
-# typed on the command line override both, and unknown flags are an error. `python r0.py --help` prints this table.
+# Config: name -> (default, what it is), each a flag (output_dir: --output-dir); `python r0.py --help` prints it. Every
+# default is for a real SD1.5 run on one 24 GB GPU (README); --tiny swaps in TINY_PRESET; typed flags override both.
 
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (the paper's Table 1 fine-tunes Realistic Vision, an SD1.5 fine-tune)
@@ -533,9 +532,8 @@ OPTIONS = dict(
     steps=(4, "K, the number of generator steps, 1..8 (paper: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
     r0_plus=(False, "R0+ (paper 4): rewards on x0_hat of a random intermediate step"),
-    # --- rewards --- our choice: HPS v2.1 and CLIP score at equal weight (the weights are relative pulls, since
-    # gradients are normalized per reward); CLIP keeps text alignment while HPS pushes preference, each checking
-    # the other's hacking.
+    # --- rewards --- our choice: HPS v2.1 and CLIP score at equal weight (relative pulls: gradients are normalized per
+    # reward); CLIP keeps text alignment while HPS pushes preference, each checking the other's hacking.
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     # --- regularizers (paper 3.3) --- our choice: LoRA 64 fits 24 GB and low rank is itself a regularizer; full
     # fine-tuning needs a larger GPU (README). lambda: see weight_regularization(). Clipping: standard in fine-tuning.
@@ -544,9 +542,8 @@ OPTIONS = dict(
     grad_clip=(1.0, "max global gradient norm"),
     random_eta=(True, "random eta in training (paper 3.3); --no-random-eta: eta = 0 (an ablation)"),
     normalize=(True, "normalize each reward's gradient per sample (paper Fig. 8); --no-normalize: raw (an ablation)"),
-    # --- optimization (the paper gives none of these) --- our choice: the usual LoRA rate for SD1.5 (use ~1e-5 with
-    # --lora-rank 0); the largest LoRA micro-batch that fits 24 GB (README); if the first step runs out of GPU memory
-    # the micro-batch halves and grad_accum doubles (the same effective batch); 2000 steps, not tuned (README).
+    # --- optimization (the paper gives none of these) --- our choice: the usual LoRA rate for SD1.5 (~1e-5 with
+    # --lora-rank 0); the largest LoRA micro-batch that fits 24 GB (README; halved on OOM); 2000 steps, not tuned.
     lr=(1e-4, "AdamW learning rate"),
     batch_size=(4, "images per micro-batch"),
     grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
@@ -568,10 +565,8 @@ OPTIONS = dict(
 )
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
 
-# --tiny: the same code path on tiny random-weight models, sized for a demo of a few minutes on a CPU: 64 px (8x8
-# latents), the toy colour reward (match the prompt's colour word, see ColourReward), a bigger step than SD1.5 needs
-# (the tiny models come from a miniature pretraining), no gradient checkpointing (it saves nothing worth having at
-# this size; the tests switch it on, for the GPU path).
+# --tiny: the same code on tiny models built in code, minutes on a CPU: 64 px, the toy colour reward, a bigger step
+# (tiny models pretrained in miniature), no gradient checkpointing (saves nothing; tests turn it on for the GPU path).
 TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", lora_rank=8, lr=1e-2, batch_size=16,
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
@@ -582,11 +577,9 @@ class UserError(Exception):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Details the method uses, kept out of its way: the toy colour reward of the offline demo, parsing --rewards, and
-# the precision contexts.
+# Details the method uses, kept out of its way: the offline demo's toy rewards, parsing --rewards, precision contexts.
 
-# The toy colour reward. Palette values are our choice (typical sRGB renderings of each word).
-COLOURS = {
+COLOURS = {  # the toy colour reward's; our choice: typical sRGB renderings of each word
     "red": (0.85, 0.10, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.90, 0.15),
     "green": (0.15, 0.65, 0.20), "blue": (0.10, 0.25, 0.85), "purple": (0.50, 0.15, 0.65),
     "pink": (0.95, 0.55, 0.75), "brown": (0.45, 0.28, 0.12), "black": (0.05, 0.05, 0.05),
@@ -615,17 +608,15 @@ class ColourReward(torch.nn.Module):
     space = "pixels"
 
     def forward(self, pixels, prompts, text_emb=None):
-        # (B,3) target colour per prompt; prompts without a colour word get weight 0 (and so zero gradient)
-        target = torch.tensor([COLOURS.get(colour_of(p), (0, 0, 0)) for p in prompts], device=pixels.device)
+        target = torch.tensor([COLOURS.get(colour_of(p), (0, 0, 0)) for p in prompts], device=pixels.device)  # (B,3)
         has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
         mean = pixels.mean(dim=(2, 3))  # (B,3)
         return -((mean - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
 
 
 class BrightnessReward(torch.nn.Module):
-    """bright: r(x) = mean luma (0.299 R + 0.587 G + 0.114 B) on an image editor's 0-255 scale. A second toy on
-    another scale than color's, as real rewards are (HPS a cosine, ImageReward about N(0,1)): its raw gradient is two
-    orders of magnitude larger, which is what Fig. 8's ablation of the normalization needs (README: the toy)."""
+    """bright: r(x) = mean luma (0.299 R + 0.587 G + 0.114 B), 0-255. A toy on another scale than color's, as real
+    rewards are (HPS a cosine, ImageReward ~N(0,1)): ~100x color's raw gradient, for Fig. 8's normalization ablation."""
 
     space = "pixels"
 
@@ -658,37 +649,31 @@ def parse_rewards(spec):
 
 
 def native_bf16(device):
-    """Whether `device` is a GPU that computes bf16 natively (Ampere and newer): then bf16, else fp32 (CPUs and older
-    GPUs only emulate it, slowly)."""
+    """Whether `device` is a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly."""
     return str(device).startswith("cuda") and torch.cuda.is_bf16_supported(False)
 
 
 def autocast(device, precision):
-    """bf16 autocast on GPU *and* CPU (so the tests exercise the GPU's precision path), or nothing for fp32. It is
-    there for the UNet, whose trainable weights are fp32 (LoRA adapters, or all of them) and compute in bf16."""
+    """bf16 autocast for the UNet's fp32 trainable weights, on CPUs too (so tests run the GPU's path); none for fp32."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
 def own_dtype(device):
-    """Autocast off: frozen models already in bf16 (the VAE, the reward towers) compute in their own dtype, as
-    diffusers runs them. our choice (speed, same exactness): under autocast each of their GroupNorms, LayerNorms and
-    softmaxes would be promoted to fp32 with a cast before and after (CUDA's bf16 norm kernels accumulate in fp32
-    anyway); at 512 px the VAE decoder's GroupNorms are large. test_r0.py checks that both ways agree."""
+    """Autocast off: frozen bf16 models (VAE, reward towers) compute in their own dtype, as diffusers runs them. our
+    choice (speed, same exactness): autocast would cast each GroupNorm, LayerNorm and softmax to fp32 and back (CUDA's
+    bf16 norms accumulate in fp32 anyway), large in the 512 px VAE decoder. test_r0.py checks that both ways agree."""
     return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reward models: the registry, and around each reward's definition its class (frozen model, caches, memory) and
-# loader. Adding a reward (say PickScore) takes three steps:
-#   1. a class with the reward interface ("Rewards", above), optionally enable_gradient_checkpointing(): for an
-#      open_clip model copy ClipFamilyReward; for a transformers model (ImageRewardReward) call
-#      checkpoint_transformers_layers(), since transformers checkpoints only layers in training mode;
-#   2. a loader (tiny, device, dtype) -> the reward, frozen: its real weights (hub_file per download, load_tensors
-#      for a pickle), or with tiny a random-weight twin of the same classes, small enough for a CPU;
-#   3. one line in REWARDS: name, loader, hub downloads (named offline), and how sample.py --score reports it.
-# Then --rewards takes it, test_r0.py checks its gradients (every registered reward) and sample.py scores it.
+# Reward models: the registry, each reward's class (frozen model, caches, memory) and loader. To add one (PickScore):
+#   1. a class with the reward interface ("Rewards", above), optionally enable_gradient_checkpointing() (open_clip:
+#      as ClipFamilyReward's; transformers: checkpoint_transformers_layers());
+#   2. a loader (tiny, device, dtype) -> the frozen reward: its real weights (hub_file, load_tensors), or with tiny a
+#      random-weight twin of the same classes, small enough for a CPU;
+#   3. a line in REWARDS (name, loader, hub downloads, sample.py's report); --rewards, test_r0.py and sample.py take it.
 
 @dataclass
 class Reward:
@@ -726,11 +711,10 @@ class ClipFamilyReward(torch.nn.Module):
 
 
 def sequence_first(transformer):
-    """our choice (speed; the same numbers): run open_clip's image transformer in its sequence-first (L,B,D) layout.
-    In the default batch-first layout, torch's nn.MultiheadAttention transposes its input to (L,B,D) as a strided
-    view; with gradient flowing to the image but not into the frozen weights, matmul cannot fold that view into one
-    matrix product and runs the input projection as L=257 small ones. test_r0.py checks that scores and image
-    gradients agree with open_clip's own layout, and that the slow batched product is gone."""
+    """our choice (speed; the same numbers): open_clip's image transformer in its sequence-first (L,B,D) layout.
+    Batch-first, nn.MultiheadAttention transposes its input to (L,B,D) as a strided view, which matmul (gradient to
+    the image, not into the frozen weights) cannot fold into one product: the input projection runs as L=257 small
+    ones. test_r0.py checks scores and image gradients against open_clip's layout, and that the slow product is gone."""
     if all(isinstance(b.attn, torch.nn.MultiheadAttention) for b in transformer.resblocks):  # (open_clip's default)
         transformer.batch_first = False  # open_clip's Transformer then transposes (B,L,D) <-> (L,B,D) around blocks
         for b in transformer.resblocks:
@@ -738,8 +722,7 @@ def sequence_first(transformer):
 
 
 class ImageRewardReward(torch.nn.Module):
-    """imagereward: imagereward_score on transformers' BLIP towers (ports of the very modules BLIP uses) and the MLP
-    head, frozen; ImageReward.pt loads through imagereward_key_map. Prompts are tokenized once each."""
+    """imagereward: imagereward_score on transformers' BLIP towers and MLP head, frozen; prompts tokenized once each."""
 
     space = "pixels"
 
@@ -776,10 +759,9 @@ def preference_head(dim):
 
 
 def checkpoint_transformers_layers(model):
-    """Gradient checkpointing for a frozen transformers model: transformers checkpoints a layer only while its
-    .training flag is set (and BlipTextModel refuses gradient_checkpointing_enable()), so each layer is switched on
-    as transformers' own code does it, with the layers' flag alone set (they read it for nothing else where dropout
-    is 0, as in BLIP's and CLIP's layers; heads and embeddings stay in eval mode)."""
+    """Gradient checkpointing for a frozen transformers model, which checkpoints a layer only while .training is set
+    (and BlipTextModel refuses gradient_checkpointing_enable()): each layer is switched on as transformers does, with
+    only its flag set (at dropout 0, as in BLIP and CLIP, layers read it for nothing else; heads stay in eval mode)."""
     import torch.utils.checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
     for layer in model.modules():
@@ -802,16 +784,14 @@ def load_clip_family(name, tiny, device, dtype):
     else:  # HPS v2.1 is a full fine-tune of ViT-H-14 (both towers), saved as a training checkpoint under 'state_dict'
         model = open_clip.create_model("ViT-H-14", pretrained=None)  # the architecture; the weights come next
         state = load_tensors(path, "HPS v2.1 checkpoint")["state_dict"]  # HPSv2's own loader reads this key
-        # strict=False tolerates extra keys of newer/older open_clip versions; a *missing* key means a wrong file
-        missing, _ = model.load_state_dict(state, strict=False)
+        missing, _ = model.load_state_dict(state, strict=False)  # tolerates extra keys of other open_clip versions
         if missing:
             raise UserError(f"{path} does not fit open_clip's ViT-H-14 (missing {missing[:3]}...); re-download it.")
     return ClipFamilyReward(cast(model, device, dtype), tokenizer)
 
 
 def load_imagereward(tiny, device, dtype):
-    """ImageReward.pt on BLIP's towers, tokenizer bert-base-uncased + [DEC]/[ENC] (or, tiny, a random tiny twin that
-    reads CLIP's tokens: a BERT vocabulary would need a download)."""
+    """ImageReward.pt on BLIP's towers; tiny: a random twin reading CLIP's tokens (BERT's vocabulary is a download)."""
     if tiny:
         with torch.random.fork_rng():
             torch.manual_seed(3)
@@ -828,8 +808,7 @@ def load_imagereward(tiny, device, dtype):
     return reward
 
 
-# ImageReward's checkpoint (THUDM/ImageReward, ImageReward.pt): its keys -> ImageRewardReward's, one rule each (full
-# matches, tried in order). test_r0.py checks that the rules cover every key of the original, shape for shape.
+# ImageReward.pt's keys -> ImageRewardReward's, one rule each (full matches, in order); test_r0.py checks keys, shapes.
 _V, _T, _P = r"blip\.visual_encoder\.", r"blip\.text_encoder\.", r"\.(weight|bias)"
 IMAGEREWARD_KEY_RULES = [  # BLIP's timm-style ViT -> BlipVisionModel
     (_V + r"cls_token", r"vision.embeddings.class_embedding"),
@@ -882,8 +861,7 @@ def imagereward_configs(size):
     return vision, text
 
 
-# name -> Reward. The order is the order of --help and of sample.py's tables.
-REWARDS = {
+REWARDS = {  # name -> Reward, in the order of --help and of sample.py's tables
     "hps": Reward(functools.partial(load_clip_family, "hps"), [("HPS v2.1 weights", "xswu/HPSv2",
                                                                 ("HPS_v2.1_compressed.pt",))],
                   100, "HPS v2.1 (xswu/HPSv2, HPS_v2.1_compressed.pt), 100 x cosine"),
@@ -902,9 +880,8 @@ REWARDS = {
 
 
 def load_tensors(path, what):
-    """torch.load that cannot run code: weights_only=True reads tensors, numbers, strings and containers only (all
-    that r0.py's checkpoints and the rewards' weight files hold), so a tampered file in a cache, or in a run folder
-    someone hands you, is refused instead of executed. One sentence on failure."""
+    """torch.load that cannot run code: weights_only=True reads only tensors, numbers, strings and containers (all our
+    checkpoints and reward weights hold), so a tampered file (cached, or a run folder handed to you) is refused."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch names the object it refused: "... GLOBAL posix.system ..."
@@ -929,11 +906,10 @@ def hub_file(name, download):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Loading: SD1.5 from the hub or a folder, and the tiny random-weight twins used by --tiny and the tests.
+# Loading: SD1.5 from the hub or a folder, and the tiny twins built in code for --tiny and the tests.
 
 def tiny_sd15_configs():
-    """Configs of the tiny UNet / VAE / text encoder: SD1.5's block types and interfaces (4 latent channels, the VAE's
-    8x compression, 77 text tokens, the 49408-token vocabulary), with widths that run in seconds on a CPU."""
+    """The tiny UNet / VAE / text encoder: SD1.5's block types and interfaces, widths that run in seconds on a CPU."""
     unet = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
                 cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -953,9 +929,8 @@ SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_
 
 
 def sd15_tokenizer_offline():
-    """SD1.5's exact CLIP tokenizer (49408 tokens, pad = eos = 49407), rebuilt from the BPE merges that
-    open_clip ships, so no download is needed. Token order follows CLIP: 256 byte symbols, the same with '</w>',
-    the 48894 merges, then <|startoftext|> and <|endoftext|>."""
+    """SD1.5's exact CLIP tokenizer (49408 tokens, pad = eos = 49407), rebuilt offline from open_clip's BPE merges.
+    Token order as CLIP's: 256 byte symbols, the same with '</w>', the 48894 merges, <|startoftext|>, <|endoftext|>."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -976,8 +951,7 @@ def sd15_tokenizer_offline():
 
 
 def build_tiny_sd15(seed=0):
-    """Tiny SD1.5-shaped (tokenizer, text_encoder, vae, unet), built in code with a miniature pretraining (see below);
-    once per process and seed (tests need it often), every call returning fresh copies."""
+    """Fresh copies of tiny SD1.5 (tokenizer, text_encoder, vae, unet), built once per seed (tests need it often)."""
     return copy.deepcopy(_build_tiny_sd15(seed))
 
 
@@ -998,24 +972,20 @@ def _build_tiny_sd15(seed):
 
 
 def pretrain_tiny(vae, unet, text_emb, seed):
-    """Our choice, for the tiny models only: miniature pretrainings, so that the toy starts where R0 starts.
-    The VAE decoder learns SD1.5's colour behaviour (latent channel means map almost linearly to RGB) over the whole
-    colour cube: a random decoder paints mid-gray whatever the latent (its GroupNorms standardize global shifts away),
-    and one taught only on colours near gray cannot make yellow, green or purple at all (README: the toy).
-    The UNet learns to denoise: R0 fine-tunes a *pretrained* UNet; a random one predicts an eps unrelated to x_t, so
-    the first step's x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns any text
-    signal. A few dozen steps of the DDPM loss ||eps_theta(x_t, t, c) - eps||^2 on toy latents fix that; those ignore
-    the text, so colour conditioning must still be learned from the reward alone. Deterministic on a given machine
-    and thread count (the order of floating-point sums changes with them, and a few hundred steps amplify it)."""
-    # SD1.5's approximate linear map from (scaled) latent channels (rows) to R, G, B in [-1,1] (columns), the one
-    # latent-preview tools use: its VAE is close to linear in colour
+    """Our choice, tiny models only: miniature pretrainings, so that the toy starts where R0 starts. The VAE decoder
+    learns SD1.5's near-linear colour behaviour over the whole colour cube: a random decoder paints mid-gray whatever
+    the latent (its GroupNorms standardize global shifts away), and one taught only near gray cannot make yellow, green
+    or purple. The UNet learns to denoise: R0 fine-tunes a *pretrained* UNet; a random one's eps is unrelated to x_t, so
+    the first x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns the text signal. A
+    few dozen DDPM-loss steps on toy latents fix that; they ignore the text, so colour conditioning is still learned
+    from the reward alone. Deterministic per machine and thread count (they set the order of float sums)."""
+    # SD1.5's near-linear map from (scaled) latent channels (rows) to RGB in [-1,1] (columns), as in latent previews
     latent_rgb = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
                                [-0.2120, -0.2616, -0.7177]])  # (4,3)
     alphas_cumprod, h, g = sd15_alphas_cumprod(), unet.config.sample_size, torch.Generator()
 
     def decoder_loss(batch=8):
-        # toy latents: textures, plus a per-image global shift (what sets an image's colour) drawn so that its colour
-        # is uniform over the RGB cube: a random RGB mapped back to latents through latent_rgb's pseudo-inverse
+        # toy latents: textures + a per-image shift, colour uniform over the RGB cube (via latent_rgb's pseudo-inverse)
         rgb = torch.rand((batch, 3), generator=g) * 2 - 1  # (B,3) in [-1,1]
         z = torch.randn((batch, 4, h, h), generator=g) + (rgb @ torch.linalg.pinv(latent_rgb)).view(batch, 4, 1, 1)
         target = torch.einsum("bchw,cd->bdhw", z, latent_rgb).clamp(-1, 1)  # (B,3,h,w) in [-1,1]
@@ -1046,8 +1016,7 @@ def fit(params, loss, steps, lr):
 
 
 def build_tiny_clip_tower(seed=0):
-    """A tiny open_clip CLIP model with random weights: ViT-H-14's classes (the HPS v2.1 / CLIP-score architecture),
-    shrunk. Returns (model, tokenizer)."""
+    """(model, tokenizer): a tiny random open_clip CLIP of ViT-H-14's classes (HPS v2.1's / CLIP score's), shrunk."""
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
     with torch.random.fork_rng():  # leave the global RNG as we found it
@@ -1059,8 +1028,7 @@ def build_tiny_clip_tower(seed=0):
 
 
 def hub_unreachable():
-    """True when there is clearly no route to the Hugging Face hub (HF_HUB_OFFLINE=1, or no connection to it and no
-    proxy that could be the route): then only the local cache is read, not minutes of retries."""
+    """True if the hub is clearly unreachable (HF_HUB_OFFLINE=1, or no connection and no proxy): cache only, no retry."""
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
         return True
     if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -1083,9 +1051,7 @@ def in_cache(repo, filename):
 
 
 def check_downloads(model, downloads, also_missing=()):
-    """Before anything loads: if the hub is unreachable, one sentence names every download the run lacks (the base
-    model, each of `downloads`: a Reward's, and `also_missing`) with the command that fetches it, instead of one
-    failure per file."""
+    """Before anything loads: if the hub is unreachable, one sentence names every missing download and its command."""
     missing = list(also_missing)
     if model and not os.path.isdir(model) and not in_cache(model, "model_index.json"):
         missing.insert(0, f"the SD1.5 model '{model}' (hf download {model})")
@@ -1123,8 +1089,7 @@ def load_sd15(model):
     def part(cls, sub):  # each component lives in its own subfolder of a diffusers pipeline repo
         return from_hub(lambda local: cls.from_pretrained(model, subfolder=sub, local_files_only=local),
                         f"the {sub} of '{model}'", how)
-    # SD1.5 ships a PNDM scheduler config; any diffusers scheduler class reads it, and we only need its numbers
-    scheduler_config = dict(part(DDIMScheduler, "scheduler").config)
+    scheduler_config = dict(part(DDIMScheduler, "scheduler").config)  # SD1.5's PNDM config: any class reads it
     return (part(CLIPTokenizer, "tokenizer"), part(CLIPTextModel, "text_encoder"), part(AutoencoderKL, "vae"),
             part(UNet2DConditionModel, "unet"), scheduler_config)
 
@@ -1171,8 +1136,7 @@ def load_models(cfg):
 
 
 def cast(module, device, dtype):
-    """module.to(device, dtype), as torch.nn.Module does it (diffusers' own .to warns about modules to keep in fp32
-    even when there are none, which SD1.5's models are)."""
+    """module.to(device, dtype), nn.Module's way (diffusers' .to warns of fp32 modules even where there are none)."""
     return torch.nn.Module.to(module, device, dtype)
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1200,17 +1164,14 @@ def load_prompts(path):
 
 @torch.no_grad()
 def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batch_size=8):
-    """Images (N,3,H,W) in [0,1] of the few-step generator, one per (prompt, seed), deterministic per seed.
-    Every model computes in its own dtype, as in diffusers' pipeline; autocast only for a UNet that holds fp32 weights
-    (a run's progress grids). The results stay on the device until the end: no host sync per batch."""
+    """Images (N,3,H,W) in [0,1] of the few-step generator, one per (prompt, seed), deterministic per seed; each model
+    in its own dtype, as diffusers runs it (autocast only for a UNet with fp32 weights); one host sync, at the end."""
     noise = torch.stack([initial_noise(s, resolution, "cpu") for s in seeds]).to(m.device)  # (N,4,h,w), one copy
     fp32_unet = precision == "bf16" and any(p.dtype == torch.float32 for p in m.unet.parameters())
-    # eta > 0: each image draws its step noise from its own seed, so that it does not depend on the batch it lands in
-    # (drawn on the device: a seed's image with eta > 0 differs between a CPU and a GPU)
-    batch_size = batch_size if eta == 0 else 1
+    batch_size = batch_size if eta == 0 else 1  # eta > 0: one image per batch, its step noise from its own seed
     images = []
     for i in range(0, len(prompts), batch_size):
-        gen = torch.Generator(m.device).manual_seed(seeds[i])  # the eta>0 draws; unused at eta=0
+        gen = torch.Generator(m.device).manual_seed(seeds[i])  # eta>0 draws, on the device (CPU and GPU images differ)
         text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts[i : i + batch_size])
         with autocast(m.device, precision) if fp32_unet else contextlib.nullcontext():
             latents = generate(m.unet, noise[i : i + batch_size], text_emb, steps, m.alphas_cumprod, eta=eta,
@@ -1231,9 +1192,8 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
     if (captions or row_labels) and images.shape[-1] < 128:  # small (tiny-model) images: make room for text
         images = F.interpolate(images, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
     N, _, H, W = images.shape
-    # each caption wraps onto up to 3 lines of ~6 px characters (PIL's default font)
     captions = [textwrap.wrap(c, max(W // 6 - 1, 1), max_lines=3, placeholder="~") or [""] for c in captions or []]
-    cap_h = 2 + 11 * max(map(len, captions)) if captions else 0
+    cap_h = 2 + 11 * max(map(len, captions)) if captions else 0  # (PIL's default font: ~6 px a character, 11 a line)
     label_w = 6 * max(map(len, row_labels)) + 8 if row_labels else 0
     nrows = math.ceil(N / ncols)
     grid = Image.new("RGB", (label_w + ncols * W, nrows * (H + cap_h)), "white")
@@ -1252,11 +1212,9 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
 
 @torch.no_grad()
 def toy_measures(m, prompts, cfg, seeds=range(1000, 1004)):
-    """The toy's held-out measures, on every prompt that names a colour, at fixed seeds 1000-1003 (the grids use
-    seeds 0, 1, ...; training draws its noise from the run's own stream): colour_accuracy, the share of images whose
-    dominant colour is the prompt's colour word (chance: 1 in 11), that share per colour, and detail, the images' mean
-    spatial standard deviation. our choice: detail as the gauge of hacking, since the colour reward ignores it (a
-    generator that paints flat colour fields hacks it, and its detail falls)."""
+    """The toy's held-out measures on each colour prompt, at seeds 1000-1003 (not the grids' 0, 1, ... nor training's):
+    colour_accuracy (share of images whose dominant colour is the prompt's; chance 1 in 11), per colour too, and detail
+    (spatial std). our choice: detail gauges hacking (flat colour fields), which the colour reward ignores."""
     pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]  # every colour prompt x every seed
     if not pairs:
         return {}
@@ -1269,8 +1227,7 @@ def toy_measures(m, prompts, cfg, seeds=range(1000, 1004)):
 
 
 def write_curves(out_dir):
-    """<out>/curves.png from <out>/log.jsonl: each logged reward, reg and detail against the step, and the toy's
-    held-out colour accuracy and detail where they were measured (step 0, from summary.json, and each progress grid)."""
+    """<out>/curves.png from log.jsonl: rewards, reg, detail, and the toy's held-out measures (step 0: summary.json)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
@@ -1310,9 +1267,8 @@ def few_step_scheduler(scheduler_config):
 
 
 def merged_unet(unet, base):
-    """The trained generator as a plain fp32 diffusers UNet on the CPU: `base`, the source UNet at full precision,
-    with the trained change folded in. LoRA: W = W_0 + scaling * B @ A, in fp32 (peft's own merge); full fine-tuning:
-    the trained fp32 weights. (Training's frozen base UNet is a bf16 copy: folding into it would round SD1.5.)"""
+    """The trained generator as a plain fp32 CPU diffusers UNet: `base` (the source UNet at full precision: training's
+    frozen copy is bf16 and would round SD1.5) with the trained change folded in (LoRA: peft's fp32 merge)."""
     base = cast(base.requires_grad_(False), "cpu", torch.float32)
     if getattr(unet, "peft_config", None):
         from peft import set_peft_model_state_dict
@@ -1327,10 +1283,9 @@ def merged_unet(unet, base):
 
 
 def save_pipeline(m, cfg):
-    """<out>/pipeline: a standard diffusers folder (fp32: --model's text encoder and VAE, the trained UNet from
-    merged_unet) whose scheduler is the few-step DDIM one, so StableDiffusionPipeline.from_pretrained(out/pipeline)(
-    prompt, num_inference_steps=4, guidance_scale=1.0) reproduces our sampler. LoRA runs also write <out>/lora, for
-    pipe.load_lora_weights(out/lora) on the base model."""
+    """<out>/pipeline: a diffusers folder (fp32: --model's text encoder and VAE, merged_unet's UNet), its scheduler the
+    few-step DDIM, so StableDiffusionPipeline.from_pretrained(out/pipeline)(prompt, num_inference_steps=4,
+    guidance_scale=1.0) is our sampler. LoRA runs also write <out>/lora (pipe.load_lora_weights, on the base)."""
     from diffusers import StableDiffusionPipeline
     out_dir = cfg.output_dir  # the base reloaded at full precision (training holds bf16 copies of the frozen parts)
     tokenizer, text_encoder, vae, base_unet = build_tiny_sd15(cfg.seed) if cfg.tiny else load_sd15(cfg.model)[:4]
@@ -1363,8 +1318,7 @@ class TrainingStopped(UserError):
 
 
 class PromptOrder:
-    """Prompts in shuffled epochs. Its state (random generator + what is left of this epoch) goes into checkpoints,
-    so a resumed run sees exactly the prompts the uninterrupted run would have seen."""
+    """Shuffled epochs of prompts, checkpointed so that a resume sees the same prompts as an uninterrupted run."""
 
     def __init__(self, prompts, seed):
         self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
@@ -1393,9 +1347,8 @@ def checkpoint_files(out_dir):
 
 
 def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_hash):
-    """<out>/checkpoints/step_NNNNNN.pt with everything an exact resume needs. Written to a temporary file and
-    renamed (atomic on POSIX), so a crash mid-write never leaves a corrupt latest checkpoint; then the oldest beyond
-    --keep-checkpoints are deleted. A failed write (full disk) warns and keeps the previous checkpoints."""
+    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written to a temp file and renamed (atomic: a crash
+    never corrupts the latest); the oldest beyond --keep-checkpoints go; a failed write (full disk) only warns."""
     state = {
         "step": step,
         "trainable": {n: p.detach().cpu() for n, p in m.unet.named_parameters() if p.requires_grad},
@@ -1476,24 +1429,20 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 # -----------------------------------------------------------------------------------------------------------
-# Several GPUs, the nanoGPT way: torchrun --standalone --nproc_per_node N r0.py ... runs N processes that train one
-# generator (python r0.py ... runs one, and nothing below does anything). Each rank draws its own prompts and noise
-# (seeded seed + rank); once per optimizer step the trainable gradients are averaged over the ranks, so every rank
-# clips and steps identically and all hold the same weights. Only rank 0 writes files.
-# our choice: an explicit all-reduce after the backward, not DistributedDataParallel, whose reducer expects one
-# forward per backward: our generator calls the UNet K times (and the cfg reward once more) before its one backward.
-# Averaging the gradients by hand is the same arithmetic, here, in a few lines.
+# Several GPUs, nanoGPT-style: torchrun --standalone --nproc_per_node N r0.py ... runs N processes training one
+# generator (python r0.py: one; all below is then a no-op). Each rank draws its own prompts and noise (seed + rank); per
+# optimizer step the trainable gradients are averaged over the ranks, so all step alike and hold the same weights. Only
+# rank 0 writes files. our choice: not DistributedDataParallel, whose reducer expects one forward per backward (our
+# generator calls the UNet K times, and the cfg reward once more, before its one backward), but its arithmetic by hand.
 
 def init_distributed(device):
-    """Under torchrun: join the process group (NCCL on GPUs, gloo on CPUs) on this rank's device (resolve_config
-    picked the GPU LOCAL_RANK). Returns (rank, number of processes): (0, 1) for one process."""
+    """Join torchrun's process group (NCCL or gloo) on this rank's device; returns (rank, processes): (0, 1) alone."""
     if "RANK" not in os.environ:  # not started by torchrun
         return 0, 1
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    # our choice: a 2-hour timeout for every collective (NCCL's default is 10 minutes). Rank 0 alone writes
-    # checkpoints (full fine-tuning: ~10 GB), progress grids and the colour measurements while the others wait in the
-    # next collective: a slow disk must not turn that wait into a crash. A rank that dies stops torchrun at once anyway.
+    # our choice: a 2-hour timeout (NCCL's default: 10 min): the others wait while rank 0 alone writes grids, measures
+    # and checkpoints (full fine-tuning: 10 GB); a slow disk must not crash them (a dead rank stops torchrun anyway).
     dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
     return rank(), world_size()
 
@@ -1511,9 +1460,8 @@ def world_size():
 
 
 def average_gradients_over_ranks(params, finite):
-    """Several processes: every gradient becomes the mean over the ranks (what one process would compute on the union
-    of their micro-batches), if every rank's micro-batches were finite; a non-finite one on any rank skips the step on
-    all of them. Returns whether the step goes ahead. One process: returns `finite`, untouched."""
+    """Several processes: every gradient becomes the mean over the ranks (what one process would compute on all their
+    micro-batches), unless some rank's were non-finite: then all skip the step. Returns whether it goes ahead."""
     if not several_ranks():
         return finite
     if any_rank(not finite, params[0].device):
@@ -1586,9 +1534,8 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
 
 
 def first_step(m, optimizer, params, order, cfg, generator):
-    """optimizer_step, for a micro-batch that may not fit the GPU: if any rank runs out of memory in the forward or
-    backward, every rank retries at half the micro-batch and twice the accumulation (the same effective batch: exactly
-    what a run started at the smaller batch computes). At batch 1 (or another odd batch) it stops with advice."""
+    """optimizer_step for a micro-batch that may not fit: if any rank runs out of memory, all retry at half the
+    micro-batch and twice the accumulation (the same effective batch, exactly); an odd batch stops with advice."""
     rng = (generator.get_state(), order.state_dict())
     while True:
         try:
@@ -1636,8 +1583,7 @@ def write_atomic(path, text):
 
 
 def write_config(cfg):
-    """<out>/config.json: the resolved config (defaults + preset + flags), what a resume starts from, and the run's
-    number of processes and images per optimizer step. (Rank 0 writes.)"""
+    """<out>/config.json (rank 0): the resolved config a resume starts from, plus world_size and effective_batch."""
     if rank() == 0:
         saved = {k: v for k, v in vars(cfg).items() if k in OPTIONS}
         saved.update(world_size=world_size(), effective_batch=cfg.batch_size * cfg.grad_accum * world_size())
@@ -1645,8 +1591,7 @@ def write_config(cfg):
 
 
 def set_up_run(cfg):
-    """Everything before the first step, in the order that keeps a mistake from costing anything: the user's input is
-    checked, then the models load, and only then is anything written. Returns the run's state (a namespace)."""
+    """Everything before the first step, ordered so that a mistake costs nothing: input checks, models, then files."""
     process, processes = init_distributed(cfg.device)  # one process: rank 0 of 1; torchrun: see "Several GPUs"
     say = print if process == 0 else (lambda *args, **kwargs: None)  # rank 0 speaks (and writes) for all
     prompts = load_prompts(cfg.prompts)
@@ -1671,7 +1616,6 @@ def set_up_run(cfg):
             f"than CLIP's {m.tokenizer.model_max_length}-token limit (longest: {max(lengths)} tokens); they are "
             "truncated, as SD1.5 itself does.")
 
-    # the optimizer and this rank's random streams (all of them go into checkpoints)
     params = trainable_parameters(m.unet)
     run = argparse.Namespace(
         m=m, params=params, optimizer=make_optimizer(params, cfg), prompts=prompts, prompts_hash=prompts_hash,
@@ -1714,8 +1658,7 @@ def set_up_run(cfg):
 
 
 def progress(run, cfg, step):
-    """At step 0, every --sample-every steps and at the end: the progress grid <out>/samples/step_NNNNNN.png (one row
-    per prompt, the prompt under each image) and, for the colour toy, its held-out measures (returned)."""
+    """The progress grid <out>/samples/step_NNNNNN.png (a row per prompt) and the toy's held-out measures (returned)."""
     if not run.main:
         return {}
     images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
@@ -1726,8 +1669,7 @@ def progress(run, cfg, step):
 
 
 def train(cfg):
-    """Train R0 as cfg says; returns the trained Models. The loop, nanoGPT's way: one optimizer step, one log line;
-    checkpoints, progress grids and signals between steps."""
+    """Train R0 as cfg says; returns the trained Models. The loop, nanoGPT's way: one optimizer step, one log line."""
     from tqdm import tqdm
     run = set_up_run(cfg)
     out, say, bad_steps, last_checkpoint = cfg.output_dir, run.say, 0, cfg.resume_checkpoint
@@ -1738,11 +1680,9 @@ def train(cfg):
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            # the algorithm (the first step of this process halves the micro-batch if the GPU runs out of memory)
-            step_fn = first_step if step == run.start else optimizer_step
+            step_fn = first_step if step == run.start else optimizer_step  # first_step: halves the micro-batch on OOM
             stats, grad_norm, applied = step_fn(run.m, run.optimizer, run.params, run.order, cfg, run.generator)
-            # one JSON line per step: the raw rewards are the numbers to watch (the loss value is a surrogate's)
-            # (several processes: rank 0's micro-batches only; our choice, no extra all-reduce per step for a log)
+            # one JSON line per step (several processes: rank 0's micro-batches; our choice: no all-reduce for a log)
             record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
                           peak_mem_gb=peak_memory_gb(cfg.device))
             bad_steps = 0 if applied else bad_steps + 1  # consecutive skipped steps; one good step resets it
@@ -1761,7 +1701,6 @@ def train(cfg):
             log.flush()  # a crash loses at most the line being written
             if grid_step and run.main:
                 write_curves(out)  # <out>/curves.png, refreshed with each progress grid
-            # on the bar: each reward (cfg: its guidance gap) and the regularizer (the surrogate: log.jsonl only)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:
@@ -1777,7 +1716,8 @@ def train(cfg):
             if stopping and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
                 raise TrainingStopped(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
-                                      f"{launcher(world_size())} r0.py --resume {out}", exit_code=128 + (stop.signum or 15))
+                                      f"{launcher(world_size())} r0.py --resume {out}",
+                                      exit_code=128 + (stop.signum or 15))
     if run.main:
         finish_run(run, cfg)
     return run.m
@@ -1814,8 +1754,7 @@ def peak_memory_gb(device):
 # Command line
 
 class Parser(argparse.ArgumentParser):
-    """argparse, with a mistyped flag refused in one sentence (not the whole usage first), and no abbreviations: a
-    flag is taken only as spelled in --help (--prompt is not --prompts)."""
+    """argparse refusing a mistyped flag in one sentence, without abbreviations (--prompt is not --prompts)."""
 
     def __init__(self, **kwargs):
         super().__init__(allow_abbrev=False, **kwargs)
@@ -1826,8 +1765,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser():
     """One flag per OPTIONS entry, its help ending in its default (and its --tiny value, where --tiny changes it)."""
-    # argument_default=SUPPRESS: only flags the user typed appear, so they can override the defaults, the --tiny
-    # preset, or (on --resume) the saved config -- and we can tell which ones were typed.
+    # argument_default=SUPPRESS: args holds only the typed flags, which override defaults, preset or saved config.
     p = Parser(prog="r0.py", description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
                argument_default=argparse.SUPPRESS)
     for name, (default, what) in OPTIONS.items():
@@ -1865,15 +1803,13 @@ def resolve_config(args):
                 raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
                                 f"(the run was trained with {', '.join(f'{k}={saved.get(k)}' for k in changed)}); "
                                 "start a new run for that.")
-            # the run's own config, plus the harmless flags just typed; it keeps writing into its own folder
-            saved = {k: v for k, v in saved.items() if k in OPTIONS}
+            saved = {k: v for k, v in saved.items() if k in OPTIONS}  # its own config + the harmless typed flags
             cfg = {**DEFAULTS, **saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
             trained_on = saved["device"]
         elif cfg["resume"] != "auto":  # 'auto' without a checkpoint simply starts fresh
             raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir}/checkpoints; pass the --output-dir "
                             "of a run that has saved one.")
     cfg = argparse.Namespace(**cfg)
-    # --- validation: each mistake a user can make gets one sentence that says what to do ---
     if cfg.device == "auto":
         cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
     if cfg.device.startswith("cuda") and "LOCAL_RANK" in os.environ:  # torchrun: each process on its own GPU
@@ -1907,9 +1843,8 @@ def resolve_config(args):
 
 
 def quiet_libraries():
-    """Keep the console to our progress bar and messages: library warnings that say nothing true or useful to a user
-    of this script (diffusers passing huggingface_hub a deprecated argument; open_clip announcing 'random weights'
-    for the architecture that the HPS weights are loaded into next) are not shown; errors still are."""
+    """Only our bar and messages on the console: warnings untrue or useless here (diffusers passing huggingface_hub a
+    deprecated argument; open_clip's 'random weights' for the model HPS weights fill next) are hidden; errors show."""
     import logging
     import warnings
     from diffusers.utils import logging as diffusers_logging

@@ -41,7 +41,7 @@ class AestheticScore(torch.nn.Module):
     def forward(self, pixels, prompts=None):  # the prompt plays no part
         dtype = next(self.clip.parameters()).dtype
         emb = self.clip.encode_image(r0.clip_preprocess(pixels, 224).to(dtype)).float()  # (B,768)
-        # normalized and scored in fp32, as the predictor's own code does it (it casts its input to a float tensor)
+        # normalized and scored in fp32, as the predictor's own code does (it casts its input to a float tensor)
         return self.layers(torch.nn.functional.normalize(emb, dim=-1)).squeeze(-1)  # (B,)
 
 
