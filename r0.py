@@ -573,7 +573,12 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
 
 
 class UserError(Exception):
-    """A mistake the user can fix (bad flag, missing file, no network). main() prints it as one sentence."""
+    """A mistake the user can fix (bad flag, missing file, no network), exit code 2, or a run stopped on purpose (an
+    interrupt: 130/143, too many non-finite steps: 3). main() prints it as one sentence."""
+
+    def __init__(self, message, exit_code=2):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1310,13 +1315,6 @@ RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sam
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
 
 
-class TrainingStopped(UserError):
-    """Training ended early on purpose (interrupt, too many non-finite steps); exit_code says which."""
-    def __init__(self, message, exit_code):
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 class PromptOrder:
     """Shuffled epochs of prompts, checkpointed so that a resume sees the same prompts as an uninterrupted run."""
 
@@ -1704,7 +1702,7 @@ def train(cfg):
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:
-                raise TrainingStopped(
+                raise UserError(
                     f"stopped at step {step + 1} after {bad_steps} steps in a row with non-finite values (NaN/Inf); "
                     f"the last good checkpoint is {last_checkpoint or 'none (no checkpoint was written yet)'}. "
                     "Lower --lr or check the rewards, then --resume.", exit_code=3)
@@ -1715,9 +1713,8 @@ def train(cfg):
                                                   run.prompts_hash) or last_checkpoint
             if stopping and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
-                raise TrainingStopped(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
-                                      f"{launcher(world_size())} r0.py --resume {out}",
-                                      exit_code=128 + (stop.signum or 15))
+                raise UserError(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
+                                f"{launcher(world_size())} r0.py --resume {out}", exit_code=128 + (stop.signum or 15))
     if run.main:
         finish_run(run, cfg)
     return run.m
@@ -1754,10 +1751,7 @@ def peak_memory_gb(device):
 # Command line
 
 class Parser(argparse.ArgumentParser):
-    """argparse refusing a mistyped flag in one sentence, without abbreviations (--prompt is not --prompts)."""
-
-    def __init__(self, **kwargs):
-        super().__init__(allow_abbrev=False, **kwargs)
+    """argparse refusing a mistyped flag in one sentence (built with allow_abbrev=False: --prompt is not --prompts)."""
 
     def error(self, message):
         raise UserError(f"{message}; `python {self.prog} --help` lists every flag.")
@@ -1767,7 +1761,7 @@ def build_parser():
     """One flag per OPTIONS entry, its help ending in its default (and its --tiny value, where --tiny changes it)."""
     # argument_default=SUPPRESS: args holds only the typed flags, which override defaults, preset or saved config.
     p = Parser(prog="r0.py", description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
-               argument_default=argparse.SUPPRESS)
+               argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, (default, what) in OPTIONS.items():
         if default is not None and default is not False:  # (seed's 0 is a default to show)
             what += f" (default {default}" + (f"; --tiny: {TINY_PRESET[name]})" if name in TINY_PRESET else ")")
@@ -1865,8 +1859,8 @@ def main(argv=None):
         train(cfg)
     except UserError as err:
         if first_rank:
-            print(f"error: {err}" if not isinstance(err, TrainingStopped) else str(err), file=sys.stderr)
-        sys.exit(getattr(err, "exit_code", 2))
+            print(f"error: {err}" if err.exit_code == 2 else str(err), file=sys.stderr)
+        sys.exit(err.exit_code)
     except KeyboardInterrupt:
         if first_rank:
             print("interrupted before training started; nothing was saved.", file=sys.stderr)

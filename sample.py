@@ -274,7 +274,7 @@ def save_sampler_grid(rows, captions, path):
 
 def build_parser():
     p = r0.Parser(prog="sample.py", description="Few-step images from an R0 generator (optionally vs the base model, "
-                                                "scored)")
+                                                "scored)", allow_abbrev=False)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--run", help="an r0.py run folder (or its pipeline/ folder)")
     src.add_argument("--model", help="any SD1.5 diffusers folder or hub id (e.g. with --lora)")

@@ -1634,7 +1634,7 @@ def test_interrupt_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(t
 
     monkeypatch.setattr(r0, "r0_step", step_then_ctrl_c)
     handler_before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(r0.TrainingStopped, match=r"--resume") as stopped:
+    with pytest.raises(r0.UserError, match=r"--resume") as stopped:
         r0.train(run_cfg(tmp_path, "--max-steps", "5", "--checkpoint-every", "100"))
     assert stopped.value.exit_code == 130 and len(calls) == 2  # step 2 finished, step 3 never started
     assert os.listdir(tmp_path / "checkpoints") == ["step_000002.pt"]
@@ -1677,7 +1677,7 @@ def test_non_finite_values_skip_the_update_and_stop_after_max_bad_steps(tmp_path
     real_load = r0.load_models
     monkeypatch.setattr(r0, "load_models", lambda cfg: captured.setdefault("m", real_load(cfg)))
     monkeypatch.setattr(r0.ColourReward, "forward", nan_from_third_call)
-    with pytest.raises(r0.TrainingStopped, match="step_000002.pt") as stopped:
+    with pytest.raises(r0.UserError, match="step_000002.pt") as stopped:
         r0.train(run_cfg(tmp_path, "--max-steps", "10", "--checkpoint-every", "1", "--max-bad-steps", "2"))
     assert stopped.value.exit_code == 3
     log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
