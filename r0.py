@@ -3,10 +3,9 @@ R0: few-step text-to-image generation by regularized reward maximization, on Sta
 
 Paper: Yihong Luo, Tianyang Hu, Weijian Luo, Kenji Kawaguchi, Jing Tang,
 "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv 2503.13070 (v1, March 2025).
-v2 of the same arXiv id (NeurIPS 2025) is renamed "Reward-Instruct: A Reward-Centric Approach to Fast Photo-Realistic
-Image Generation"; its abstract reads the same training as sampling the generator's parameters from a reward-tilted
-distribution, and we found no change to the algorithm in what could be read of it (README: "Not in this
-implementation"). The official repository holds no code; this file is a from-scratch reference. Each part below names
+v2 (NeurIPS 2025, renamed "Reward-Instruct") reads the same training as sampling the generator's parameters from a
+reward-tilted distribution; we found no change to the algorithm (README: "Not in this implementation").
+The official repository holds no code; this file is a from-scratch reference. Each part below names
 the part of the paper (v1) it implements, by section or figure; "paper:" marks what the paper says, "our choice:"
 each decision it leaves open, with the reason, and "our reading:" where we interpret its text.
 
@@ -462,8 +461,8 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
 #    ONE backward of that through the decoder and the UNet steps (whatever the number of rewards)
 #
-# One optimizer step, in call order (optimizer_step, Plumbing; a run's first step is first_step, the same with a
-# retry at half the micro-batch if the GPU runs out of memory):
+# One optimizer step, in call order (optimizer_step, Plumbing; a run's first step retries at half the micro-batch
+# if the GPU runs out of memory):
 #    for each of --grad-accum micro-batches:  prompts = next B prompts  ->  loss = r0_step(prompts): encode_prompts
 #       -> generate -> decode -> composed_reward_gradients -> surrogate + lambda reg  ->  (loss / grad_accum).backward()
 #    -> clip the gradient to global norm 1.0 (our choice)  ->  AdamW step (make_optimizer)  ->  zero the gradients
@@ -902,12 +901,10 @@ def hub_file(name, download):
     """The local path of one of a reward's hub files (REWARDS[name].downloads): a cached file first, then a download."""
     from huggingface_hub import hf_hub_download
     what, repo, files = download
-
-    def path(local):
-        cached = [path for path in (in_cache(repo, f) for f in files) if path]
-        return cached[0] if cached else hf_hub_download(repo, files[0], local_files_only=local)
-    return from_hub(path, f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), leave {name} out "
-                    "(of --rewards, or sample.py's --score-with), or run offline with --tiny.")
+    cached = next(filter(None, (in_cache(repo, f) for f in files)), None)
+    return cached or from_hub(lambda local: hf_hub_download(repo, files[0], local_files_only=local),
+                              f"the {what} ({repo})", f"pre-download it (hf download {repo} {files[0]}), leave "
+                              f"{name} out (of --rewards, or sample.py's --score-with), or run offline with --tiny.")
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1241,9 +1238,9 @@ def write_curves(out_dir):
     before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
     if "colour_accuracy_before" in before:  # the held-out measures of the base model, at step 0
         log.insert(0, {"step": 0, "colour_accuracy": before["colour_accuracy_before"], "detail_kept": 1.0})
+    held_out = [k for k in ("colour_accuracy", "detail_kept") if any(k in r for r in log)]  # (the toy's, last)
     keys = [k for k in log[-1] if k not in ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb",
-                                            "skipped", "detail_kept", "colour_accuracy")]
-    keys += [k for k in ("colour_accuracy", "detail_kept") if any(k in r for r in log)]
+                                            "skipped", "detail_kept", "colour_accuracy")] + held_out
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
     for ax, key in zip(axes[0], keys):
         points = [(r["step"], r[key]) for r in log if key in r]
@@ -1525,24 +1522,21 @@ def apply_update(optimizer, params, cfg, finite):
     return grad_norm, applied
 
 
-def optimizer_step(m, optimizer, params, order, cfg, generator):
-    """One optimizer step. Returns (stats, grad norm before clipping, applied)."""
-    stats, finite = accumulate_gradients(m, order, cfg, generator)
-    return stats, *apply_update(optimizer, params, cfg, finite)
-
-
-def first_step(m, optimizer, params, order, cfg, generator):
-    """optimizer_step for a micro-batch that may not fit: if any rank runs out of memory, all retry at half the
-    micro-batch and twice the accumulation (the same effective batch, exactly); an odd batch stops with advice."""
+def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):
+    """One optimizer step. Returns (stats, grad norm before clipping, applied). A run's first step (first=True) may
+    not fit: if any rank runs out of memory, all retry it at half the micro-batch and twice the accumulation (the
+    same effective batch, exactly); an odd batch stops with advice."""
     rng = (generator.get_state(), order.state_dict())
     while True:
         try:
             stats, finite = accumulate_gradients(m, order, cfg, generator)
             out_of_memory = False
         except torch.OutOfMemoryError:
+            if not first:
+                raise
             out_of_memory = True
         # the ranks decide together, before any gradient is exchanged: a rank retrying alone would split the replicas
-        if not any_rank(out_of_memory, cfg.device):
+        if not first or not any_rank(out_of_memory, cfg.device):
             break
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
@@ -1678,8 +1672,8 @@ def train(cfg):
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            step_fn = first_step if step == run.start else optimizer_step  # first_step: halves the micro-batch on OOM
-            stats, grad_norm, applied = step_fn(run.m, run.optimizer, run.params, run.order, cfg, run.generator)
+            stats, grad_norm, applied = optimizer_step(run.m, run.optimizer, run.params, run.order, cfg, run.generator,
+                                                       first=step == run.start)  # first: halves the batch on OOM
             # one JSON line per step (several processes: rank 0's micro-batches; our choice: no all-reduce for a log)
             record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
                           peak_mem_gb=peak_memory_gb(cfg.device))

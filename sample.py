@@ -27,6 +27,7 @@ import r0
 # evaluations per step, conditional and unconditional: 50 per image, against R0's K).
 BASE_STEPS, BASE_GUIDANCE = 25, 7.5
 
+
 class AestheticScore(torch.nn.Module):
     """The LAION improved aesthetic predictor: an MLP 768 -> 1024 -> 128 -> 64 -> 16 -> 1 (dropouts, no activations)
     on the L2-normalized image embedding of OpenAI's CLIP ViT-L/14 (open_clip's evaluation transform, here
@@ -418,12 +419,12 @@ def write_and_score(args, job, rows, prompts, seeds, resolution, device, dtype):
 
 def print_table(table):
     """The score table on stdout: one row per sampler, mean ± standard error per metric."""
-    metrics = [k for k in table[0] if k not in ("row", "unet_evals_per_image", "seconds_per_image")]
-    header = f"{'row':<24} {'UNet evals/img':>14} {'s/img':>8} " + " ".join(f"{m:>16}" for m in metrics)
+    columns = [k for k in table[0] if k not in ("row", "unet_evals_per_image", "seconds_per_image")]
+    header = f"{'row':<24} {'UNet evals/img':>14} {'s/img':>8} " + " ".join(f"{c:>16}" for c in columns)
     print(header)
     print("-" * len(header))
     for row in table:
-        cells = " ".join(f"{row[m]['mean']:>9.2f} ± {row[m]['se']:<4.2f}" for m in metrics)
+        cells = " ".join(f"{row[c]['mean']:>9.2f} ± {row[c]['se']:<4.2f}" for c in columns)
         print(f"{row['row']:<24} {row['unet_evals_per_image']:>14} {row['seconds_per_image']:>8.3f} {cells}")
 
 
