@@ -4,10 +4,11 @@ R0: few-step text-to-image generation by regularized reward maximization, on Sta
 Paper: Yihong Luo, Tianyang Hu, Weijian Luo, Kenji Kawaguchi, Jing Tang,
 "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv 2503.13070 (v1, March 2025).
 v2 (NeurIPS 2025, renamed "Reward-Instruct") reads the same training as sampling the generator's parameters from a
-reward-tilted distribution; we found no change to the algorithm (README: "Not in this implementation").
+reward-tilted distribution; its abstract names no change to the algorithm (README: "Not in this implementation").
 The official repository holds no code; this file is a from-scratch reference. Each part below names
 the part of the paper (v1) it implements, by section or figure; "paper:" marks what the paper says, "our choice:"
-each decision it leaves open, with the reason, and "our reading:" where we interpret its text.
+each decision it leaves open, with the reason, and "our reading:" where we interpret its text. (What we could read
+of the paper is its abstract, figure captions and Table 1, not its body: section contents are our reconstruction.)
 
 The method: take the pretrained SD1.5 UNet, run it as a K-step (K=4) generator from pure noise, decode, score the
 images with several differentiable reward models, and push the reward gradients back into the UNet weights, while
@@ -17,8 +18,8 @@ What is followed is not the gradient of this L: each reward's image gradient g_i
 sample before the weighted sum (paper Fig. 8). The trainable parameters phi (with LoRA, the default: the adapters'
 A and B, theta = theta_0 + scaling * B @ A; with full fine-tuning: theta itself) move along
     E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dphi ]  -  lambda d||theta - theta_0||^2 / dphi
-(then gradient clipping and AdamW). No fixed objective of theta has this gradient; at each step, r0_step builds a
-*surrogate*,
+(then gradient clipping and AdamW). No fixed objective of theta has this gradient (--no-normalize, the ablation,
+follows L's own); at each step, r0_step builds a *surrogate*,
     -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
 (g_pix: the image rewards' composed gradient at the pixels x; g_lat: the cfg reward's, at the latents x0_hat), whose
 negative gradient is exactly this direction and whose value means nothing: watch the logged rewards. No training
@@ -176,15 +177,15 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   clip         CLIP score: open_clip ViT-H-14 laion2b_s32b_b79k; r = clip_score
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + an MLP head; r = imagereward_score
 #   cfg          implicit CFG reward of the frozen base UNet, defined through its gradient (ImplicitCfgReward)
-#   color        a toy for the offline demo and the tests (ColourReward, Plumbing)
+#   color        a toy for the offline demo and the tests (ColourReward, Plumbing); bright: a second toy (ablations)
 # Every reward has this interface, all the method needs of it:
 #   space: "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (it reads x0_hat: (B,4,h,w));
 #   forward(x, prompts: list of B str, text_emb=None) -> (B,) scores that autograd can differentiate in x (no PIL,
-#       no no_grad on the image path); or, for a reward with no cheap value, gradient(x, prompts, text_emb, generator)
+#       no no_grad on the image path; x cast to the frozen model's dtype, the model run under own_dtype, as sample.py
+#       calls it outside autocast); or, for a reward with no cheap value, gradient(x, prompts, text_emb, generator)
 #       -> (logged values (B,), ascent direction shaped like x), as cfg does (its log_as names the logged value).
 # Reward models are frozen; text features never carry gradient. Their classes (caches, memory, layout) and loaders
-# are under Plumbing ("Reward models"), where adding a reward takes three steps: its class, its loader, one line
-# in the REWARDS registry.
+# are under Plumbing ("Reward models": adding one takes three steps, its class, its loader and a REWARDS line).
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalization, used by ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -354,7 +355,7 @@ def make_trainable(unet, cfg, device, frozen_dtype):
     (SD1.5's UNet has no dropout or batch norm, so its train/eval mode changes nothing.)"""
     if cfg.lora_rank > 0:
         # LoRA: theta = theta_0 + delta W, delta W = scaling * B @ A on each adapted layer; theta_0 is the frozen
-        # base weights themselves (half precision), no copy needed. our choice, as diffusers' own SD LoRA training:
+        # base weights themselves (bf16 on a GPU), no copy needed. our choice, as diffusers' own SD LoRA training:
         # adapters on the attention projections (to_q, to_k, to_v, to_out), alpha = rank (scaling 1), A Gaussian
         # and B zero at init (so theta = theta_0 at step 0), adapter weights in fp32 (trained under autocast).
         from peft import LoraConfig
@@ -450,7 +451,8 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The training step: R0, and R0+ (paper section 4; Fig. 12: R0+ converges faster). One micro-batch.
+# The training step: R0, and R0+ (paper section 4; Fig. 12: R0+ converges faster). One micro-batch. (The paper's
+# R0+ also adds a high-resolution guidance loss, Fig. 14, whose definition we could not read: not here, README.)
 #
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> VAE decode --> x (pixels in [0,1])
 #                      \______ R0+: steps before k run without gradient; x0_hat is taken at step k ______/
@@ -466,8 +468,8 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #    for each of --grad-accum micro-batches:  prompts = next B prompts  ->  loss = r0_step(prompts): encode_prompts
 #       -> generate -> decode -> composed_reward_gradients -> surrogate + lambda reg  ->  (loss / grad_accum).backward()
 #    -> clip the gradient to global norm 1.0 (our choice)  ->  AdamW step (make_optimizer)  ->  zero the gradients
-# (A micro-batch whose loss or rewards are not finite is not backpropagated and the update is skipped, as it is when
-# the gradient is not finite; with several GPUs the gradients are averaged over them before clipping: Plumbing.)
+# (From the first micro-batch whose loss or rewards are not finite, none is backpropagated and the update is
+# skipped, as on a non-finite gradient; several GPUs average their gradients before clipping: Plumbing.)
 # The hyperparameters read as cfg.* and their defaults (each labelled ours or the paper's): OPTIONS, under Plumbing.
 
 def r0_step(m, prompts, cfg, generator):
@@ -1228,16 +1230,14 @@ def toy_measures(m, prompts, cfg, seeds=range(1000, 1004)):
             "detail": images.std(dim=(2, 3)).mean().item()}
 
 
-def write_curves(out_dir):
-    """<out>/curves.png from log.jsonl: rewards, reg, detail, and the toy's held-out measures (step 0: summary.json)."""
+def write_curves(out_dir, summary):
+    """<out>/curves.png from log.jsonl: rewards, reg, detail, and the toy's held-out measures (step 0: the summary's)."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
     log = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
-    summary_path = os.path.join(out_dir, "summary.json")
-    before = json.load(open(summary_path)) if os.path.exists(summary_path) else {}
-    if "colour_accuracy_before" in before:  # the held-out measures of the base model, at step 0
-        log.insert(0, {"step": 0, "colour_accuracy": before["colour_accuracy_before"], "detail_kept": 1.0})
+    if "colour_accuracy_before" in summary:  # the held-out measures of the base model, at step 0
+        log.insert(0, {"step": 0, "colour_accuracy": summary["colour_accuracy_before"], "detail_kept": 1.0})
     held_out = [k for k in ("colour_accuracy", "detail_kept") if any(k in r for r in log)]  # (the toy's, last)
     keys = [k for k in log[-1] if k not in ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb",
                                             "skipped", "detail_kept", "colour_accuracy")] + held_out
@@ -1424,11 +1424,10 @@ class StopOnSignal:
             signal.signal(s, handler)
 
 # -----------------------------------------------------------------------------------------------------------
-# Several GPUs, nanoGPT-style: torchrun --standalone --nproc_per_node N r0.py ... runs N processes training one
-# generator (python r0.py: one; all below is then a no-op). Each rank draws its own prompts and noise (seed + rank); per
-# optimizer step the trainable gradients are averaged over the ranks, so all step alike and hold the same weights. Only
-# rank 0 writes files. our choice: not DistributedDataParallel, whose reducer expects one forward per backward (our
-# generator calls the UNet K times, and the cfg reward once more, before its one backward), but its arithmetic by hand.
+# Several GPUs, nanoGPT-style: torchrun --standalone --nproc_per_node N r0.py ... trains one generator on N processes
+# (python r0.py: one; all below is then a no-op). Each rank draws its own prompts and noise (seed + rank); the gradients
+# are averaged over the ranks every optimizer step, so all hold the same weights; rank 0 writes. our choice: DDP's
+# arithmetic by hand (its reducer expects one forward per backward; we call the UNet K times, the cfg reward once more).
 
 def init_distributed(device):
     """Join torchrun's process group (NCCL or gloo) on this rank's device; returns (rank, processes): (0, 1) alone."""
@@ -1692,7 +1691,7 @@ def train(cfg):
             log.write(json.dumps(record) + "\n")
             log.flush()  # a crash loses at most the line being written
             if grid_step and run.main:
-                write_curves(out)  # <out>/curves.png, refreshed with each progress grid
+                write_curves(out, run.summary)  # <out>/curves.png, refreshed with each progress grid
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:

@@ -331,9 +331,11 @@ class PickScoreLike(torch.nn.Module):
     def forward(self, pixels, prompts, text_emb=None):
         ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
         with torch.no_grad():  # text features carry no gradient (transformers 5: projected features as pooler_output)
-            text = self.model.get_text_features(input_ids=ids.input_ids).pooler_output
-        image = self.model.get_image_features(pixel_values=r0.clip_preprocess(pixels, 224)).pooler_output
-        return torch.nn.functional.cosine_similarity(image, text, dim=-1)  # (B,)
+            text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device)).pooler_output
+        image = r0.clip_preprocess(pixels, 224).to(self.model.dtype)  # into the frozen model's dtype
+        with r0.own_dtype(pixels.device):  # and computed in it (bf16 on a GPU), as r0.py's rewards
+            image = self.model.get_image_features(pixel_values=image).pooler_output
+        return torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)  # (B,)
 
     def enable_gradient_checkpointing(self):
         r0.checkpoint_transformers_layers(self.model)
@@ -378,6 +380,8 @@ def test_a_reward_is_added_in_the_three_steps_r0_promises(tmp_path, monkeypatch,
     reward = make_rewards((tok, te, vae, unet), ["pickscore"])["pickscore"]
     _, grad = r0.reward_gradient(reward, torch.rand(2, 3, 64, 64), ["a red fox", "a blue car"], None)
     assert (grad.flatten(1).norm(dim=1) > 0).all() and not any(p.requires_grad for p in reward.parameters())
+    bf16 = load_pickscore_like(True, "cpu", torch.bfloat16)  # as sample.py scores on a GPU: bf16, outside autocast
+    assert bf16(torch.rand(2, 3, 64, 64), ["a red fox", "a blue car"]).isfinite().all()
     # offline, with an empty cache: its download is named with the others
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     with pytest.raises(SystemExit):
