@@ -57,7 +57,9 @@ def load_aesthetic(tiny, device, dtype):
     import open_clip
     if tiny:
         model, _ = r0.build_tiny_clip_tower(seed=7)
-        scorer = AestheticScore(model, dim=model.visual.output_dim)
+        with torch.random.fork_rng():  # its head too from a fixed seed, whatever ran before
+            torch.manual_seed(7)
+            scorer = AestheticScore(model, dim=model.visual.output_dim)
     else:
         clip_file = r0.hub_file("aesthetic", AESTHETIC.downloads[0])
         model = open_clip.create_model("ViT-L-14", pretrained=clip_file, force_quick_gelu=True)  # OpenAI CLIP: QuickGELU
