@@ -72,8 +72,8 @@ MUTANTS = [
     ("ImageReward's raw head output, not in its units", "return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD", "return raw"),
     ("LoRA adapters left off to_out.0", 'target_modules=["to_k", "to_q", "to_v", "to_out.0"]',
      'target_modules=["to_k", "to_q", "to_v"]'),
-    ("each rank decides alone to retry after running out of memory", "if not first or not any_rank(out_of_memory, cfg.device):",
-     "if not first or not out_of_memory:"),
+    ("each rank decides alone to retry after running out of memory",
+     "if not first or not any_rank(out_of_memory, cfg.device):", "if not first or not out_of_memory:"),
     ("files unpickled with weights_only=False", 'torch.load(path, map_location="cpu", weights_only=True)',
      'torch.load(path, map_location="cpu", weights_only=False)'),
 ]
