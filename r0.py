@@ -222,9 +222,8 @@ def clip_score(clip_model, pixels, text_features):
     Returns (B,) in [-1,1]."""
     image = clip_preprocess(pixels, clip_model.visual.image_size[0])  # (B,3,224,224)
     with own_dtype(pixels.device):  # the frozen tower computes in its own dtype (bf16 on a GPU)
-        image = image.to(next(clip_model.parameters()).dtype)
-        img_feat = clip_model.encode_image(image, normalize=True).float()  # (B,D), unit norm
-    return (img_feat * text_features).sum(-1)  # (B,)
+        img_feat = clip_model.encode_image(image.to(next(clip_model.parameters()).dtype)).float()  # (B,D)
+    return (F.normalize(img_feat, dim=-1) * text_features).sum(-1)  # (B,), normalized in fp32 as HPSv2 does
 
 
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # the raw head's statistics (its own)
@@ -253,11 +252,10 @@ class ImplicitCfgReward:
     and ascend log p(c | x_t). By Bayes, grad_{x_t} log p(c|x_t) = grad log p(x_t|c) - grad log p(x_t)
     = -(eps_c - eps_u) / sqrt(1 - a_t), and the chain rule through x_t adds dx_t/dx0_hat = sqrt(a_t), so
         d log p(c | x_t) / d x0_hat = sqrt(a_t) / sqrt(1 - a_t) * (eps_u - eps_c).
-    (The score of a noised sample is -eps / sqrt(1 - a_t), conditional or not.) our choice: drop the factor
-    sqrt(a_t / (1 - a_t)): any positive per-sample factor cancels completely in the per-sample normalization of the
-    reward composition (not under --no-normalize), so only the distribution of t matters, t ~ U{20..980}; the
-    unconditional c is the empty prompt, as in SD1.5's own guidance. The reward has no cheap value: we log the
-    guidance gap ||eps_c - eps_u||^2 per element instead, as 'cfg_gap' (a diagnostic, not a reward value)."""
+    (The score of a noised sample is -eps / sqrt(1 - a_t), conditional or not.) Per-sample normalization cancels
+    the factor, so only the distribution of t matters (our choice: t ~ U{20..980}; the unconditional c is the empty
+    prompt, as in SD1.5's own guidance); without it (--no-normalize) the factor weights each sample as L does.
+    The reward has no cheap value: we log the guidance gap ||eps_c - eps_u||^2 per element, as 'cfg_gap'."""
 
     space = "latents"
     log_as = "cfg_gap"  # the logged number is the guidance gap, not a reward value
@@ -277,7 +275,7 @@ class ImplicitCfgReward:
         emb = torch.cat([text_emb, self.uncond_emb.expand(B, -1, -1).to(text_emb.dtype)])  # (2B,77,D)
         eps_c, eps_u = self.base_eps(torch.cat([x_t, x_t]), torch.cat([t, t]), emb).float().chunk(2)
         gap = ((eps_c - eps_u) ** 2).flatten(1).mean(1)  # (B,) logged, not optimized directly
-        return gap, eps_u - eps_c  # (B,), (B,4,h,w) latent-space ascent direction
+        return gap, (a_t / (1 - a_t)).sqrt() * (eps_u - eps_c)  # (B,), (B,4,h,w) d log p(c|x_t) / d x0_hat
 
 
 def make_base_eps(unet, frozen_unet):
@@ -561,6 +559,9 @@ OPTIONS = dict(
     checkpoint_every=(200, "steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)"),
     keep_checkpoints=(3, "keep the newest N checkpoints"),
     max_bad_steps=(10, "stop after N non-finite steps in a row (each one skipped)"),
+    # our choice: the longest expected wait is rank 0 writing one checkpoint (full fine-tuning: 10 GB) and a grid;
+    # 20 minutes covers that at 10 MB/s and bounds how long a hang idles every GPU
+    dist_timeout=(20, "torchrun: minutes a process waits for the others before the run stops; raise for a slow disk"),
     resume=(None, "a run folder to continue from its latest checkpoint, or 'auto' (= --output-dir, if it has one)"),
     overwrite=(False, "replace the run already in --output-dir"),
 )
@@ -705,7 +706,7 @@ class ClipFamilyReward(torch.nn.Module):
         missing = [p for p in dict.fromkeys(prompts) if p not in self._text]  # new prompts, in order, once
         if missing:
             device = next(self.model.parameters()).device
-            feats = self.model.encode_text(self.tokenizer(missing).to(device), normalize=True).float()  # (M,D)
+            feats = F.normalize(self.model.encode_text(self.tokenizer(missing).to(device)).float(), dim=-1)  # (M,D)
             self._text.update(zip(missing, feats))
         return torch.stack([self._text[p] for p in prompts])  # (B,D), unit norm
 
@@ -1235,7 +1236,7 @@ def write_curves(out_dir, summary):
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
-    log = [json.loads(line) for line in open(os.path.join(out_dir, "log.jsonl"))]
+    log = read_log(os.path.join(out_dir, "log.jsonl"))
     if "colour_accuracy_before" in summary:  # the held-out measures of the base model, at step 0
         log.insert(0, {"step": 0, "colour_accuracy": summary["colour_accuracy_before"], "detail_kept": 1.0})
     held_out = [k for k in ("colour_accuracy", "detail_kept") if any(k in r for r in log)]  # (the toy's, last)
@@ -1307,8 +1308,8 @@ def save_pipeline(m, cfg):
 
 # Config keys a resumed run may change: none of them touches the optimization itself.
 RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sample_seeds", "checkpoint_every",
-                     "keep_checkpoints", "max_bad_steps", "device", "grad_checkpointing", "prompts", "resume",
-                     "overwrite", "output_dir"}
+                     "keep_checkpoints", "max_bad_steps", "dist_timeout", "device", "grad_checkpointing", "prompts",
+                     "resume", "overwrite", "output_dir"}
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
 
 
@@ -1334,6 +1335,15 @@ class PromptOrder:
         self.queue = list(state["queue"])
 
 
+def frozen_fingerprint(m):
+    """The frozen models a run trains against, cheaply (once per run): per module (theta_0, text encoder, VAE, each
+    reward model), the float64 sum of |w|. The tiny models come from a miniature pretraining whose float sums depend
+    on the machine and the thread count, and a hub model's local snapshot can change: a resume checks this."""
+    modules = [m.unet if m.frozen_unet is None else m.frozen_unet, m.text_encoder, m.vae, *m.rewards.values()]
+    return [sum(p.detach().double().abs().sum().item() for p in module.parameters() if not p.requires_grad)
+            for module in modules if isinstance(module, torch.nn.Module)]
+
+
 def checkpoint_files(out_dir):
     """Finished checkpoints of a run, oldest first (temporary files of an interrupted write are ignored)."""
     folder = os.path.join(out_dir, "checkpoints")
@@ -1341,9 +1351,10 @@ def checkpoint_files(out_dir):
     return [os.path.join(folder, f) for f in names]
 
 
-def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_hash):
+def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_hash, fingerprint, last=None):
     """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written to a temp file and renamed (atomic: a crash
-    never corrupts the latest); the oldest beyond --keep-checkpoints go; a failed write (full disk) only warns."""
+    never corrupts the latest); the oldest beyond --keep-checkpoints go. A failed write (a full disk) stops the run,
+    the previous checkpoint (`last`) intact."""
     state = {
         "step": step,
         "trainable": {n: p.detach().cpu() for n, p in m.unet.named_parameters() if p.requires_grad},
@@ -1357,33 +1368,43 @@ def save_checkpoint(out_dir, step, m, optimizer, generator, order, cfg, prompts_
             "weights_sum": torch.stack([p.detach().double().sum() for p in trainable_parameters(m.unet)]).sum().item()}),
         "config": vars(cfg),
         "prompts_sha256": prompts_hash,
+        "fingerprint": fingerprint, "threads": torch.get_num_threads(),  # of the frozen models (see frozen_fingerprint)
     }
-    if rank() != 0:  # several processes: rank 0 writes
-        return None
-    sums = [r["weights_sum"] for r in state["ranks"]]
-    if len(set(sums)) > 1:  # several processes must hold the same weights
-        print(f"warning: the processes hold different weights at step {step} (sums of their weights: {sums}).")
     path = os.path.join(out_dir, "checkpoints", f"step_{step:06d}.pt")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    try:
-        torch.save(state, path + ".tmp")
-        os.replace(path + ".tmp", path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        print(f"warning: could not write checkpoint {path} ({err.strerror}); the previous one is kept.")
-        return None
-    for old in checkpoint_files(out_dir)[: -cfg.keep_checkpoints]:
-        os.remove(old)
+    failed = None
+    if rank() == 0:  # several processes: rank 0 writes
+        sums = [r["weights_sum"] for r in state["ranks"]]
+        if len(set(sums)) > 1:  # several processes must hold the same weights
+            print(f"warning: the processes hold different weights at step {step} (sums of their weights: {sums}).")
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            torch.save(state, path + ".tmp")  # (a full disk: OSError, or RuntimeError from torch's zip writer)
+            os.replace(path + ".tmp", path)
+            for old in checkpoint_files(out_dir)[: -cfg.keep_checkpoints]:
+                os.remove(old)
+        except (OSError, RuntimeError) as err:
+            with contextlib.suppress(OSError):
+                os.remove(path + ".tmp")
+            failed = getattr(err, "strerror", None) or str(err).splitlines()[0]
+    if any_rank(failed is not None, cfg.device):  # a run that cannot save its progress stops, on every rank
+        raise UserError(f"could not write checkpoint {path} ({failed or 'on rank 0'}); stopped, so that no more "
+                        f"training is lost: the last checkpoint is {last or 'none'}. Free some disk space, then "
+                        f"{launcher(world_size())} r0.py --resume {out_dir}", exit_code=1)
     return path
 
 
-def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg):
+def load_checkpoint(path, m, optimizer, generator, order, prompts_hash, cfg, fingerprint):
     """Restore a save_checkpoint() file into freshly built models / optimizer / generators. Returns its step."""
     state = load_tensors(path, "r0.py checkpoint")
     if state["prompts_sha256"] != prompts_hash:  # the saved data order would index into different prompts
         raise UserError(f"the prompts in {state['config']['prompts']} differ from those the run was trained on; resume "
                         "with the same prompt file, or start a new run.")
+    saved = state.get("fingerprint")  # (none in checkpoints before it existed)
+    if saved and not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, fingerprint, strict=True)):
+        raise UserError(f"the frozen models (theta_0, VAE, text encoder, rewards) differ from those {cfg.output_dir} was "
+                        "trained from: another snapshot of --model, or --tiny's models rebuilt on another machine or "
+                        f"thread count (the run had {state['threads']} threads: OMP_NUM_THREADS={state['threads']}); "
+                        "resume where it was trained, or start a new run.")
     trained_by = len(state["ranks"])  # each process continues its own random streams: the count cannot change
     if trained_by != world_size():
         raise UserError(f"{cfg.output_dir} was trained by {trained_by} process{'es' if trained_by > 1 else ''} and "
@@ -1429,15 +1450,15 @@ class StopOnSignal:
 # are averaged over the ranks every optimizer step, so all hold the same weights; rank 0 writes. our choice: DDP's
 # arithmetic by hand (its reducer expects one forward per backward; we call the UNet K times, the cfg reward once more).
 
-def init_distributed(device):
-    """Join torchrun's process group (NCCL or gloo) on this rank's device; returns (rank, processes): (0, 1) alone."""
+def init_distributed(device, timeout_minutes):
+    """Join torchrun's process group (NCCL or gloo) on this rank's device; returns (rank, processes): (0, 1) alone.
+    A collective that waits longer than --dist-timeout fails, and torchrun stops every process."""
     if "RANK" not in os.environ:  # not started by torchrun
         return 0, 1
     if device.startswith("cuda"):
         torch.cuda.set_device(device)
-    # our choice: a 2-hour timeout (NCCL's default: 10 min): the others wait while rank 0 alone writes grids, measures
-    # and checkpoints (full fine-tuning: 10 GB); a slow disk must not crash them (a dead rank stops torchrun anyway).
-    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo", timeout=datetime.timedelta(hours=2))
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return rank(), world_size()
 
 
@@ -1539,21 +1560,34 @@ def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):
             break
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.empty_cache()
-        if cfg.batch_size % 2:
-            raise UserError(f"out of GPU memory at --batch-size {cfg.batch_size}; use --batch-size 1 with a larger "
-                            "--grad-accum, --r0-plus, a smaller --lora-rank or --resolution, or a larger GPU.")
-        cfg.batch_size, cfg.grad_accum = cfg.batch_size // 2, cfg.grad_accum * 2
+        if cfg.batch_size == 1:
+            raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet call "
+                            "in the graph), fewer rewards, a smaller --lora-rank or --resolution, or a larger GPU.")
+        half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
+        cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
         if rank() == 0:
             print(f"out of GPU memory: retrying with --batch-size {cfg.batch_size} --grad-accum {cfg.grad_accum} "
                   "(the same effective batch)")
         generator.set_state(rng[0])  # the step starts again from its first draw
         order.load_state_dict(rng[1])
         write_config(cfg)  # a --resume continues with the batch that fits
+    return stats, *apply_update(optimizer, params, cfg, finite)
+
+
+def allocate_optimizer_state(optimizer, params):
+    """AdamW creates its state (two fp32 copies of the trainable weights) in its first update, which would make step 2
+    heavier than step 1, the one that retries out of memory: a step on zero gradients creates it now (weight decay 0
+    and zero moments: no weight moves), and its step count is reset, so that the run is exactly as without it."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
     try:
-        return stats, *apply_update(optimizer, params, cfg, finite)
-    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this: AdamW's state does not shrink with it
-        raise UserError("out of GPU memory in the update itself (on its first step AdamW allocates its state, two "
-                        "fp32 copies of the trainable weights); train LoRA (a smaller --lora-rank) or use a larger GPU.")
+        optimizer.step()
+    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this
+        raise UserError("out of GPU memory for AdamW's state (two fp32 copies of the trainable weights); train LoRA "
+                        "(a smaller --lora-rank) or use a larger GPU.")
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        state["step"].zero_()
 
 
 def check_writable(path, flag):
@@ -1567,10 +1601,47 @@ def check_writable(path, flag):
 
 
 def write_atomic(path, text):
-    """Write-then-rename, so a crash never leaves a half-written config, summary or log."""
-    with open(path + ".tmp", "w") as f:
-        f.write(text)
-    os.replace(path + ".tmp", path)
+    """Write-then-rename, so a crash or a full disk never leaves a half-written config, summary or log."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+
+
+def append_line(path, line):
+    """One line onto log.jsonl; a write cut short (a full disk) is undone, so the file holds only whole lines."""
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise
+
+
+def read_log(path):
+    """log.jsonl's records (a line cut short by a crash is skipped)."""
+    records = []
+    for line in open(path) if os.path.exists(path) else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+
+def write_or_warn(run, what, write, *args, **kwargs):
+    """A write that must not end a run (a grid, a log line, curves.png, the summary): on a full disk, say so once
+    and go on. (A checkpoint that cannot be written stops the run: save_checkpoint.)"""
+    try:
+        write(*args, **kwargs)
+    except OSError as err:
+        if not run.write_failed:
+            print(f"warning: could not write {what} ({err.strerror or err}); training goes on and writes what it can "
+                  "(it stops if a checkpoint cannot be written).")
+        run.write_failed = True
 
 
 def write_config(cfg):
@@ -1578,12 +1649,16 @@ def write_config(cfg):
     if rank() == 0:
         saved = {k: v for k, v in vars(cfg).items() if k in OPTIONS}
         saved.update(world_size=world_size(), effective_batch=cfg.batch_size * cfg.grad_accum * world_size())
-        write_atomic(os.path.join(cfg.output_dir, "config.json"), json.dumps(saved, indent=2))
+        path = os.path.join(cfg.output_dir, "config.json")
+        try:
+            write_atomic(path, json.dumps(saved, indent=2))
+        except OSError as err:
+            raise UserError(f"could not write {path} ({err.strerror}); free some disk space, then start again.")
 
 
 def set_up_run(cfg):
     """Everything before the first step, ordered so that a mistake costs nothing: input checks, models, then files."""
-    process, processes = init_distributed(cfg.device)  # one process: rank 0 of 1; torchrun: see "Several GPUs"
+    process, processes = init_distributed(cfg.device, cfg.dist_timeout)  # one process: rank 0 of 1; torchrun: see "Several GPUs"
     say = print if process == 0 else (lambda *args, **kwargs: None)  # rank 0 speaks (and writes) for all
     prompts = load_prompts(cfg.prompts)
     prompts_hash = hashlib.sha256("\n".join(prompts).encode()).hexdigest()  # a resume must see the same prompts
@@ -1608,18 +1683,22 @@ def set_up_run(cfg):
             "truncated, as SD1.5 itself does.")
 
     params = trainable_parameters(m.unet)
+    optimizer = make_optimizer(params, cfg)
+    allocate_optimizer_state(optimizer, params)  # before the first forward: the first step is the heaviest
     run = argparse.Namespace(
-        m=m, params=params, optimizer=make_optimizer(params, cfg), prompts=prompts, prompts_hash=prompts_hash,
+        m=m, params=params, optimizer=optimizer, prompts=prompts, prompts_hash=prompts_hash,
         generator=torch.Generator(cfg.device).manual_seed(cfg.seed + process),  # latents, eta, noise, R0+'s k, cfg's t
         order=PromptOrder(prompts, cfg.seed + process), start=0, say=say, main=process == 0, summary={},
+        write_failed=False,
         log_path=os.path.join(cfg.output_dir, "log.jsonl") if process == 0 else os.devnull,  # others log nowhere
         summary_path=os.path.join(cfg.output_dir, "summary.json"))
+    run.fingerprint = frozen_fingerprint(m)
     if cfg.resume_checkpoint:
         run.start = load_checkpoint(cfg.resume_checkpoint, m, run.optimizer, run.generator, run.order, prompts_hash,
-                                    cfg)
+                                    cfg, run.fingerprint)
         if run.main:  # drop log lines a crashed run wrote after its last checkpoint: they are about to be redone
-            lines = open(run.log_path).read().splitlines() if os.path.exists(run.log_path) else []
-            write_atomic(run.log_path, "".join(line + "\n" for line in lines if json.loads(line)["step"] <= run.start))
+            write_atomic(run.log_path, "".join(json.dumps(r) + "\n" for r in read_log(run.log_path)
+                                               if r["step"] <= run.start))
             run.summary = json.load(open(run.summary_path)) if os.path.exists(run.summary_path) else {}
         say(f"resumed from {cfg.resume_checkpoint} (step {run.start})")
         if run.start >= cfg.max_steps:
@@ -1644,7 +1723,7 @@ def set_up_run(cfg):
         if before:
             say(f"colour accuracy before training (held-out seeds): {before['colour_accuracy']:.1%} (chance: 1 in "
                 f"{len(COLOURS)}; every untrained image is near gray), detail {before['detail']:.3f}")
-            write_atomic(run.summary_path, json.dumps(run.summary, indent=2))
+            write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
     return run
 
 
@@ -1653,8 +1732,8 @@ def progress(run, cfg, step):
     if not run.main:
         return {}
     images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
-    save_grid(images, os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png"), cfg.num_sample_seeds,
-              captions=run.grid[0])
+    path = os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png")
+    write_or_warn(run, path, save_grid, images, path, cfg.num_sample_seeds, captions=run.grid[0])
     run.measured = toy_measures(run.m, run.prompts, cfg) if run.track_colour else {}
     return run.measured
 
@@ -1664,7 +1743,7 @@ def train(cfg):
     from tqdm import tqdm
     run = set_up_run(cfg)
     out, say, bad_steps, last_checkpoint = cfg.output_dir, run.say, 0, cfg.resume_checkpoint
-    with open(run.log_path, "a") as log, StopOnSignal() as stop:
+    with StopOnSignal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, desc="R0",
                    dynamic_ncols=True, disable=not run.main)
         for step in bar:
@@ -1688,10 +1767,10 @@ def train(cfg):
                 if held_out:  # detail relative to the base model's at step 0
                     record.update(colour_accuracy=held_out["colour_accuracy"],
                                   detail_kept=held_out["detail"] / run.summary.get("detail_before", math.nan))
-            log.write(json.dumps(record) + "\n")
-            log.flush()  # a crash loses at most the line being written
-            if grid_step and run.main:
-                write_curves(out, run.summary)  # <out>/curves.png, refreshed with each progress grid
+            if run.main:
+                write_or_warn(run, run.log_path, append_line, run.log_path, json.dumps(record))
+            if grid_step and run.main:  # <out>/curves.png, refreshed with each progress grid
+                write_or_warn(run, f"{out}/curves.png", write_curves, out, run.summary)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:
@@ -1703,7 +1782,7 @@ def train(cfg):
             # checkpoint on schedule, at the end, and when a signal asked us to stop (never a state after a bad step)
             if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stopping):
                 last_checkpoint = save_checkpoint(out, step + 1, run.m, run.optimizer, run.generator, run.order, cfg,
-                                                  run.prompts_hash) or last_checkpoint
+                                                  run.prompts_hash, run.fingerprint, last_checkpoint)
             if stopping and not done:  # Ctrl-C / SIGTERM arrived during this step: it is saved, now leave
                 bar.close()
                 raise UserError(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: "
@@ -1725,8 +1804,13 @@ def finish_run(run, cfg):
               + ", ".join(f"{c} {before.get(c, math.nan):.0%} -> {v:.0%}"
                           for c, v in summary["colour_accuracy_per_colour"].items())
               + f"; detail, which the colour reward ignores: {summary['detail_kept']:.0%} of the base model's kept")
-    save_pipeline(run.m, cfg)
-    write_atomic(run.summary_path, json.dumps(summary, indent=2))
+    try:
+        save_pipeline(run.m, cfg)
+        write_atomic(run.summary_path, json.dumps(summary, indent=2))
+    except (OSError, RuntimeError) as err:  # a full disk: the last checkpoint holds the trained weights
+        raise UserError(f"could not write {out}/pipeline or its summary ({getattr(err, 'strerror', None) or err}); the "
+                        f"trained weights are in {checkpoint_files(out)[-1]}: free some disk space, then "
+                        f"python r0.py --resume {out} writes them.", exit_code=1)
     lora = f", LoRA adapters in {out}/lora" if getattr(run.m.unet, "peft_config", None) else ""
     print(f"done: progress grids in {out}/samples, curves in {out}/curves.png, diffusers pipeline in {out}/pipeline"
           f"{lora}, checkpoints in {out}/checkpoints, log in {out}/log.jsonl, summary in {out}/summary.json")
@@ -1785,6 +1869,8 @@ def resolve_config(args):
         if found:
             with open(os.path.join(run_dir, "config.json")) as f:
                 saved = json.load(f)
+            if isinstance(saved.get("rewards"), str):  # written by r0.py before 869f30e: the --rewards text
+                saved["rewards"] = parse_rewards(saved["rewards"])
             changed = sorted(k for k, v in typed.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
             if changed:
                 raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
@@ -1815,7 +1901,7 @@ def resolve_config(args):
     if not 1 <= cfg.steps <= 8:
         raise UserError(f"--steps must be between 1 and 8 (the paper uses 4), got {cfg.steps}.")
     for name in ("batch_size", "grad_accum", "max_steps", "resolution", "sample_every", "num_sample_prompts",
-                 "num_sample_seeds", "checkpoint_every", "keep_checkpoints", "max_bad_steps"):
+                 "num_sample_seeds", "checkpoint_every", "keep_checkpoints", "max_bad_steps", "dist_timeout"):
         if getattr(cfg, name) <= 0:
             raise UserError(f"--{name.replace('_', '-')} must be a positive whole number, got {getattr(cfg, name)}.")
     if cfg.resolution % 8:

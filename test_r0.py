@@ -6,11 +6,13 @@ Run:  HF_HUB_OFFLINE=1 python -m pytest -q test_r0.py
 """
 
 import copy
+import datetime
 import functools
 import json
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -597,6 +599,19 @@ def test_clip_family_reward_is_the_cosine_of_open_clip_features():
         txt = reward.model.encode_text(reward.tokenizer(prompts))
     cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
     assert_fp32_close(reward(pixels, prompts), cos)
+
+
+def test_clip_family_features_are_normalized_in_fp32_on_a_bf16_tower():
+    """On a GPU the towers are bf16; the features are normalized after the cast to fp32 (as HPSv2 does under
+    autocast), so a score does not move with the tower's precision beyond the tower itself."""
+    reward = r0.REWARDS["hps"].load(True, "cpu", torch.bfloat16)
+    pixels, prompts = torch.rand(2, 3, 64, 64), ["a red fox", "a blue car"]
+    with torch.no_grad():
+        img = reward.model.encode_image(r0.clip_preprocess(pixels).bfloat16()).float()
+        txt = reward.model.encode_text(reward.tokenizer(prompts)).float()
+        want = torch.nn.functional.cosine_similarity(img, txt, dim=-1)  # fp32 arithmetic on the bf16 features
+        assert torch.allclose(reward.text_features(prompts).norm(dim=-1), torch.ones(2), atol=1e-6)
+        torch.testing.assert_close(reward(pixels, prompts), want, rtol=1e-5, atol=1e-6)
 
 
 def test_reward_tower_layout_change_keeps_scores_and_gradients_and_avoids_the_slow_batched_matmul():
@@ -1603,6 +1618,135 @@ def test_a_colour_run_whose_prompts_name_no_colour_finishes_without_the_toys_mea
     assert json.load(open(tmp_path / "run" / "summary.json")) == {}
 
 
+# config.json exactly as commit 6f50b03's r0.py wrote it (`python r0.py --tiny --max-steps 1 --batch-size 2
+# --sample-every 100`), but for the two paths: `rewards` is the --rewards text, not today's dict
+CONFIG_OF_6F50B03 = """{
+  "model": "stable-diffusion-v1-5/stable-diffusion-v1-5", "tiny": true, "prompts": %(prompts)s,
+  "output_dir": %(out)s, "steps": 4, "resolution": 64, "r0_plus": false, "rewards": "color=1.0", "lora_rank": 8,
+  "weight_reg": 0.01, "grad_clip": 1.0, "lr": 0.01, "batch_size": 2, "grad_accum": 1, "max_steps": 1, "seed": 0,
+  "device": "cpu", "precision": "fp32", "grad_checkpointing": false, "sample_every": 100, "num_sample_prompts": 6,
+  "num_sample_seeds": 4, "checkpoint_every": 50, "keep_checkpoints": 3, "max_bad_steps": 10, "resume": null,
+  "overwrite": false, "world_size": 1, "effective_batch": 2
+}"""
+
+
+def test_a_run_written_by_an_older_r0_py_resumes_with_or_without_its_flags_typed_again(tmp_path):
+    """A run folder in the format of commit 6f50b03: its config.json (above: `rewards` a string), a checkpoint whose
+    config holds that string and `rank`, whose CUDA state is a list and which has no fingerprint, a summary and log of
+    that time. Today's r0.py resumes it, also with `--rewards color=1.0` typed again (not a change), to the same
+    weights either way. (A run whose config held a string crashed on resume with KeyError: 'c'.)"""
+    out = tmp_path / "old"
+    r0.train(run_cfg(out, "--max-steps", "1", "--sample-every", "100"))  # today's files, rewritten in the old format
+    config = CONFIG_OF_6F50B03 % {"prompts": json.dumps(few_prompts()), "out": json.dumps(str(out))}
+    (out / "config.json").write_text(config)
+    ckpt = torch.load(out / "checkpoints" / "step_000001.pt", weights_only=True)
+    ckpt["config"] = {**json.loads(config), "resume_checkpoint": None, "rank": 0}
+    ckpt["ranks"][0]["cuda_rng"] = []  # torch.cuda.get_rng_state_all() or []
+    del ckpt["fingerprint"], ckpt["threads"]
+    torch.save(ckpt, out / "checkpoints" / "step_000001.pt")
+    (out / "summary.json").write_text(json.dumps({"colour_accuracy_before": 0.05,
+                                                  "colour_accuracy_before_per_colour": {"red": 0.0}}))
+    (out / "log.jsonl").write_text(json.dumps({"step": 1, "color": -0.43, "reg": 0.0, "surrogate": 39.1, "loss": 39.1,
+                                               "grad_norm": 18.6, "lr": 0.01, "seconds": 0.2, "peak_mem_gb": 1.1})
+                                   + "\n")
+    again = tmp_path / "typed_again"
+    shutil.copytree(out, again)
+    for folder, typed in ((out, []), (again, ["--rewards", "color=1.0", "--lora-rank", "8"])):
+        cfg = r0.resolve_config(r0.build_parser().parse_args(["--resume", str(folder), "--max-steps", "2", *typed]))
+        assert cfg.rewards == {"color": 1.0} and cfg.normalize and cfg.random_eta and cfg.dist_timeout == 20
+        r0.train(cfg)
+        assert [json.loads(line)["step"] for line in open(folder / "log.jsonl")] == [1, 2]
+    with pytest.raises(r0.UserError, match="cannot change --rewards"):  # a real change is still refused
+        r0.resolve_config(r0.build_parser().parse_args(["--resume", str(again), "--rewards", "color=0.5"]))
+    a, b = (torch.load(d / "checkpoints" / "step_000002.pt", weights_only=True)["trainable"] for d in (out, again))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_refuses_frozen_models_other_than_those_the_run_started_from(tmp_path, monkeypatch):
+    """theta_0 of --tiny is rebuilt by a miniature pretraining whose float sums depend on the machine and the thread
+    count (1 and 2 threads here give a UNet whose sum of |w| differs in the 7th digit, a VAE in the 4th); a hub
+    model's snapshot can change. The checkpoint's fingerprint of the frozen models catches both, in one sentence."""
+    r0.train(run_cfg(tmp_path, "--max-steps", "1"))
+    assert torch.load(tmp_path / "checkpoints" / "step_000001.pt", weights_only=True)["threads"] == torch.get_num_threads()
+    real_build = r0.build_tiny_sd15
+
+    def rebuilt_elsewhere(seed=0):  # what another thread count makes: every UNet weight a little off
+        tokenizer, text_encoder, vae, unet = real_build(seed)
+        with torch.no_grad():
+            for p in unet.parameters():
+                p.mul_(1 + 1e-7)
+        return tokenizer, text_encoder, vae, unet
+
+    monkeypatch.setattr(r0, "build_tiny_sd15", rebuilt_elsewhere)
+    cfg = r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path), "--max-steps", "2"]))
+    with pytest.raises(r0.UserError, match=f"frozen models .* differ .* OMP_NUM_THREADS={torch.get_num_threads()}"):
+        r0.train(cfg)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1]  # nothing lost
+
+
+def test_a_full_disk_warns_once_keeps_training_and_stops_at_a_checkpoint_that_cannot_be_written(tmp_path,
+                                                                                                monkeypatch, capsys):
+    """From step 2 the disk is full (every write into the run folder goes to /dev/full: ENOSPC, as a real full disk
+    gives; torch's zip writer raises RuntimeError there). Step 2's grid and log line fail: one warning, and training
+    goes on to step 2's checkpoint, which cannot be written either: the run stops in one sentence naming the last
+    checkpoint. Nothing written before is damaged: with space again, --resume finishes the run with the weights of
+    a run that never met a full disk."""
+    import builtins
+    import stat
+    if not (os.path.exists("/dev/full") and stat.S_ISCHR(os.stat("/dev/full").st_mode)):
+        pytest.skip("needs /dev/full, the device whose every write fails with ENOSPC")
+    real_open, real_save, real_step, full = builtins.open, torch.save, r0.r0_step, []
+    out = tmp_path / "run"
+
+    def in_run(path):
+        return str(os.path.abspath(path)).startswith(str(out))
+
+    def disk_open(path, mode="r", *args, **kwargs):
+        if full and isinstance(path, (str, os.PathLike)) and in_run(path) and any(c in mode for c in "wax"):
+            return real_open("/dev/full", mode.replace("x", "w"), *args, **kwargs)
+        return real_open(path, mode, *args, **kwargs)
+
+    def disk_save(obj, f, *args, **kwargs):
+        return real_save(obj, "/dev/full" if full and in_run(f) else f, *args, **kwargs)
+
+    def step(m, prompts, cfg, generator):
+        full.extend([True] if step.calls else [])  # the disk fills during step 2
+        step.calls += 1
+        return real_step(m, prompts, cfg, generator)
+
+    step.calls = 0
+    monkeypatch.setattr(builtins, "open", disk_open)
+    monkeypatch.setattr(torch, "save", disk_save)
+    monkeypatch.setattr(r0, "r0_step", step)
+    argv = ["--max-steps", "3", "--checkpoint-every", "1", "--sample-every", "1"]
+    with pytest.raises(r0.UserError, match=r"could not write checkpoint .*step_000002.pt \(.*\); stopped.* the last "
+                                           r"checkpoint is .*step_000001.pt") as err:
+        r0.train(run_cfg(out, *argv))
+    assert err.value.exit_code == 1
+    printed = capsys.readouterr().out
+    assert printed.count("warning: could not write") == 1 and "samples/step_000002.png (No space left" in printed
+    full.clear()
+    monkeypatch.setattr(r0, "r0_step", real_step)
+    assert sorted(os.listdir(out / "checkpoints")) == ["step_000001.pt"]  # no temporary file left behind
+    assert [json.loads(line)["step"] for line in real_open(out / "log.jsonl")] == [1]  # whole lines only
+    r0.train(r0.resolve_config(r0.build_parser().parse_args(["--resume", str(out)])))
+    r0.train(run_cfg(tmp_path / "never_full", *argv))
+    a, b = (torch.load(d / "checkpoints" / "step_000003.pt", weights_only=True) for d in (out, tmp_path / "never_full"))
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in a["trainable"])
+
+
+def test_the_process_group_waits_dist_timeout_minutes(monkeypatch):
+    """torchrun: a collective waits --dist-timeout minutes (default 20: rank 0 writing one full fine-tuning
+    checkpoint at 10 MB/s), not hours, before the run stops."""
+    seen = {}
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setattr(r0.dist, "init_process_group", lambda backend, timeout: seen.update(backend=backend,
+                                                                                          timeout=timeout))
+    cfg = r0.resolve_config(r0.build_parser().parse_args(["--tiny", "--prompts", PROMPTS, "--device", "cpu"]))
+    r0.init_distributed(cfg.device, cfg.dist_timeout)
+    assert seen == {"backend": "gloo", "timeout": datetime.timedelta(minutes=20)}
+
+
 def test_resume_of_a_run_written_before_the_ablation_switches_and_detail(tmp_path):
     """A run folder from before --no-normalize / --no-random-eta and the detail measure (no such keys in config.json,
     the older summary keys) resumes, with those switches at their defaults."""
@@ -1726,13 +1870,15 @@ def test_a_non_finite_micro_batch_leaves_weights_and_optimizer_state_untouched(t
     assert all(torch.equal(after["state"][i][k], state["state"][i][k]) for i in state["state"] for k in state["state"][i])
 
 
-def test_cfg_reward_gradient_is_eps_u_minus_eps_c_and_a_step_along_it_raises_log_p_c_given_x():
+def test_cfg_reward_gradient_is_d_log_p_c_given_x_t_and_a_step_along_it_raises_it():
     """ImplicitCfgReward on a stub base model whose eps is known in closed form: data of the prompt's class c are
     N(mu_c, I), the unconditional model is the mixture of classes c and o, so at x_t = sqrt(a) x0 + sqrt(1-a) n
         eps_c = sqrt(1-a) (x_t - sqrt(a) mu_c),   eps_u = sqrt(1-a) (x_t - sqrt(a) E[mu | x_t]),
-        eps_u - eps_c = sqrt(a (1-a)) p(o | x_t) (mu_c - mu_o).
-    The reward's gradient must be exactly that, and a small step of x0 along it must raise log p(c | x_t) and
-    shrink the logged guidance gap ||eps_c - eps_u||^2."""
+        eps_u - eps_c = sqrt(a (1-a)) p(o | x_t) (mu_c - mu_o),
+    and (x_t ~ N(sqrt(a) mu, I), dx_t/dx0 = sqrt(a)) d log p(c | x_t) / d x0 = a p(o | x_t) (mu_c - mu_o)
+    = sqrt(a / (1-a)) (eps_u - eps_c).
+    The reward's gradient must be exactly that (the factor included: --no-normalize follows it raw), a small step of
+    x0 along it must raise log p(c | x_t), and it must shrink the logged guidance gap ||eps_c - eps_u||^2."""
     ac = r0.sd15_alphas_cumprod()
     g = torch.Generator().manual_seed(0)
     mu_c, mu_o = 0.5 * torch.randn((1, 4, 2, 2), generator=g), 0.5 * torch.randn((1, 4, 2, 2), generator=g)
@@ -1763,7 +1909,10 @@ def test_cfg_reward_gradient_is_eps_u_minus_eps_c_and_a_step_along_it_raises_log
         return a.sqrt() * x0 + (1 - a).sqrt() * n
 
     p_o = p_class(x_t_of(x0), a)[:, 1].view(-1, 1, 1, 1)
-    assert_fp32_close(direction, (a * (1 - a)).sqrt() * p_o * (mu_c - mu_o))
+    assert_fp32_close(direction, a * p_o * (mu_c - mu_o))
+    x0_ = x0.clone().requires_grad_(True)  # the same by autograd on log p(c | x_t)
+    (autograd,) = torch.autograd.grad(p_class(x_t_of(x0_), a)[:, 0].log().sum(), x0_)
+    assert_fp32_close(direction, autograd)
     stepped = x0 + 0.5 * direction / direction.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
     gap_after, _ = reward.gradient(stepped, ["a prompt"] * B, text_emb, torch.Generator().manual_seed(5))
     log_p_c = lambda x0: p_class(x_t_of(x0), a)[:, 0].log()
@@ -1796,11 +1945,13 @@ def test_out_of_gpu_memory_on_the_first_step_halves_the_micro_batch_and_keeps_th
     def no_gpu_memory(m, prompts, cfg, generator):
         raise torch.OutOfMemoryError("CUDA out of memory. (simulated)")
 
-    monkeypatch.setattr(r0, "r0_step", no_gpu_memory)
-    with pytest.raises(r0.UserError, match="out of GPU memory at --batch-size 1"):
-        r0.train(run_cfg(tmp_path / "c", "--batch-size", "2", "--max-steps", "1"))
+    monkeypatch.setattr(r0, "r0_step", no_gpu_memory)  # an odd batch retries at micro-batches of 1, then stops
+    with pytest.raises(r0.UserError, match="out of GPU memory at --batch-size 1, the smallest micro-batch; use "
+                                           "--r0-plus") as err:
+        r0.train(run_cfg(tmp_path / "c", "--batch-size", "3", "--max-steps", "1"))
+    assert "--batch-size 1 --grad-accum 3" in capsys.readouterr().out and "--grad-accum" not in str(err.value)
 
-    # out of memory in the update itself (AdamW allocating its state): a smaller micro-batch cannot help, so no retry
+    # AdamW's state does not fit at all: a smaller micro-batch cannot help, so one sentence before the first step
     monkeypatch.setattr(r0, "r0_step", real_step)
     real_optimizer = r0.make_optimizer
 
@@ -1810,10 +1961,48 @@ def test_out_of_gpu_memory_on_the_first_step_halves_the_micro_batch_and_keeps_th
         return optimizer
 
     monkeypatch.setattr(r0, "make_optimizer", optimizer_without_memory)
-    capsys.readouterr()
-    with pytest.raises(r0.UserError, match="in the update itself"):
+    with pytest.raises(r0.UserError, match="out of GPU memory for AdamW's state"):
         r0.train(run_cfg(tmp_path / "d", "--batch-size", "4", "--max-steps", "1"))
     assert "retrying" not in capsys.readouterr().out
+
+
+def test_the_first_step_is_the_heaviest_so_its_out_of_memory_retry_covers_the_run(tmp_path, monkeypatch, capsys):
+    """AdamW's state (two fp32 copies of the trainable weights) exists before the first forward, so step 1 needs
+    all the memory any later step does. Simulated GPU: the state and 2 images fit, the state and 4 do not. Step 1
+    retries at half the batch and every later step fits (lazily, step 1 would fit at 4 and step 2 die). Creating
+    the state early changes no number: the weights equal those of a run started at the smaller batch."""
+    real_step, real_optimizer, optimizers = r0.r0_step, r0.make_optimizer, []
+
+    def record(params, cfg):
+        optimizers.append(real_optimizer(params, cfg))
+        return optimizers[-1]
+
+    def gpu(m, prompts, cfg, generator):  # the AdamW state and 2 images fit; the state and 4 do not
+        if len(prompts) > 2 and optimizers[-1].state:
+            raise torch.OutOfMemoryError("CUDA out of memory. (simulated)")
+        return real_step(m, prompts, cfg, generator)
+
+    monkeypatch.setattr(r0, "make_optimizer", record)
+    monkeypatch.setattr(r0, "r0_step", gpu)
+    r0.train(run_cfg(tmp_path / "a", "--batch-size", "4", "--max-steps", "3"))
+    assert "retrying with --batch-size 2 --grad-accum 2" in capsys.readouterr().out
+    monkeypatch.setattr(r0, "r0_step", real_step)
+    r0.train(run_cfg(tmp_path / "b", "--batch-size", "2", "--grad-accum", "2", "--max-steps", "3"))
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "step_000003.pt", weights_only=True) for d in "ab")
+    assert all(torch.equal(a["trainable"][k], b["trainable"][k]) for k in b["trainable"])
+    # and against AdamW's own lazy state: two updates from the same gradients, bitwise the same
+    w = [torch.randn(5, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    lazy, early = [[p.clone().requires_grad_(True) for p in w] for _ in range(2)]
+    opt_lazy, opt_early = torch.optim.AdamW(lazy, lr=0.1, weight_decay=0.0), torch.optim.AdamW(early, lr=0.1,
+                                                                                                 weight_decay=0.0)
+    r0.allocate_optimizer_state(opt_early, early)
+    assert all(torch.equal(p, q) for p, q in zip(early, w)) and len(opt_early.state) == 2
+    for k in range(2):
+        for params, opt in ((lazy, opt_lazy), (early, opt_early)):
+            for i, p in enumerate(params):
+                p.grad = torch.full_like(p, 0.5 + i + k)
+            opt.step()
+    assert all(torch.equal(p, q) for p, q in zip(lazy, early))
 
 
 OOM_ON_RANK_1 = """
