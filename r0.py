@@ -18,7 +18,7 @@ What is followed is not the gradient of this L: each reward's image gradient g_i
 sample before the weighted sum (paper Fig. 8). The trainable parameters phi (with LoRA, the default: the adapters'
 A and B, theta = theta_0 + scaling * B @ A; with full fine-tuning: theta itself) move along
     E_{c,z,eta} [ sum_i w_i (g_i / ||g_i||) . dx/dphi ]  -  lambda d||theta - theta_0||^2 / dphi
-(then gradient clipping and AdamW). No fixed objective of theta has this gradient (--no-normalize, the ablation,
+(then gradient clipping and AdamW). No fixed objective of theta has this gradient (--normalize none, the ablation,
 follows L's own); at each step, r0_step builds a *surrogate*,
     -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B  +  lambda ||theta - theta_0||^2
 (g_pix: the image rewards' composed gradient at the pixels x; g_lat: the cfg reward's, at the latents x0_hat), whose
@@ -38,6 +38,7 @@ regularizers (3.3) -> the training step (R0 and R0+, section 4). That is the who
 import argparse
 import contextlib
 import copy
+import dataclasses
 import datetime
 import functools
 import gzip
@@ -254,7 +255,7 @@ class ImplicitCfgReward:
         d log p(c | x_t) / d x0_hat = sqrt(a_t) / sqrt(1 - a_t) * (eps_u - eps_c).
     (The score of a noised sample is -eps / sqrt(1 - a_t), conditional or not.) Per-sample normalization cancels
     the factor, so only the distribution of t matters (our choice: t ~ U{20..980}; the unconditional c is the empty
-    prompt, as in SD1.5's own guidance); without it (--no-normalize) the factor weights each sample as L does.
+    prompt, as in SD1.5's own guidance); without it (--normalize none) the factor weights each sample as L does.
     The reward has no cheap value: we log the guidance gap ||eps_c - eps_u||^2 per element, as 'cfg_gap'."""
 
     space = "latents"
@@ -278,17 +279,25 @@ class ImplicitCfgReward:
         return gap, (a_t / (1 - a_t)).sqrt() * (eps_u - eps_c)  # (B,), (B,4,h,w) d log p(c|x_t) / d x0_hat
 
 
+@contextlib.contextmanager
+def theta_0(unet, frozen_unet):
+    """The base model theta_0 as a UNet: the frozen copy (full fine-tuning), or the same UNet with its LoRA adapters
+    switched off (theta = theta_0 + delta W: with delta W off, it *is* the base model; no second copy needed)."""
+    if frozen_unet is not None:
+        yield frozen_unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
 def make_base_eps(unet, frozen_unet):
-    """eps of the frozen base model theta_0, for the cfg reward: the frozen copy (full fine-tuning) or the same
-    UNet with its LoRA adapters switched off (LoRA mode) -- no second copy of the weights needed."""
-    def base_eps(x, t, emb):  # (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w) noise estimate of theta_0
-        if frozen_unet is not None:
-            return frozen_unet(x, t, encoder_hidden_states=emb).sample
-        unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, this *is* the base model
-        try:
-            return unet(x, t, encoder_hidden_states=emb).sample
-        finally:
-            unet.enable_adapters()
+    """eps of the frozen base model theta_0, for the cfg reward: (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w)."""
+    def base_eps(x, t, emb):
+        with theta_0(unet, frozen_unet) as base:
+            return base(x, t, encoder_hidden_states=emb).sample
     return base_eps
 
 
@@ -304,11 +313,11 @@ def make_base_eps(unet, frozen_unet):
 # latent space (where its gradient lives): each has norm w_i in its own space, so cfg=1,hps=1 is not an equal pull
 # on theta; set the weights with that in mind (the decoder's Jacobian scales the pixel-space term).
 
-def normalize_per_sample(g, eps=1e-8):
+def normalize_gradient(g, per="sample", eps=1e-8):
     """g / ||g|| for each sample separately: (B,...) -> (B,...), each sample of unit L2 norm (or 0 if g was 0; our
-    choice: eps = 1e-8 only guards that division)."""
-    norm = g.flatten(1).norm(dim=1).view(-1, *([1] * (g.dim() - 1)))  # (B,1,1,1)
-    return g / (norm + eps)
+    choice: eps = 1e-8 only guards that division). per="batch" (an ablation): one norm for the whole batch."""
+    norm = g.flatten(1).norm(dim=1) if per == "sample" else g.norm().expand(len(g))  # (B,)
+    return g / (norm.view(-1, *([1] * (g.dim() - 1))) + eps)
 
 
 def reward_gradient(reward, x, prompts, text_emb, generator=None):
@@ -323,15 +332,16 @@ def reward_gradient(reward, x, prompts, text_emb, generator=None):
     return scores.detach(), grad
 
 
-def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None, normalize=True):
+def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None,
+                              normalize="sample"):
     """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg); plus the logged values.
-    normalize=False (--no-normalize) sums the raw w_i g_i instead: the ablation of Fig. 8."""
+    The ablations of Fig. 8: normalize="none" sums the raw w_i g_i, "batch" takes one norm per reward per batch."""
     grads = {"pixels": torch.zeros_like(pixels), "latents": torch.zeros_like(latents)}
     scores = {}
     for name, reward in rewards.items():
         x = pixels if reward.space == "pixels" else latents
         score, grad = reward_gradient(reward, x, prompts, text_emb, generator)
-        grad = normalize_per_sample(grad.float()) if normalize else grad.float()
+        grad = grad.float() if normalize == "none" else normalize_gradient(grad.float(), normalize)
         grads[reward.space] += weights[name] * grad
         scores[getattr(reward, "log_as", name)] = score  # (B,) raw, for logging
     return grads["pixels"], grads["latents"], scores
@@ -486,7 +496,7 @@ def r0_step(m, prompts, cfg, generator):
         k = int(torch.randint(0, K, (1,), generator=generator, device=m.device))
         last_step, grad_from_step = k, k
     else:
-        last_step, grad_from_step = K - 1, 0  # R0: backprop through all K steps
+        k, last_step, grad_from_step = None, K - 1, 0  # R0: backprop through all K steps
     with autocast(m.device, cfg.precision):  # bf16 on a GPU (Plumbing: autocast)
         # (--no-random-eta: eta = 0, the ablation of 3.3's regularizer)
         x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
@@ -501,9 +511,7 @@ def r0_step(m, prompts, cfg, generator):
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
     stats = {name: s.float().mean().item() for name, s in scores.items()}
-    # 'detail', the images' spatial standard deviation, is logged beside them: a gauge of reward hacking (a collapse
-    # toward flat colour fields) that no reward here scores
-    stats.update(reg=reg.item(), surrogate=surrogate.item(), detail=pixels.detach().std(dim=(2, 3)).mean().item())
+    stats.update(reg=reg.item(), surrogate=surrogate.item(), **({"k": k} if cfg.r0_plus else {}))
     return loss, stats
 
 
@@ -540,7 +548,7 @@ OPTIONS = dict(
     weight_reg=(1e-2, "lambda of lambda*||theta - theta_0||^2"),
     grad_clip=(1.0, "max global gradient norm"),
     random_eta=(True, "random eta in training (paper 3.3); --no-random-eta: eta = 0 (an ablation)"),
-    normalize=(True, "normalize each reward's gradient per sample (paper Fig. 8); --no-normalize: raw (an ablation)"),
+    normalize=("sample", "each reward's gradient normalized per sample (paper Fig. 8); ablations: batch, none (raw)"),
     # --- optimization (the paper gives none of these) --- our choice: the usual LoRA rate for SD1.5 (~1e-5 with
     # --lora-rank 0); the largest LoRA micro-batch that fits 24 GB (README; halved on OOM); 2000 steps, not tuned.
     lr=(1e-4, "AdamW learning rate"),
@@ -630,6 +638,44 @@ class BrightnessReward(torch.nn.Module):
     def forward(self, pixels, prompts, text_emb=None):
         luma = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
         return 255 * (pixels * luma).sum(1).mean(dim=(1, 2))  # (B,)
+
+
+class ProxyReward(torch.nn.Module):
+    """proxy (and proxy_b): a small learned colour classifier, the toy's stand-in for HPS and ImageReward, which are
+    learned models with blind spots that a generator can hack: r(x, c) = log p(colour word of c | x), 0 for prompts
+    without one. The exact mean-colour rule (`color`) stays the true score, which training with proxy never sees."""
+
+    space = "pixels"
+
+    def __init__(self):
+        super().__init__()
+        conv, relu = torch.nn.Conv2d, torch.nn.ReLU
+        self.net = torch.nn.Sequential(conv(3, 16, 3, 2, 1), relu(), conv(16, 32, 3, 2, 1), relu(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(32, len(COLOURS)))
+
+    def forward(self, pixels, prompts, text_emb=None):
+        logp = self.net(pixels.to(self.net[0].weight.dtype)).float().log_softmax(-1)  # (B,11)
+        wanted = torch.tensor([list(COLOURS).index(colour_of(p) or "red") for p in prompts], device=pixels.device)
+        has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
+        return logp.gather(1, wanted[:, None])[:, 0] * has_colour  # (B,)
+
+    def predict(self, pixels):  # the palette word the proxy sees in each image
+        return [list(COLOURS)[i] for i in self.net(pixels.to(self.net[0].weight.dtype)).argmax(-1).tolist()]
+
+
+@functools.lru_cache(maxsize=2)
+def fit_proxy(seed, per_colour=3, steps=600):
+    """our choice, fixed before any claim was run: 3 images of each palette colour (33 in all), each a random texture
+    the tiny decoder paints (toy_textures) shifted to that colour, and 600 full-batch Adam steps (lr 1e-2) of cross
+    entropy. Few images, and from another distribution than the generator's: as human judgements are for HPS."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        proxy = ProxyReward()
+        labels = torch.arange(len(COLOURS)).repeat_interleave(per_colour)  # (33,)
+        colours = torch.tensor(list(COLOURS.values()))[labels].view(-1, 3, 1, 1)
+        images = (colours + toy_textures(len(labels), torch.Generator().manual_seed(seed))).clamp(0, 1)  # (33,3,64,64)
+        fit(list(proxy.parameters()), lambda: F.cross_entropy(proxy.net(images), labels), steps=steps, lr=1e-2)
+    return proxy.requires_grad_(False).eval()
 
 
 def parse_rewards(spec):
@@ -883,7 +929,10 @@ REWARDS = {  # name -> Reward, in the order of --help and of sample.py's tables
     "cfg": Reward(None),  # the frozen base UNet: built by set_up_r0
     "color": Reward(lambda tiny, device, dtype: ColourReward()),
     "bright": Reward(lambda tiny, device, dtype: BrightnessReward()),
+    "proxy": Reward(lambda tiny, device, dtype: cast(copy.deepcopy(fit_proxy(0)), device, dtype)),
+    "proxy_b": Reward(lambda tiny, device, dtype: cast(copy.deepcopy(fit_proxy(1)), device, dtype)),  # other data
 }
+TOY_REWARDS = ("color", "bright", "proxy", "proxy_b")  # a run with one of them measures the toy's held-out scores
 
 
 def load_tensors(path, what):
@@ -984,17 +1033,13 @@ def pretrain_tiny(vae, unet, text_emb, seed):
     the first x0_hat = (x_t - 0.998 eps) / 0.068 is ~15x too large, saturates the decoder and drowns the text signal. A
     few dozen DDPM-loss steps on toy latents fix that; they ignore the text, so colour conditioning is still learned
     from the reward alone. Deterministic per machine and thread count (they set the order of float sums)."""
-    # SD1.5's near-linear map from (scaled) latent channels (rows) to RGB in [-1,1] (columns), as in latent previews
-    latent_rgb = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
-                               [-0.2120, -0.2616, -0.7177]])  # (4,3)
     alphas_cumprod, h, g = sd15_alphas_cumprod(), unet.config.sample_size, torch.Generator()
 
     def decoder_loss(batch=8):
-        # toy latents: textures + a per-image shift, colour uniform over the RGB cube (via latent_rgb's pseudo-inverse)
+        # toy latents: textures + a per-image shift, colour uniform over the RGB cube (via LATENT_RGB's pseudo-inverse)
         rgb = torch.rand((batch, 3), generator=g) * 2 - 1  # (B,3) in [-1,1]
-        z = torch.randn((batch, 4, h, h), generator=g) + (rgb @ torch.linalg.pinv(latent_rgb)).view(batch, 4, 1, 1)
-        target = torch.einsum("bchw,cd->bdhw", z, latent_rgb).clamp(-1, 1)  # (B,3,h,w) in [-1,1]
-        target = F.interpolate(target, scale_factor=8, mode="bilinear")  # (B,3,8h,8w)
+        z = torch.randn((batch, 4, h, h), generator=g) + (rgb @ torch.linalg.pinv(LATENT_RGB)).view(batch, 4, 1, 1)
+        target = F.interpolate(latent_to_rgb(z).clamp(-1, 1), scale_factor=8, mode="bilinear")  # (B,3,8h,8w)
         return F.mse_loss(vae.decode(z / vae.config.scaling_factor).sample, target)
 
     def denoiser_loss(batch=16):
@@ -1008,6 +1053,22 @@ def pretrain_tiny(vae, unet, text_emb, seed):
     fit([*vae.decoder.parameters(), *vae.post_quant_conv.parameters()], decoder_loss, steps=400, lr=1e-2)
     g.manual_seed(seed)
     fit(list(unet.parameters()), denoiser_loss, steps=60, lr=3e-3)
+
+
+# SD1.5's near-linear map from (scaled) latent channels (rows) to RGB in [-1,1] (columns), as in latent previews
+LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+                           [-0.2120, -0.2616, -0.7177]])  # (4,3)
+
+
+def latent_to_rgb(z):
+    return torch.einsum("bchw,cd->bdhw", z, LATENT_RGB)  # (B,4,h,w) -> (B,3,h,w), about [-1,1]
+
+
+def toy_textures(n, generator, size=64):
+    """(n,3,size,size) zero-mean textures in [0,1] units: what the tiny decoder paints from latent noise."""
+    rgb = F.interpolate(latent_to_rgb(torch.randn((n, 4, size // 8, size // 8), generator=generator)) / 2,
+                        size=size, mode="bilinear")
+    return rgb - rgb.mean(dim=(2, 3), keepdim=True)
 
 
 def fit(params, loss, steps, lr):
@@ -1215,40 +1276,80 @@ def save_grid(images, path, ncols, captions=None, row_labels=None):
     grid.save(path)
 
 
+HELD_OUT_SEEDS = range(1000, 1004)  # the toy's measures: seeds that training and the progress grids never use
+
+
+def held_out_prompts(prompts):
+    """our choice: about a fifth of the colour prompts, which a toy run never trains on (per colour, in file order,
+    the 3rd, 8th, 13th, ...): the measures on them show whether the conditioning generalizes to unseen prompts."""
+    count = {}
+    for p in filter(colour_of, prompts):
+        count[colour_of(p)] = count.get(colour_of(p), 0) + 1
+        if count[colour_of(p)] % 5 == 3:
+            yield p
+
+
+def content_kept(images, base):
+    """Mean over images and channels of the correlation of each image with the base model's image of the same prompt
+    and seed: 1.0 keeps all of its structure. Blind to colour (an affine change per channel keeps 1.0); it falls as
+    structure is lost (a flat field: 0) or replaced (texture the base image does not have)."""
+    x, y = (t.flatten(2) - t.flatten(2).mean(-1, keepdim=True) for t in (images, base))  # (N,3,HW), centred
+    return ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)).mean().item()
+
+
+def held_out_images(m, cfg, prompts, eta=0.0):
+    """Each prompt at each of HELD_OUT_SEEDS, prompt-major: (4 len(prompts),3,H,W) in [0,1]."""
+    return sample_images(m, [p for p in prompts for _ in HELD_OUT_SEEDS], [s for _ in prompts for s in HELD_OUT_SEEDS],
+                         cfg.steps, cfg.resolution, cfg.precision, eta)
+
+
 @torch.no_grad()
-def toy_measures(m, prompts, cfg, seeds=range(1000, 1004)):
-    """The toy's held-out measures on each colour prompt, at seeds 1000-1003 (not the grids' 0, 1, ... nor training's):
-    colour_accuracy (share of images whose dominant colour is the prompt's; chance 1 in 11), per colour too, and detail
-    (spatial std). our choice: detail gauges hacking (flat colour fields), which the colour reward ignores."""
-    pairs = [(p, s) for p in prompts if colour_of(p) for s in seeds]  # every colour prompt x every seed
-    if not pairs:
-        return {}
-    images = sample_images(m, [p for p, _ in pairs], [s for _, s in pairs], cfg.steps, cfg.resolution, cfg.precision)
-    wanted = [colour_of(p) for p, _ in pairs]
-    hit = [w == got for w, got in zip(wanted, dominant_colour(images))]
-    per_colour = {c: sum(h for w, h in zip(wanted, hit) if w == c) / wanted.count(c) for c in sorted(set(wanted))}
-    return {"colour_accuracy": sum(hit) / len(hit), "colour_accuracy_per_colour": per_colour,
-            "detail": images.std(dim=(2, 3)).mean().item()}
+def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
+    """The toy's held-out measures of the generator's final output, each colour prompt at HELD_OUT_SEEDS: the true
+    score, colour_accuracy (the mean colour's nearest palette word is the prompt's: chance 1 in 11) on training
+    prompts, per colour and on held-out ones (_unseen); content_kept against `base` (the base model's images of
+    these prompts and seeds); and on the training prompts' images the mean of every image reward (proxies: their
+    own accuracy too) and of `color`, the true score in the reward's units."""
+    prompts = [p for p in seen + unseen for _ in HELD_OUT_SEEDS]
+    images = held_out_images(m, cfg, seen + unseen, eta)  # (N,3,H,W) in [0,1]
+    n = len(seen) * len(HELD_OUT_SEEDS)  # the first n images: training prompts
+    hit = [colour_of(p) == got for p, got in zip(prompts, dominant_colour(images))]
+    wanted = [colour_of(p) for p in prompts[:n]]
+    out = {"colour_accuracy": sum(hit[:n]) / max(n, 1), "colour_accuracy_unseen": sum(hit[n:]) / max(len(hit) - n, 1),
+           "colour_accuracy_per_colour": {c: sum(h for w, h in zip(wanted, hit) if w == c) / wanted.count(c)
+                                          for c in sorted(set(wanted))},
+           "content_kept": content_kept(images, base), "color_held_out": ColourReward()(images[:n], prompts[:n]).mean().item()}
+    for name, reward in m.rewards.items():
+        if reward.space == "pixels":
+            out[f"{name}_held_out"] = reward(images[:n].to(m.device), prompts[:n]).float().mean().item()
+        if hasattr(reward, "predict"):
+            out[f"{name}_accuracy"] = sum(map(str.__eq__, reward.predict(images[:n].to(m.device)), wanted)) / max(n, 1)
+    return out
 
 
 def write_curves(out_dir, summary):
-    """<out>/curves.png from log.jsonl: rewards, reg, detail, and the toy's held-out measures (step 0: the summary's)."""
+    """<out>/curves.png from log.jsonl, 4 panels a row: each logged number of the step (rewards, reg), then each
+    measure of the progress grids (content_kept, the toy's held-out scores) from the base model's, at step 0."""
     import matplotlib
     matplotlib.use("Agg")  # files only, no window
     import matplotlib.pyplot as plt
     log = read_log(os.path.join(out_dir, "log.jsonl"))
-    if "colour_accuracy_before" in summary:  # the held-out measures of the base model, at step 0
-        log.insert(0, {"step": 0, "colour_accuracy": summary["colour_accuracy_before"], "detail_kept": 1.0})
-    held_out = [k for k in ("colour_accuracy", "detail_kept") if any(k in r for r in log)]  # (the toy's, last)
-    keys = [k for k in log[-1] if k not in ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb",
-                                            "skipped", "detail_kept", "colour_accuracy")] + held_out
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        points = [(r["step"], r[key]) for r in log if key in r]
+    skip = ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb", "skipped", "k", "measures")
+    curves = {k: [(r["step"], r[k]) for r in log if k in r] for k in dict.fromkeys(k for r in log for k in r)
+              if k not in skip}
+    before = summary.get("before", {})
+    for k in dict.fromkeys(k for r in log for k, v in r.get("measures", {}).items() if isinstance(v, float)):
+        curves[k] = ([(0, before[k])] if k in before else []) + [(r["step"], r["measures"][k]) for r in log
+                                                                 if k in r.get("measures", {})]
+    rows = math.ceil(len(curves) / 4)
+    fig, axes = plt.subplots(rows, min(len(curves), 4), figsize=(3.2 * min(len(curves), 4), 2.6 * rows), squeeze=False)
+    for ax, (key, points) in zip(axes.flat, curves.items()):
         ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, lw=1)
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(curves):]:
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
     plt.close(fig)
@@ -1682,13 +1783,17 @@ def set_up_run(cfg):
             f"than CLIP's {m.tokenizer.model_max_length}-token limit (longest: {max(lengths)} tokens); they are "
             "truncated, as SD1.5 itself does.")
 
+    # the toy: about a fifth of the colour prompts held out of training, to measure on (held_out_prompts)
+    toy = any(name in TOY_REWARDS for name in cfg.rewards) and any(map(colour_of, prompts))
+    unseen = list(held_out_prompts(prompts)) if toy else []
+    train_prompts = [p for p in prompts if p not in unseen]
     params = trainable_parameters(m.unet)
     optimizer = make_optimizer(params, cfg)
     allocate_optimizer_state(optimizer, params)  # before the first forward: the first step is the heaviest
     run = argparse.Namespace(
         m=m, params=params, optimizer=optimizer, prompts=prompts, prompts_hash=prompts_hash,
         generator=torch.Generator(cfg.device).manual_seed(cfg.seed + process),  # latents, eta, noise, R0+'s k, cfg's t
-        order=PromptOrder(prompts, cfg.seed + process), start=0, say=say, main=process == 0, summary={},
+        order=PromptOrder(train_prompts, cfg.seed + process), start=0, say=say, main=process == 0, summary={},
         write_failed=False,
         log_path=os.path.join(cfg.output_dir, "log.jsonl") if process == 0 else os.devnull,  # others log nowhere
         summary_path=os.path.join(cfg.output_dir, "summary.json"))
@@ -1710,32 +1815,38 @@ def set_up_run(cfg):
         f"{'es' if processes > 1 else ''} = {cfg.batch_size * cfg.grad_accum * processes} images per step")
     write_config(cfg)
 
-    # the toy: held-out measures before, during and after (when some prompt names a colour)
-    run.track_colour = "color" in m.reward_weights and run.main and any(map(colour_of, prompts))
     n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
     fixed_prompts = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
     run.grid = ([p for p in fixed_prompts for _ in range(cfg.num_sample_seeds)],  # (prompts, seeds)
                 [s for _ in fixed_prompts for s in range(cfg.num_sample_seeds)])
-    run.measured = {}  # the toy's latest held-out measures
+    run.held_out = ([p for p in train_prompts if colour_of(p)], unseen) if toy else None  # (seen, unseen)
+    run.measures = {}  # the latest progress grid's measures
+    if run.main:  # the base model's images of the same prompts and seeds, for content_kept
+        with theta_0(m.unet, m.frozen_unet) as base:
+            base_m = dataclasses.replace(m, unet=base)
+            run.base = (held_out_images(base_m, cfg, sum(run.held_out, [])) if toy else
+                        sample_images(base_m, *run.grid, cfg.steps, cfg.resolution, cfg.precision))
     if run.start == 0:
-        before = progress(run, cfg, 0)  # the 'before' picture (and measures)
-        run.summary.update({f"{k}_before": v for k, v in before.items()})
-        if before:
-            say(f"colour accuracy before training (held-out seeds): {before['colour_accuracy']:.1%} (chance: 1 in "
-                f"{len(COLOURS)}; every untrained image is near gray), detail {before['detail']:.3f}")
-            write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
+        run.summary["before"] = progress(run, cfg, 0)  # the 'before' picture, and its measures
+        if toy and run.main:
+            say(f"colour accuracy before training (held-out seeds): {run.summary['before']['colour_accuracy']:.1%} on "
+                f"the training prompts, {run.summary['before']['colour_accuracy_unseen']:.1%} on {len(unseen)} held-out "
+                f"ones (chance: 1 in {len(COLOURS)}; every untrained image is near gray)")
+        write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
     return run
 
 
 def progress(run, cfg, step):
-    """The progress grid <out>/samples/step_NNNNNN.png (a row per prompt) and the toy's held-out measures (returned)."""
+    """The progress grid <out>/samples/step_NNNNNN.png (a row per prompt) and its measures (returned): content_kept
+    of its images, or for the toy all its held-out measures (toy_measures)."""
     if not run.main:
         return {}
     images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
     path = os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png")
     write_or_warn(run, path, save_grid, images, path, cfg.num_sample_seeds, captions=run.grid[0])
-    run.measured = toy_measures(run.m, run.prompts, cfg) if run.track_colour else {}
-    return run.measured
+    run.measures = (toy_measures(run.m, cfg, *run.held_out, run.base) if run.held_out else
+                    {"content_kept": content_kept(images, run.base)})
+    return run.measures
 
 
 def train(cfg):
@@ -1762,16 +1873,14 @@ def train(cfg):
                     f"({bad_steps}/{cfg.max_bad_steps} in a row)")
             done = step + 1 == cfg.max_steps
             grid_step = (step + 1) % cfg.sample_every == 0 or done
-            if grid_step:  # the progress grid, and the toy's held-out measures into this step's line
-                held_out = progress(run, cfg, step + 1)
-                if held_out:  # detail relative to the base model's at step 0
-                    record.update(colour_accuracy=held_out["colour_accuracy"],
-                                  detail_kept=held_out["detail"] / run.summary.get("detail_before", math.nan))
+            if grid_step and run.main:  # the progress grid, and its measures into this step's line
+                record["measures"] = progress(run, cfg, step + 1)
             if run.main:
                 write_or_warn(run, run.log_path, append_line, run.log_path, json.dumps(record))
             if grid_step and run.main:  # <out>/curves.png, refreshed with each progress grid
                 write_or_warn(run, f"{out}/curves.png", write_curves, out, run.summary)
             bar.set_postfix({k: f"{v:.4g}" for k, v in stats.items() if k not in ("loss", "surrogate")}
+                            | {k: f"{run.measures[k]:.3g}" for k in ("colour_accuracy", "content_kept") if k in run.measures}
                             | {"s/it": f"{record['seconds']:.2f}"})
             if bad_steps >= cfg.max_bad_steps:
                 raise UserError(
@@ -1795,15 +1904,16 @@ def train(cfg):
 def finish_run(run, cfg):
     """The end: the toy's 'after' measures, a standard diffusers pipeline of the trained generator, the summary."""
     out, summary = cfg.output_dir, run.summary
-    if run.track_colour:
-        after = run.measured or toy_measures(run.m, run.prompts, cfg)  # (measured with the last grid, if any)
-        summary.update(after, detail_kept=after["detail"] / summary.get("detail_before", math.nan))
-        before = summary.get("colour_accuracy_per_colour_before", {})
-        print(f"colour accuracy on held-out seeds: {summary.get('colour_accuracy_before', math.nan):.1%} before, "
-              f"{summary['colour_accuracy']:.1%} after (chance: 1 in {len(COLOURS)}); per colour, before -> after: "
-              + ", ".join(f"{c} {before.get(c, math.nan):.0%} -> {v:.0%}"
-                          for c, v in summary["colour_accuracy_per_colour"].items())
-              + f"; detail, which the colour reward ignores: {summary['detail_kept']:.0%} of the base model's kept")
+    summary["after"] = after = run.measures or progress(run, cfg, cfg.max_steps)  # (the last grid's, if any)
+    before = summary.get("before", {})
+    if run.held_out:
+        print(f"colour accuracy on held-out seeds, before -> after (chance: 1 in {len(COLOURS)}): "
+              f"{before.get('colour_accuracy', math.nan):.1%} -> {after['colour_accuracy']:.1%} on the training "
+              f"prompts, {before.get('colour_accuracy_unseen', math.nan):.1%} -> {after['colour_accuracy_unseen']:.1%} "
+              f"on {len(run.held_out[1])} prompts never trained on; per colour: " + ", ".join(
+                  f"{c} {before.get('colour_accuracy_per_colour', {}).get(c, math.nan):.0%} -> {v:.0%}"
+                  for c, v in after["colour_accuracy_per_colour"].items()))
+    print(f"content kept (correlation with the base model's images, which no reward scores): {after['content_kept']:.1%}")
     try:
         save_pipeline(run.m, cfg)
         write_atomic(run.summary_path, json.dumps(summary, indent=2))
@@ -1846,7 +1956,7 @@ def build_parser():
         if isinstance(default, bool):  # on/off; one that is on by default also gets its --no-... form
             p.add_argument(flag, action=argparse.BooleanOptionalAction if default else "store_true", help=what)
         else:
-            choices = ["auto", "bf16", "fp32"] if name == "precision" else None  # the one flag with a fixed set
+            choices = {"precision": ["auto", "bf16", "fp32"], "normalize": ["sample", "batch", "none"]}.get(name)
             kind = parse_rewards if name == "rewards" else type(default) if default is not None else str
             p.add_argument(flag, type=kind, choices=choices, help=what.format(rewards=", ".join(REWARDS)))
     return p
@@ -1871,6 +1981,8 @@ def resolve_config(args):
                 saved = json.load(f)
             if isinstance(saved.get("rewards"), str):  # written by r0.py before 869f30e: the --rewards text
                 saved["rewards"] = parse_rewards(saved["rewards"])
+            if isinstance(saved.get("normalize"), bool):  # before the per-batch ablation: on (per sample) or off
+                saved["normalize"] = "sample" if saved["normalize"] else "none"
             changed = sorted(k for k, v in typed.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
             if changed:
                 raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} "
