@@ -79,20 +79,18 @@ def load_aesthetic(tiny, device, dtype):
     return scorer
 
 
-# --score's metrics, each an r0.Reward (its loader, its hub downloads, its table scale and note): r0.py's rewards that
-# are metrics (r0.REWARDS: hps, clip, imagereward, and any reward registered there with an `about`), the aesthetic
+# --score's metrics, each an r0.Reward (its loader, its hub downloads, its table scale): r0.py's rewards that are
+# metrics (r0.REWARDS with weights to download: hps, clip, imagereward, and any reward registered so), the aesthetic
 # score (evaluation only) and the toy's colour accuracy. Default: the paper's Table 1 columns that need no dataset.
 AESTHETIC = r0.Reward(load_aesthetic, [("OpenAI CLIP ViT-L/14 weights", "timm/vit_large_patch14_clip_224.openai",
-                                        ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))], 1,
-                      f"LAION improved aesthetic predictor ({AESTHETIC_URL}) on OpenAI CLIP ViT-L/14 "
-                      "(timm/vit_large_patch14_clip_224.openai)")
-COLOUR_ACCURACY = r0.Reward(None, about="the toy's colour accuracy (no model)")
+                                        ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"))])
+COLOUR_ACCURACY = r0.Reward(None)  # the toy's colour accuracy (no model)
 DEFAULT_METRICS = "hps,aesthetic,clip,imagereward"
 
 
 def metrics():
     """name -> r0.Reward of every metric --score-with knows, r0.REWARDS read as it is now."""
-    return {**{n: r for n, r in r0.REWARDS.items() if r.about}, "aesthetic": AESTHETIC, "color": COLOUR_ACCURACY}
+    return {**{n: r for n, r in r0.REWARDS.items() if r.downloads}, "aesthetic": AESTHETIC, "color": COLOUR_ACCURACY}
 
 
 # grid.png stays viewable however many images are sampled: each sampler's images wrap after GRID_COLUMNS, and only
@@ -413,7 +411,8 @@ def write_and_score(args, job, rows, prompts, seeds, resolution, device, dtype):
         print(f"note: {', '.join(scorers)} are scored by random-weight tiny towers (--tiny), not the real "
               "weights: the numbers check the pipeline, not image quality.")
     else:
-        print("weights: " + "; ".join(f"{n}: {metrics()[n].about}" for n in scorers))
+        print("weights: " + "; ".join(f"{n}: " + ", ".join(f"{repo} {files[0]}" for _, repo, files in metrics()[n].downloads)
+                                      + (f" and {AESTHETIC_URL}" if n == "aesthetic" else "") for n in scorers))
     with open(os.path.join(args.out, "scores.json"), "w") as f:
         json.dump({"device": device, "resolution": resolution, "images_per_row": len(seeds),
                    "random_weights": random_weights, "rows": table}, f, indent=2)

@@ -12,12 +12,11 @@ import r0  # noqa: E402
 ref = torch.load(sys.argv[1], weights_only=True)
 reward = r0.ImageRewardReward(*r0.imagereward_configs("full"), tokenizer=None)
 reward.load_state_dict(r0.imagereward_key_map(ref.pop("state_dict")), strict=True)
-reward.tokens = lambda prompts: (ref["input_ids"], ref["attention_mask"])  # the same token ids on both sides
 
 
 def check(label):
     x = ref["pixels"].clone().requires_grad_(True)
-    scores = reward(x, ["", ""])
+    scores = r0.imagereward_score(reward, x, ref["input_ids"], ref["attention_mask"])  # the same token ids as the original
     scores.sum().backward()
     a, b = x.grad.double().flatten(), ref["pixel_grad"].double().flatten()
     print(f"{label}: scores {scores.tolist()} (original {ref['scores'].tolist()}), max abs difference "
