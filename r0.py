@@ -11,7 +11,7 @@ our reconstruction of where each ingredient sits, from the captions and the summ
 Take the pretrained SD1.5 UNet, run it as a K-step (K=4, Table 1) generator from pure noise, decode, score the images
 with differentiable reward models, and push the reward gradients into the UNet weights, while regularizers keep the
 generator from hacking the rewards (paper, abstract: "regularized reward maximization"; the weight anchor: Fig. 11
-caption; random eta: Figs. 5, 9 captions; LoRA: third-party summary):
+caption, its squared-L2 form our reading; random eta: Figs. 5, 9 captions; LoRA: third-party summary):
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
 Each reward's image gradient g_i = d r_i / d x is normalized (paper, Fig. 8 caption; per sample: our reading) before
 the weighted sum, so a step follows not L but the gradient of a loss whose value means nothing (watch the rewards):
@@ -57,12 +57,12 @@ import torch.nn.functional as F
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (paper, Table 1: its SD1.5 row fine-tunes Realistic Vision, an SD1.5 fine-tune)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (a fifth of the colour prompts held out): offline"),
+    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (which hold out a fifth of the colour prompts)"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
-    r0_plus=(False, "R0+ (section 4): rewards on x0_hat of a random intermediate step"),
+    r0_plus=(False, "R0+ (section 4): rewards on x0_hat of a random step k (our choice: any of the K)"),
     # our choice: HPS v2.1 and CLIP score, equal pulls (CLIP keeps the text alignment HPS may trade away); ImageReward,
     # a third tower, is left out of the default for a 24 GB card's memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
@@ -74,7 +74,7 @@ OPTIONS = dict(
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading); or batch, none (raw)"),
     # our choices, untuned (none is in what we read): LoRA's usual rate (--lora-rank 0: pass ~1e-5), 4 fits 24 GB
     lr=(1e-4, "AdamW learning rate"),
-    batch_size=(4, "images per micro-batch (the first step halves it if the GPU runs out of memory)"),
+    batch_size=(4, "images per micro-batch (out of GPU memory at step 1: halved, --grad-accum doubled)"),
     grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
     max_steps=(2000, "optimizer steps"),
     seed=(0, "seed of prompts, noise, eta and LoRA init"),
@@ -185,9 +185,10 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score
 #   cfg          the frozen base UNet's implicit CFG reward                         ImplicitCfgReward
 #   color, bright, proxy, proxy_b   the toy's rewards (Plumbing: "The toy")
-# A reward is an nn.Module (classes, loaders and the recipe for a new one: Plumbing, "Reward models") with
+# A reward (an nn.Module, or cfg's plain class; classes, loaders, a recipe: Plumbing, "Reward models") has
 #   space     "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (it reads x0_hat: (B,4,h,w))
-#   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (no PIL, no no_grad; under own_dtype),
+#   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (no PIL or no_grad on x's path; it casts
+#             x to its tower's dtype and runs it under own_dtype; text_emb: the generator's (B,77,D) condition),
 #   or gradient(x, prompts, text_emb, generator) -> (values (B,), ascent direction like x), with no cheap value
 #   log_as    optional: the name its values are logged under (default: its --rewards name)
 
@@ -398,13 +399,13 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 # -----------------------------------------------------------------------------------------------------------
 # One training step: R0, and R0+ (section 4; paper, Fig. 12 caption: R0+, intermediate supervision, converges faster)
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> decode --> x (pixels in [0,1])
-#                      \_____ R0+: steps before k without gradient; x0_hat taken at step k ______/
+#                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
 #    ONE backward of the loss through the decoder and the UNet steps, however many rewards there are
 # Then the update: --grad-accum micro-batches, their mean gradient, clipped, one AdamW step.
 # (Paper, Fig. 14 caption: R0+ also has a high-resolution guidance loss; its definition is not in what we could
-# read, so it is not here.) The loop calls optimizer_step (Plumbing): accumulate_gradients, then apply_update.
+# read, so it is not here.) train -> optimizer_step (Plumbing: step 1's out-of-memory retry) -> the two below.
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of B prompts: (loss, logged stats). generator: the noise, eta, R0+'s k, cfg's t."""
@@ -440,7 +441,7 @@ def accumulate_gradients(m, order, cfg, generator):
         if finite:  # from the first non-finite micro-batch on, nothing is backpropagated
             (loss / cfg.grad_accum).backward()
         for key, v in stats.items():
-            stats_sum[key] = stats_sum.get(key, 0.0) + v / cfg.grad_accum
+            stats_sum[key] = v if key == "k" else stats_sum.get(key, 0.0) + v / cfg.grad_accum  # k: the last one
     return stats_sum, finite
 
 def apply_update(optimizer, params, cfg, finite):
@@ -452,7 +453,7 @@ def apply_update(optimizer, params, cfg, finite):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW without weight decay (Regularizers); fused on a GPU
+def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 
@@ -472,6 +473,9 @@ def own_dtype(device):  # autocast off: frozen models compute in their own dtype
 
 def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
     return torch.nn.Module.to(module, device, dtype)
+
+def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
+    return str(device).startswith("cuda") and torch.cuda.is_bf16_supported(False)
 
 class UserError(Exception):  # a mistake the user can fix (exit 2), or a run stopped on purpose: one sentence
     def __init__(self, message, exit_code=2):
@@ -538,7 +542,7 @@ class ProxyReward(torch.nn.Module):
 
 @functools.lru_cache(maxsize=2)
 def fit_proxy(seed, per_colour=3, steps=600):
-    """our choice, fixed before any claim was run: 3 toy textures per palette colour, shifted to it, and 600 Adam steps
+    """our choice: 3 toy textures per palette colour, shifted to it, and 600 Adam steps
     of cross entropy: few images, from another distribution than the generator's, as human judgements are for HPS."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -598,35 +602,9 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# --rewards, precision
-
-def parse_rewards(spec):  # 'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}; 'hps' alone: weight 1.0
-    weights = {}
-    for item in filter(None, (s.strip() for s in spec.split(","))):
-        name, sep, value = item.partition("=")
-        name = name.strip().lower()
-        if name not in REWARDS:
-            raise UserError(f"unknown reward '{name}' in --rewards; choose from {', '.join(REWARDS)} (e.g. --rewards "
-                            "hps=1.0,clip=1.0).")
-        try:
-            weight = float(value) if sep else 1.0
-        except ValueError:
-            weight = math.nan
-        if not math.isfinite(weight) or weight < 0 or name in weights:
-            problem = "appears twice" if name in weights else f"has weight '{value}', not a number >= 0"
-            raise UserError(f"reward '{name}' {problem} in --rewards; give each reward once, e.g. {name}=1.0.")
-        weights[name] = weight
-    if not weights or sum(weights.values()) == 0:
-        raise UserError("--rewards names no reward with a positive weight; e.g. --rewards hps=1.0,clip=1.0.")
-    return weights
-
-def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
-    return str(device).startswith("cuda") and torch.cuda.is_bf16_supported(False)
-
-
-# -----------------------------------------------------------------------------------------------------------
 # Reward models: each reward's class, loader and registry line. To add one (say PickScore):
-#   1. a class with the reward interface ("Rewards", above), and optionally enable_gradient_checkpointing();
+#   1. a class with the reward interface ("Rewards", above; its name in the list there), optionally
+#      enable_gradient_checkpointing(); test_r0.py's PickScoreLike is a worked one (transformers' CLIPModel);
 #   2. a loader (tiny, device, dtype) -> the frozen reward: its real weights (hub_file per file, then load_tensors or
 #      from_pretrained on hub_file's folder), or, tiny, a random twin of its classes and an offline tokenizer;
 #   3. a line in REWARDS (then --rewards trains with it, sample.py scores it); 4. a test against its authors' code.
@@ -783,6 +761,26 @@ REWARDS = {  # name -> Reward, in the order of --help and of sample.py's tables
     "proxy": Reward(lambda tiny, device, dtype: cast(copy.deepcopy(fit_proxy(0)), device, dtype)),
     "proxy_b": Reward(lambda tiny, device, dtype: cast(copy.deepcopy(fit_proxy(1)), device, dtype)),  # other textures
 }
+
+def parse_rewards(spec):  # 'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}; 'hps' alone: weight 1.0
+    weights = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, value = item.partition("=")
+        name = name.strip().lower()
+        if name not in REWARDS:
+            raise UserError(f"unknown reward '{name}' in --rewards; choose from {', '.join(REWARDS)} (e.g. --rewards "
+                            "hps=1.0,clip=1.0).")
+        try:
+            weight = float(value) if sep else 1.0
+        except ValueError:
+            weight = math.nan
+        if not math.isfinite(weight) or weight < 0 or name in weights:
+            problem = "appears twice" if name in weights else f"has weight '{value}', not a number >= 0"
+            raise UserError(f"reward '{name}' {problem} in --rewards; give each reward once, e.g. {name}=1.0.")
+        weights[name] = weight
+    if not weights or sum(weights.values()) == 0:
+        raise UserError("--rewards names no reward with a positive weight; e.g. --rewards hps=1.0,clip=1.0.")
+    return weights
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -1069,7 +1067,7 @@ def merged_unet(unet, base):  # the generator as a plain fp32 diffusers UNet: `b
 
 def save_pipeline(m, cfg):
     """<out>/pipeline, a diffusers folder whose scheduler is the few-step DDIM (StableDiffusionPipeline.from_pretrained,
-    num_inference_steps=4, guidance_scale=1.0: our sampler); LoRA runs also write <out>/lora."""
+    num_inference_steps=K, guidance_scale=1.0: our sampler); LoRA runs also write <out>/lora."""
     from diffusers import StableDiffusionPipeline
     tokenizer, text_encoder, vae, base_unet = build_tiny_sd15(cfg.seed) if cfg.tiny else load_sd15(cfg.model)[:4]
     pipe = sd_pipeline(tokenizer, cast(text_encoder, "cpu", torch.float32), cast(vae, "cpu", torch.float32),
