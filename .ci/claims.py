@@ -255,7 +255,7 @@ def verdict(diffs, sign):
 def report():
     """claims.json (every variant's command and per-seed numbers, each comparison's differences, interval, verdict),
     the README table on stdout, assets/claims.png."""
-    result = {"design": __doc__.split("THE DESIGN")[1].strip(), "scales": SCALES, "claims": []}
+    result = {"design": __doc__.split("THE DESIGN")[1].strip(), "scales": SCALES, "claims": [], "pending": []}
     print("| claim (paper) | comparison | endpoint | mean difference [95% interval] | verdict |\n|---|---|---|---|---|")
     for claim, paper, comparisons in CLAIMS:
         entry = {"claim": claim, "paper": paper, "variants": {}, "comparisons": []}
@@ -265,7 +265,9 @@ def report():
             va, vb = per_seed(a, endpoint, step), per_seed(b, endpoint, step)
             if endpoint == "colour_accuracy 800 - 400":
                 vb = [0.0] * len(va)
-            if None in va or None in vb or any(map(math.isnan, va + vb)):
+            if None in va or None in vb or any(map(math.isnan, va + vb)):  # runs not finished: no verdict yet
+                done = sum(x is not None and y is not None for x, y in zip(va, vb))
+                result["pending"].append(f"{claim} ({paper}): {a} - {b}, {endpoint} at {step} ({done} of 5 seeds run)")
                 continue
             diffs = [x - y for x, y in zip(va, vb)]
             mean, (lo, hi), word = verdict(diffs, sign)
@@ -278,8 +280,41 @@ def report():
                   f"{unit * hi:+.1f}] | {word} |")
         result["claims"].append(entry)
     result["grad_norm_per_k"] = grad_norm_per_k()
+    cost = os.path.join(OUT, "cost.json")
+    result["seconds"] = json.load(open(cost)) if os.path.isfile(cost) else {}
     json.dump(result, open(os.path.join(HERE, ".ci", "claims.json"), "w"), indent=1)
     figure(result)
+    markdown(result)
+
+
+def markdown(result):
+    """.ci/claims.md: the design as registered, every comparison's per-seed numbers, interval and verdict, costs."""
+    lines = ["# The paper's claims in miniature: design and results", "",
+             "Written by `python .ci/claims.py --report-only` from the runs of `python .ci/claims.py` "
+             "(the numbers: [claims.json](claims.json)).", "", "## The design, as registered before the first run",
+             "", "```", result["design"], "```", "", "## Results", "",
+             "| claim (paper) | comparison | endpoint | per seed (0-4): a, b | mean difference [95% interval] | verdict |",
+             "|---|---|---|---|---|---|"]
+    for c in result["claims"]:
+        for x in c["comparisons"]:
+            seeds = "; ".join(f"{100 * a:.1f}, {100 * b:.1f}" for a, b in zip(x["a_per_seed"], x["b_per_seed"]))
+            what = f"{x['a']} - {x['b']}" if x["a"] != x["b"] else x["a"]
+            lines.append(f"| {c['claim']} ({c['paper']}) | {what} | {x['endpoint']} at {x['step']} | {seeds} | "
+                         f"{100 * x['mean']:+.1f} [{100 * x['interval'][0]:+.1f}, {100 * x['interval'][1]:+.1f}] | "
+                         f"{x['verdict']} |")
+    if result["pending"]:
+        lines += ["", "Not run yet, so without a verdict (`python .ci/claims.py` goes on where it stopped):", ""]
+        lines += [f"- {p}" for p in result["pending"]]
+    lines += ["", "Accuracy and content kept in percent (points for differences). The commands of every run are in "
+              "claims.json (`variants`).", "", "## R0+: the gradient norm per sampled step k", "",
+              "| k | steps | mean norm before clipping | share clipped (norm > 1) |", "|---|---|---|---|"]
+    lines += [f"| {k} | {v['steps']} | {v['mean']:.3g} | {100 * v['clipped']:.0f}% |"
+              for k, v in result["grad_norm_per_k"].items()]
+    if result["seconds"]:
+        lines += ["", "## What each variant cost", "", "Seconds per variant, its 5 seeds summed (two runs at a time, "
+                  "one thread each, on the project's 2-core machine):", "",
+                  ", ".join(f"{k}: {v:.0f}" for k, v in result["seconds"].items())]
+    open(os.path.join(HERE, ".ci", "claims.md"), "w").write("\n".join(lines) + "\n")
 
 
 def grad_norm_per_k():
