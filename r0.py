@@ -62,7 +62,7 @@ OPTIONS = dict(
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
-    r0_plus=(False, "R0+ (section 4): rewards on x0_hat of a random step k (our choice: any of the K)"),
+    r0_plus=(False, "R0+ (Fig. 12): rewards on x0_hat of a random step k (our choice: any of the K)"),
     # our choice: HPS v2.1 and CLIP score, equal pulls (CLIP keeps the text alignment HPS may trade away); ImageReward,
     # a third tower, is left out of the default for a 24 GB card's memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
@@ -70,7 +70,7 @@ OPTIONS = dict(
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
     grad_clip=(1.0, "max global gradient norm"),
-    random_eta=(True, "random eta in training (3.3); --no-random-eta: eta = 0 (an ablation)"),
+    random_eta=(True, "random eta in training (Figs. 5, 9); --no-random-eta: eta = 0 (an ablation)"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading); or batch, none (raw)"),
     # our choices, untuned (none is in what we read): LoRA's usual rate (--lora-rank 0: pass ~1e-5), 4 fits 24 GB
     lr=(1e-4, "AdamW learning rate"),
@@ -402,7 +402,7 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
-#    ONE backward of the loss through the decoder and the UNet steps, however many rewards there are
+#    ONE backward of the loss through the decoder and the UNet steps (each reward's own: through its tower only)
 # Then the update: --grad-accum micro-batches, their mean gradient, clipped, one AdamW step.
 # (Paper, Fig. 14 caption: R0+ also has a high-resolution guidance loss; its definition is not in what we could
 # read, so it is not here.) train -> optimizer_step (Plumbing: step 1's out-of-memory retry) -> the two below.
@@ -411,7 +411,7 @@ def r0_step(m, prompts, cfg, generator):
     """One micro-batch of B prompts: (loss, logged stats). generator: the noise, eta, R0+'s k, cfg's t."""
     B, K = len(prompts), cfg.steps
     h = cfg.resolution // 8
-    text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,768)
+    text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
     # R0+, our choice: k uniform over all K steps (each step supervised alike), one per micro-batch, the steps before
     # it with random eta too; the backward graph holds one UNet call instead of K (faster, less memory)
@@ -1119,7 +1119,7 @@ def save_checkpoint(run, cfg, step, last):
     state = {"step": step, "config": vars(cfg), "prompts_sha256": run.prompts_hash, "fingerprint": run.fingerprint,
              "trainable": {n: p.detach().cpu() for n, p in run.m.unet.named_parameters() if p.requires_grad},
              "optimizer": run.optimizer.state_dict(), "threads": torch.get_num_threads(),
-             "ranks": [{"generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),  # (older layout)
+             "ranks": [{"generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
                         "cuda_rng": torch.cuda.get_rng_state(cfg.device) if cfg.device.startswith("cuda") else None,
                         "python_rng": random.getstate(), "order": run.order.state_dict()}]}
     path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step:06d}.pt")
