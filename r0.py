@@ -2,28 +2,26 @@
 R0: few-step text-to-image generation by regularized reward maximization, on Stable Diffusion 1.5.
 
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
-2503.13070 (v1, March 2025; v2, NeurIPS 2025: "Reward-Instruct"). Its repository holds no code: this is a from-scratch
-reference. Of the paper we could read the abstract, the figure captions and Table 1, so each label names its source:
-"paper (abstract)", "paper (Fig. 8 caption)", "paper (Table 1)", "third-party summary", "our reading" (our
-interpretation of those), "our choice" (what they leave open, with the reason). The section numbers (3.2, 3.3, 4) are
-our reconstruction of where each ingredient sits, from the captions and the summaries.
+2503.13070 (v2, NeurIPS 2025: "Reward-Instruct"). It ships no code: this is a from-scratch reference. We could read
+its abstract, figure captions and Table 1, so each label names its source: "paper (abstract)", "paper (Fig. 8
+caption)", "paper (Table 1)", "third-party summary", "our reading" (our interpretation of those), "our choice" (what
+they leave open, with the reason). Section numbers (3.2, 3.3, 4) are our guess at where each ingredient sits.
 
-Take the pretrained SD1.5 UNet, run it as a K-step (K=4, Table 1) generator from pure noise, decode, score the images
-with differentiable reward models, and push the reward gradients into the UNet weights, while regularizers keep the
-generator from hacking the rewards (paper, abstract: "regularized reward maximization"; the weight anchor: Fig. 11
-caption, its squared-L2 form our reading; random eta: Figs. 5, 9 captions; LoRA: third-party summary):
+Take the pretrained SD1.5 UNet, run it as a K-step generator from pure noise (K=4, Table 1), decode, score the images
+with differentiable reward models and push the reward gradients into the UNet, while regularizers keep it from
+hacking the rewards (abstract: "regularized reward maximization"):
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-Each reward's image gradient g_i = d r_i / d x is normalized (paper, Fig. 8 caption; per sample: our reading) before
-the weighted sum, so a step follows not L but the gradient of a loss whose value means nothing (watch the rewards):
+Each reward's image gradient g_i = d r_i / d x is normalized before the weighted sum (Fig. 8 caption), so a step
+follows the gradient of a surrogate whose value means nothing (watch the rewards, not the loss):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
-(its first term is logged as 'surrogate'). No training images, no diffusion loss, no distillation loss: only prompts.
+No training images, no diffusion loss, no distillation loss: only prompts.
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
-    python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score on one 24 GB GPU (LoRA, 512 px)
+    python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
 
-The config comes first, then the method, in the order we reconstruct the paper's: generator (3.2), rewards, their
-composition (Fig. 8), regularizers (3.3), one training step (R0, R0+: section 4), its update. Then "Plumbing".
+Config first, then the method in the paper's order (generator, rewards, composition, regularizers, the step, its
+update; the loop in a sketch), then "Plumbing".
 """
 
 import argparse
@@ -52,7 +50,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
 # Config, first as in nanoGPT: name -> (default, help), each a flag (output_dir: --output-dir; `python r0.py --help`).
-# The defaults are for SD1.5 on one 24 GB GPU; --tiny swaps in TINY_PRESET; typed flags override both.
+# The defaults are for SD1.5 on one GPU (sized for 24 GB: an estimate); --tiny swaps in TINY_PRESET; typed flags win.
 
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (paper, Table 1: its SD1.5 row fine-tunes Realistic Vision, an SD1.5 fine-tune)
@@ -64,15 +62,15 @@ OPTIONS = dict(
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
     r0_plus=(False, "R0+ (Fig. 12): rewards on x0_hat of a random step k (our choice: any of the K)"),
     # our choice: HPS v2.1 and CLIP score, equal pulls (CLIP keeps the text alignment HPS may trade away); ImageReward,
-    # a third tower, is left out of the default for a 24 GB card's memory
+    # a third tower, is left out of the default for memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
-    # our choice: LoRA 64, which fits 24 GB (low rank as a constraint: third-party summary)
+    # our choice: LoRA 64 (low rank as a constraint: third-party summary)
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
     grad_clip=(1.0, "max global gradient norm"),
     random_eta=(True, "random eta in training (Figs. 5, 9); --no-random-eta: eta = 0 (an ablation)"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading); or batch, none (raw)"),
-    # our choices, untuned (none is in what we read): LoRA's usual rate (--lora-rank 0: pass ~1e-5), 4 fits 24 GB
+    # our choices, untuned (none is in what we read): LoRA's usual rate (--lora-rank 0: pass ~1e-5); batch 4
     lr=(1e-4, "AdamW learning rate"),
     batch_size=(4, "images per micro-batch (out of GPU memory at step 1: halved, --grad-accum doubled)"),
     grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
@@ -98,17 +96,16 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Generator parameterization (section 3.2)
-# The pretrained eps-prediction UNet becomes a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I). Step k
-# at timestep t (SD1.5's DDPM schedule, a_t = alpha_bar_t = prod_{s<=t} (1 - beta_s)):
+# Generator parameterization (section 3.2, by our guess)
+# The pretrained eps-prediction UNet as a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I). Step k at
+# timestep t, with a_t = alpha_bar_t of SD1.5's DDPM schedule, and s the next timestep:
 #       eps    = unet(x_t, t, c)
-#       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                      (DDIM eq. 9: the "predicted x0")
-# then the DDIM-eta update to the next timestep s (DDIM eqs. 12, 16):
-#       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)
-#       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise
-# The last step has no next timestep: a_s := 1, so x_s = x0_hat, the output (K = 6, 7: see generate). Random eta:
-# paper (Figs. 5, 9 captions); as a regularizer (the weights must serve a family of paths): third-party summary. our
-# reading: it is DDIM's eta; our choice: U[0,1] (DDIM to DDPM) per step and sample in training, 0 at inference.
+#       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                        (DDIM eq. 9: the "predicted x0")
+#       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (DDIM eq. 16)
+#       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
+# The last step has no s: a_s := 1, the output is x0_hat (K = 6, 7: one tiny step more, see generate). Random eta:
+# paper (Figs. 5, 9 captions), a regularizer (third-party summary); DDIM's eta, U[0,1] per step and sample in
+# training, 0 at inference: our reading and choice.
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
 
@@ -134,10 +131,9 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     step k's x0_hat (k = K-1: the output), and steps before grad_from_step run without gradient."""
     timesteps = few_step_timesteps(num_steps)
     last_step = num_steps - 1 if last_step is None else last_step
-    # our choice: from t to s = t - 1000 // K, diffusers' DDIMScheduler rule, so that a trained UNet is a drop-in for
-    # it at every K (for K = 3, 6, 7 it lands 1 away from the next trailing timestep)
+    # our choice: s = t - 1000 // K, diffusers' DDIM rule, so a trained UNet is a drop-in for its scheduler at any K
     jump = NUM_TRAIN_TIMESTEPS // num_steps
-    alphas = alphas_cumprod.tolist()  # Python floats: no device sync
+    alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
     x = noise.float()  # (B,4,h,w)
     for i, t in enumerate(timesteps[: last_step + 1]):
@@ -145,12 +141,11 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             a_t = alphas[t]
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
             eps = unet(x.to(unet.dtype), t_batch, encoder_hidden_states=text_emb.to(unet.dtype)).sample.float()
-            x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w); DDIM arithmetic in fp32
+            x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
             if i == last_step and i < num_steps - 1:  # R0+: the rewards look at this intermediate x0_hat
                 return x0_hat
             s = t - jump
-            # s < 0 (K = 1..5, 8): a_s := 1 returns x0_hat exactly; for K = 6, 7, s = 0 (a_0 = 0.9991) and DDIM
-            # takes that last tiny step, so we do too: the output is then x_0, not x0_hat
+            # s < 0: a_s := 1 and x = x0_hat; K = 6, 7 end at s = 0 (a_0 = 0.9991): DDIM's x_0, not x0_hat
             a_s = alphas[s] if s >= 0 else 1.0
             if random_eta:  # (B,1,1,1): per sample, per step
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
@@ -177,20 +172,19 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Rewards: paper (Figs. 9-10 captions; abstract: "compositional rewards"): HPS v2.1, ImageReward and CLIP score,
-# quality rising as rewards are added.
-# (Third-party summaries add Diff-Instruct++'s implicit classifier-free-guidance reward.) The names of --rewards:
+# Rewards (paper, abstract: "compositional rewards"; Figs. 9-10 captions: HPS v2.1, ImageReward and CLIP score,
+# quality rising as rewards are added; third-party summaries add Diff-Instruct++'s implicit CFG reward). --rewards:
 #   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          clip_score
 #   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 clip_score
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score
 #   cfg          the frozen base UNet's implicit CFG reward                         ImplicitCfgReward
-#   color, bright, proxy, proxy_b   the toy's rewards (Plumbing: "The toy")
-# A reward (an nn.Module, or cfg's plain class; classes, loaders, a recipe: Plumbing, "Reward models") has
-#   space     "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (it reads x0_hat: (B,4,h,w))
-#   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (no PIL or no_grad on x's path; it casts
-#             x to its tower's dtype and runs it under own_dtype; text_emb: the generator's (B,77,D) condition),
-#   or gradient(x, prompts, text_emb, generator) -> (values (B,), ascent direction like x), with no cheap value
-#   log_as    optional: the name its values are logged under (default: its --rewards name)
+#   color, bright, proxy, proxy_b   the toy's rewards (Plumbing, "The toy")
+# A reward is a frozen model with: space, "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (x0_hat: (B,4,h,w));
+#   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (text_emb: the generator's condition),
+#   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper;
+#   optionally log_as, the name its values are logged under (default: its --rewards name).
+# PickScore, say, is a CLIP: its forward is clip_score(its model, x, its unit text features), as ClipFamilyReward's;
+# then a loader and a line in REWARDS (Plumbing, "Reward models").
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -318,9 +312,9 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Regularizers (section 3.3; paper, Fig. 11 caption: without the weight regularization, reward hacking)
-#   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to the pretrained model
-#   2. LoRA: a low-rank update is itself a constraint (third-party summary; our choice: it also fits a 24 GB GPU)
+# Regularizers (section 3.3, by our guess; paper, Fig. 11 caption: without the weight regularization, reward hacking)
+#   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (squared L2: our reading)
+#   2. LoRA: a low-rank update is itself a constraint (third-party summary; our choice: it also saves memory)
 #   3. random eta sampling: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
 # our choice: gradient clipping at 1.0, AdamW with weight decay 0 (decay would pull theta toward 0 in full
@@ -361,7 +355,7 @@ def weight_regularization(unet, frozen_unet):
             A, B = A.float(), B.float()
             total = total + scaling ** 2 * ((B.T @ B) * (A @ A.T)).sum()
         return torch.as_tensor(total, dtype=torch.float32)
-    # mse_loss(sum) saves only p and p0 for the backward ((p - p0).pow(2) would save the difference too)
+    # mse_loss keeps no copy of p - p0 for the backward
     return sum(F.mse_loss(p, p0, reduction="sum") for p, p0 in zip(unet.parameters(), frozen_unet.parameters()))
 
 @dataclasses.dataclass
@@ -397,15 +391,14 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# One training step: R0, and R0+ (section 4; paper, Fig. 12 caption: R0+, intermediate supervision, converges faster)
+# One training step: R0, and R0+ (section 4, by our guess; Fig. 12 caption: R0+, intermediate supervision, faster)
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> decode --> x (pixels in [0,1])
 #                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
 #    ONE backward of the loss through the decoder and the UNet steps (each reward's own: through its tower only)
 # Then the update: --grad-accum micro-batches, their mean gradient, clipped, one AdamW step.
-# (Paper, Fig. 14 caption: R0+ also has a high-resolution guidance loss; its definition is not in what we could
-# read, so it is not here.) train -> optimizer_step (Plumbing: step 1's out-of-memory retry) -> the two below.
+# (Fig. 14 caption: R0+ also has a high-resolution guidance loss; its definition is not in what we read: not here.)
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of B prompts: (loss, logged stats). generator: the noise, eta, R0+'s k, cfg's t."""
@@ -413,11 +406,10 @@ def r0_step(m, prompts, cfg, generator):
     h = cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
-    # R0+, our choice: k uniform over all K steps (each step supervised alike), one per micro-batch, the steps before
-    # it with random eta too; the backward graph holds one UNet call instead of K (faster, less memory)
+    # R0+, our choice: k ~ U{0..K-1} per micro-batch; the backward holds one UNet call, not K (faster, less memory)
     k = int(torch.randint(0, K, (1,), generator=generator, device=m.device)) if cfg.r0_plus else None
     last_step, grad_from_step = (k, k) if cfg.r0_plus else (K - 1, 0)
-    with autocast(m.device, cfg.precision):  # bf16 on a GPU that has it; off in fp32 (CPUs)
+    with autocast(m.device, cfg.precision):  # bf16 where the GPU has it
         x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
                           last_step=last_step, grad_from_step=grad_from_step)  # (B,4,h,w)
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
@@ -455,6 +447,15 @@ def apply_update(optimizer, params, cfg, finite):
 
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
+
+# The loop, as train (Plumbing) runs it, without its guards (resume, checkpoints, signals, the bad-step stop):
+#   m = load_models(cfg)                                # the pretrained parts, through set_up_r0
+#   params = trainable_parameters(m.unet); optimizer = make_optimizer(params, cfg)
+#   order, generator = PromptOrder(prompts, cfg.seed), torch.Generator(cfg.device).manual_seed(cfg.seed)
+#   for step in range(cfg.max_steps):                   # optimizer_step: the two below, step 1 retried out of memory
+#       stats, finite = accumulate_gradients(m, order, cfg, generator)
+#       grad_norm, applied = apply_update(optimizer, params, cfg, finite)
+#       one line of log.jsonl; every --sample-every steps a grid of fixed prompts and seeds
 
 
 # ===========================================================================================================
@@ -603,11 +604,11 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 
 # -----------------------------------------------------------------------------------------------------------
 # Reward models: each reward's class, loader and registry line. To add one (say PickScore):
-#   1. a class with the reward interface ("Rewards", above; its name in the list there), optionally
-#      enable_gradient_checkpointing(); test_r0.py's PickScoreLike is a worked one (transformers' CLIPModel);
+#   1. a class with the reward interface ("Rewards", above), optionally enable_gradient_checkpointing();
 #   2. a loader (tiny, device, dtype) -> the frozen reward: its real weights (hub_file per file, then load_tensors or
 #      from_pretrained on hub_file's folder), or, tiny, a random twin of its classes and an offline tokenizer;
-#   3. a line in REWARDS (then --rewards trains with it, sample.py scores it); 4. a test against its authors' code.
+#   3. a line in REWARDS: then --rewards trains with it and sample.py scores it (test_r0.py's PickScoreLike does all
+#      three); 4. where you can run its authors' code, a test that both give the same scores on the same images.
 
 @dataclasses.dataclass
 class Reward:
