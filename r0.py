@@ -9,19 +9,19 @@ they leave open, with the reason). Section numbers (3.2, 3.3, 4) are our guess a
 
 Take the pretrained SD1.5 UNet, run it as a K-step generator from pure noise (K=4, Table 1), decode, score the images
 with differentiable reward models and push the reward gradients into the UNet, while regularizers keep it from
-hacking the rewards (abstract: "regularized reward maximization"):
+hacking the rewards (abstract: "regularized reward maximization"; the formula: our reading):
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-Each reward's image gradient g_i = d r_i / d x is normalized before the weighted sum (Fig. 8 caption), so a step
-follows the gradient of a surrogate whose value means nothing (watch the rewards, not the loss):
+Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption; per reward, before the weighted sum:
+our reading), so a step follows the gradient of a surrogate whose value means nothing (watch the rewards):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
-No training images, no diffusion loss, no distillation loss: only prompts.
+No training images, no diffusion loss, no distillation loss: only prompts. From vanilla SD1.5 expect the direction of
+Table 1 (HPS and ImageReward up, FID a little worse than the base), not its digits.
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
 
-Config first, then the method in the paper's order (generator, rewards, composition, regularizers, the step, its
-update; the loop in a sketch), then "Plumbing".
+Config first, then the method in the paper's order (the loop sketched at its end), then "Plumbing".
 """
 
 import argparse
@@ -60,7 +60,7 @@ OPTIONS = dict(
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
-    r0_plus=(False, "R0+ (Fig. 12): rewards on x0_hat of a random step k (our choice: any of the K)"),
+    r0_plus=(False, "R0+ (Fig. 12): rewards on x0_hat of a random step k (our reading; k any of the K: our choice)"),
     # our choice: HPS v2.1 and CLIP score, equal pulls (CLIP keeps the text alignment HPS may trade away); ImageReward,
     # a third tower, is left out of the default for memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
@@ -68,11 +68,11 @@ OPTIONS = dict(
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
     grad_clip=(1.0, "max global gradient norm"),
-    random_eta=(True, "random eta in training (Figs. 5, 9); --no-random-eta: eta = 0 (an ablation)"),
+    random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta: eta = 0 (an ablation)"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading); or batch, none (raw)"),
     # our choices, untuned (none is in what we read): LoRA's usual rate (--lora-rank 0: pass ~1e-5); batch 4
     lr=(1e-4, "AdamW learning rate"),
-    batch_size=(4, "images per micro-batch (out of GPU memory at step 1: halved, --grad-accum doubled)"),
+    batch_size=(4, "images per micro-batch (out of GPU memory at first: smaller micro-batches, same batch)"),
     grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
     max_steps=(2000, "optimizer steps"),
     seed=(0, "seed of prompts, noise, eta and LoRA init"),
@@ -94,6 +94,17 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
+# Precision, for the method: the trainable UNet under bf16 autocast, frozen models in their own dtype (bf16 on a GPU)
+
+def autocast(device, precision):  # bf16 autocast for the fp32 trainable UNet
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
+
+def own_dtype(device):  # autocast off: frozen models compute in their own dtype
+    return torch.autocast(device_type=torch.device(device).type, enabled=False)
+
+def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
+    return torch.nn.Module.to(module, device, dtype)
+
 
 # -----------------------------------------------------------------------------------------------------------
 # Generator parameterization (section 3.2, by our guess)
@@ -105,7 +116,7 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
 #       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
 # The last step has no s: a_s := 1, the output is x0_hat (K = 6, 7: one tiny step more, see generate). Random eta:
 # paper (Figs. 5, 9 captions), a regularizer (third-party summary); DDIM's eta, U[0,1] per step and sample in
-# training, 0 at inference: our reading and choice.
+# training, 0 at inference: our reading and choice. No classifier-free guidance inside: guidance 1 (our reading).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
 
@@ -131,7 +142,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     step k's x0_hat (k = K-1: the output), and steps before grad_from_step run without gradient."""
     timesteps = few_step_timesteps(num_steps)
     last_step = num_steps - 1 if last_step is None else last_step
-    # our choice: s = t - 1000 // K, diffusers' DDIM rule, so a trained UNet is a drop-in for its scheduler at any K
+    # our choice: s = t - 1000 // K, diffusers' DDIM rule (a drop-in for its scheduler; K = 3, 6, 7: 1 off t_{k+1})
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
@@ -176,15 +187,15 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 # quality rising as rewards are added; third-party summaries add Diff-Instruct++'s implicit CFG reward). --rewards:
 #   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          clip_score
 #   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 clip_score
-#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score
+#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score (Plumbing)
 #   cfg          the frozen base UNet's implicit CFG reward                         ImplicitCfgReward
 #   color, bright, proxy, proxy_b   the toy's rewards (Plumbing, "The toy")
 # A reward is a frozen model with: space, "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (x0_hat: (B,4,h,w));
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (text_emb: the generator's condition),
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper;
 #   optionally log_as, the name its values are logged under (default: its --rewards name).
-# PickScore, say, is a CLIP: its forward is clip_score(its model, x, its unit text features), as ClipFamilyReward's;
-# then a loader and a line in REWARDS (Plumbing, "Reward models").
+# PickScore, say, a transformers CLIPModel: forward = cos(get_image_features(clip_preprocess(x)), unit text features),
+# as ClipFamilyReward's for open_clip; then a loader and a line in REWARDS (Plumbing, "Reward models").
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -206,28 +217,30 @@ def clip_preprocess(pixels, size=224):
     return (x - mean) / std
 
 def clip_score(clip_model, pixels, text_features):
-    """hps and clip: r(x, c) = cos(f_img(x), f_txt(c)), no logit scale (tables: 100 x). text_features: (B,D) unit."""
+    """hps and clip: r(x, c) = cos(f_img(x), f_txt(c)), no logit scale (x100 in tables: our reading of Table 1).
+    text_features: (B,D), unit norm."""
     image = clip_preprocess(pixels, clip_model.visual.image_size[0])  # (B,3,224,224)
     with own_dtype(pixels.device):
         img_feat = clip_model.encode_image(image.to(next(clip_model.parameters()).dtype)).float()  # (B,D)
     return (F.normalize(img_feat, dim=-1) * text_features).sum(-1)  # (B,), normalized in fp32
 
-IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own statistics
+class ClipFamilyReward(torch.nn.Module):
+    """hps and clip: clip_score on a frozen open_clip model."""
+    space = "pixels"
+    def __init__(self, clip_model, tokenizer):
+        super().__init__()
+        self.model, self.tokenizer = clip_model.requires_grad_(False).eval(), tokenizer
 
-def imagereward_score(model, pixels, input_ids, attention_mask):
-    """imagereward (Xu et al. 2023): BLIP fine-tuned on human preference rankings.
-        image_embeds = ViT-L/16(clip_preprocess(x))                               (B,197,1024)
-        h            = BERT(prompt tokens, cross-attending to image_embeds)[:, 0]  (B,768), the [CLS] position
-        r(x, c)      = (MLP(h) - mean) / std      MLP 768-1024-128-64-16-1; about N(0,1) on its data
-    input_ids, attention_mask: (B,35)."""
-    image = clip_preprocess(pixels, 224).to(model.vision.dtype)
-    with own_dtype(pixels.device):
-        image_embeds = model.vision(pixel_values=image).last_hidden_state  # (B,197,D)
-        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-        h = model.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                       encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
-        raw = model.mlp(h.float()).squeeze(-1)  # (B,), the head in fp32, as ImageReward
-    return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+    @torch.no_grad()
+    def text_features(self, prompts):  # (B,D), unit norm, no gradient
+        tokens = self.tokenizer(prompts).to(next(self.model.parameters()).device)
+        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
+
+    def forward(self, pixels, prompts, text_emb=None):
+        return clip_score(self.model, pixels, self.text_features(prompts))
+
+    def enable_gradient_checkpointing(self):
+        self.model.set_grad_checkpointing(True)
 
 class ImplicitCfgReward:
     """cfg: the frozen base model's implicit classifier-free-guidance reward (third-party summary: Diff-Instruct++'s).
@@ -254,35 +267,18 @@ class ImplicitCfgReward:
         gap = ((eps_c - eps_u) ** 2).flatten(1).mean(1)  # (B,), logged only
         return gap, (a_t / (1 - a_t)).sqrt() * (eps_u - eps_c)  # (B,), (B,4,h,w) d log p(c|x_t) / d x0_hat
 
-@contextlib.contextmanager
-def theta_0(unet, frozen_unet):
-    """The base model theta_0 as a UNet: the frozen copy (full fine-tuning), or the LoRA UNet with its adapters off."""
-    if frozen_unet is None:
-        unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, it *is* theta_0
-    try:
-        yield unet if frozen_unet is None else frozen_unet
-    finally:
-        if frozen_unet is None:
-            unet.enable_adapters()
-
-def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate, for cfg: (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w)
-    def base_eps(x, t, emb):
-        with theta_0(unet, frozen_unet) as base:
-            return base(x, t, encoder_hidden_states=emb).sample
-    return base_eps
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Reward composition (paper, Fig. 8 caption: normalized reward gradients beat raw ones)
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only
 #   g   = sum_i w_i g_i / (||g_i|| + eps)                each reward pulls each sample with strength w_i
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
-# our reading: the norm is per sample (one image's huge gradient cannot drown the others). our choice: each reward is
-# normalized where its gradient lives, images in pixels, cfg in latents: cfg=1,hps=1 is not an equal pull on theta.
+# The norm is per sample (our reading): one image's huge gradient cannot drown the others. Each reward is normalized
+# where it reads (our choice): images in pixels, cfg in latents, so cfg=1,hps=1 is not an equal pull on theta.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
-    """g / (||g|| + eps), (B,...) -> (B,...): per sample, or per="batch" (an ablation: one norm for the batch, so each
-    sample's share is ~1/sqrt(B), and the anchor and the clip weigh relatively more)."""
+    """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm: each
+    sample then gets about 1/sqrt(B) of it, and the anchor and the clipping weigh more."""
     norm = g.flatten(1).norm(dim=1) if per == "sample" else g.norm().expand(len(g))  # (B,)
     return g / (norm.view(-1, *([1] * (g.dim() - 1))) + eps)  # our choice: eps only guards g = 0
 
@@ -357,6 +353,23 @@ def weight_regularization(unet, frozen_unet):
         return torch.as_tensor(total, dtype=torch.float32)
     # mse_loss keeps no copy of p - p0 for the backward
     return sum(F.mse_loss(p, p0, reduction="sum") for p, p0 in zip(unet.parameters(), frozen_unet.parameters()))
+
+@contextlib.contextmanager
+def theta_0(unet, frozen_unet):
+    """The base model theta_0 as a UNet: the frozen copy (full fine-tuning), or the LoRA UNet with its adapters off."""
+    if frozen_unet is None:
+        unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, it *is* theta_0
+    try:
+        yield unet if frozen_unet is None else frozen_unet
+    finally:
+        if frozen_unet is None:
+            unet.enable_adapters()
+
+def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate, for cfg: (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w)
+    def base_eps(x, t, emb):
+        with theta_0(unet, frozen_unet) as base:
+            return base(x, t, encoder_hidden_states=emb).sample
+    return base_eps
 
 @dataclasses.dataclass
 class Models:
@@ -451,8 +464,8 @@ def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regulari
 # The loop, as train (Plumbing) runs it, without its guards (resume, checkpoints, signals, the bad-step stop):
 #   m = load_models(cfg)                                # the pretrained parts, through set_up_r0
 #   params = trainable_parameters(m.unet); optimizer = make_optimizer(params, cfg)
-#   order, generator = PromptOrder(prompts, cfg.seed), torch.Generator(cfg.device).manual_seed(cfg.seed)
-#   for step in range(cfg.max_steps):                   # optimizer_step: the two below, step 1 retried out of memory
+#   order, generator = PromptOrder(train_prompts, cfg.seed), torch.Generator(cfg.device).manual_seed(cfg.seed)
+#   for step in range(cfg.max_steps):                   # optimizer_step: the two below; its first retried out of memory
 #       stats, finite = accumulate_gradients(m, order, cfg, generator)
 #       grad_norm, applied = apply_update(optimizer, params, cfg, finite)
 #       one line of log.jsonl; every --sample-every steps a grid of fixed prompts and seeds
@@ -461,19 +474,6 @@ def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regulari
 # ===========================================================================================================
 # Plumbing: what the method calls. The toy, reward models, loading, images, checkpoints, the loop, the CLI.
 # ===========================================================================================================
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Precision: the method's two autocast contexts, and module casts
-
-def autocast(device, precision):  # bf16 autocast for the fp32 trainable UNet
-    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
-
-def own_dtype(device):  # autocast off: frozen models compute in their own dtype
-    return torch.autocast(device_type=torch.device(device).type, enabled=False)
-
-def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
-    return torch.nn.Module.to(module, device, dtype)
 
 def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
     return str(device).startswith("cuda") and torch.cuda.is_bf16_supported(False)
@@ -607,8 +607,8 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 #   1. a class with the reward interface ("Rewards", above), optionally enable_gradient_checkpointing();
 #   2. a loader (tiny, device, dtype) -> the frozen reward: its real weights (hub_file per file, then load_tensors or
 #      from_pretrained on hub_file's folder), or, tiny, a random twin of its classes and an offline tokenizer;
-#   3. a line in REWARDS: then --rewards trains with it and sample.py scores it (test_r0.py's PickScoreLike does all
-#      three); 4. where you can run its authors' code, a test that both give the same scores on the same images.
+#   3. a line in REWARDS, a downloads entry per file: --rewards trains with it, sample.py scores it (test_r0.py's
+#      PickScoreLike does all three); 4. where its authors' code runs, a test that both score the same images alike.
 
 @dataclasses.dataclass
 class Reward:
@@ -616,23 +616,22 @@ class Reward:
     downloads: list = ()    # [(what, hub repo, files)], an entry per file needed: any of files will do, [0] is fetched
     scale: float = 1.0      # sample.py's tables report scale x score (our reading of Table 1: 100 x a cosine)
 
-class ClipFamilyReward(torch.nn.Module):
-    """hps and clip: clip_score on a frozen open_clip model."""
-    space = "pixels"
-    def __init__(self, clip_model, tokenizer):
-        super().__init__()
-        self.model, self.tokenizer = clip_model.requires_grad_(False).eval(), tokenizer
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own statistics
 
-    @torch.no_grad()
-    def text_features(self, prompts):  # (B,D), unit norm, no gradient
-        tokens = self.tokenizer(prompts).to(next(self.model.parameters()).device)
-        return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
-
-    def forward(self, pixels, prompts, text_emb=None):
-        return clip_score(self.model, pixels, self.text_features(prompts))
-
-    def enable_gradient_checkpointing(self):
-        self.model.set_grad_checkpointing(True)
+def imagereward_score(model, pixels, input_ids, attention_mask):
+    """imagereward (Xu et al. 2023): BLIP fine-tuned on human preference rankings.
+        image_embeds = ViT-L/16(clip_preprocess(x))                               (B,197,1024)
+        h            = BERT(prompt tokens, cross-attending to image_embeds)[:, 0]  (B,768), the [CLS] position
+        r(x, c)      = (MLP(h) - mean) / std      MLP 768-1024-128-64-16-1; about N(0,1) on its data
+    input_ids, attention_mask: (B,35)."""
+    image = clip_preprocess(pixels, 224).to(model.vision.dtype)
+    with own_dtype(pixels.device):
+        image_embeds = model.vision(pixel_values=image).last_hidden_state  # (B,197,D)
+        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        h = model.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                       encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
+        raw = model.mlp(h.float()).squeeze(-1)  # (B,), the head in fp32, as ImageReward
+    return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 class ImageRewardReward(torch.nn.Module):
     """imagereward: imagereward_score on transformers' BLIP towers and the MLP head, frozen."""
@@ -1150,9 +1149,6 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
                         "was trained from: another snapshot of --model, or --tiny's models rebuilt on another machine "
                         f"or thread count (the run had OMP_NUM_THREADS={state['threads']}); resume it where it was "
                         "trained, or start a new run.")
-    if len(state["ranks"]) > 1:  # an older r0.py under torchrun
-        raise UserError(f"{cfg.output_dir} was trained by {len(state['ranks'])} processes, which this r0.py does not "
-                        "do; resume it with the r0.py that trained it, or start a new run.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: a few MB)
     run.optimizer.load_state_dict(state["optimizer"])
     rng = state["ranks"][0]
