@@ -4,8 +4,8 @@ R0: few-step text-to-image generation by regularized reward maximization, on Sta
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
 2503.13070 (v2, NeurIPS 2025: "Reward-Instruct"). It ships no code: this is a from-scratch reference. We could read
 its abstract, figure captions and Table 1, so each label names its source: "paper (abstract)", "paper (Fig. 8
-caption)", "paper (Table 1)", "third-party summary", "our reading" (our interpretation of those), "our choice" (what
-they leave open, with the reason). Section numbers (3.2, 3.3, 4) are our guess at where each ingredient sits.
+caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our reading" (of those), "our
+choice" (what they leave open, with the reason). Section numbers (3.2, 3.3, 4) are our guess.
 
 Take the pretrained SD1.5 UNet, run it as a K-step generator from pure noise (K=4, Table 1), decode, score the images
 with differentiable reward models and push the reward gradients into the UNet, while regularizers keep it from
@@ -14,14 +14,14 @@ hacking the rewards (abstract: "regularized reward maximization"; the formula: o
 Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption; per reward, before the weighted sum:
 our reading), so a step follows the gradient of a surrogate whose value means nothing (watch the rewards):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
-No training images, no diffusion loss, no distillation loss: only prompts. From vanilla SD1.5 expect the direction of
-Table 1 (HPS and ImageReward up, FID a little worse than the base), not its digits.
+No training images, no diffusion or distillation loss (abstract): only prompts. From vanilla SD1.5 we expect Table 1's
+direction (its base: Realistic Vision, 25 steps): HPS and ImageReward up, CLIP score and FID a little worse.
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
 
-Config first, then the method in the paper's order (the loop sketched at its end), then "Plumbing".
+Config first, then the method in the paper's order, then "Plumbing" (from the loop to the command line).
 """
 
 import argparse
@@ -53,7 +53,7 @@ import torch.nn.functional as F
 # The defaults are for SD1.5 on one GPU (sized for 24 GB: an estimate); --tiny swaps in TINY_PRESET; typed flags win.
 
 OPTIONS = dict(
-    # our choice: vanilla SD1.5 (paper, Table 1: its SD1.5 row fine-tunes Realistic Vision, an SD1.5 fine-tune)
+    # our choice: vanilla SD1.5 (our reading of Table 1: its SD1.5 rows start from Realistic Vision, a fine-tune)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
     tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (which hold out a fifth of the colour prompts)"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
@@ -96,7 +96,7 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
 
 # Precision, for the method: the trainable UNet under bf16 autocast, frozen models in their own dtype (bf16 on a GPU)
 
-def autocast(device, precision):  # bf16 autocast for the fp32 trainable UNet
+def autocast(device, precision):  # bf16 autocast over the generator, whose trainable weights stay fp32
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
 
 def own_dtype(device):  # autocast off: frozen models compute in their own dtype
@@ -114,9 +114,10 @@ def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
 #       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                        (DDIM eq. 9: the "predicted x0")
 #       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (DDIM eq. 16)
 #       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
-# The last step has no s: a_s := 1, the output is x0_hat (K = 6, 7: one tiny step more, see generate). Random eta:
-# paper (Figs. 5, 9 captions), a regularizer (third-party summary); DDIM's eta, U[0,1] per step and sample in
-# training, 0 at inference: our reading and choice. No classifier-free guidance inside: guidance 1 (our reading).
+# The last step has no s, so a_s := 1 and the output is x0_hat (for K = 6, 7 one tiny step more: see generate).
+# Random eta (paper, Figs. 5, 9 captions; a regularizer, says a third-party summary) is DDIM's eta, drawn U[0,1] per
+# step and per sample in training, 0 at inference (our reading and choice). No classifier-free guidance inside the
+# generator: guidance 1, one UNet call a step (our reading).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
 
@@ -183,8 +184,8 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Rewards (paper, abstract: "compositional rewards"; Figs. 9-10 captions: HPS v2.1, ImageReward and CLIP score,
-# quality rising as rewards are added; third-party summaries add Diff-Instruct++'s implicit CFG reward). --rewards:
+# Rewards (paper, abstract: "compositional rewards"). Figs. 9-10 captions: HPS v2.1, ImageReward and CLIP score, the
+# quality rising as rewards are added. Third-party summaries add Diff-Instruct++'s implicit CFG reward. --rewards:
 #   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          clip_score
 #   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 clip_score
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score (Plumbing)
@@ -194,8 +195,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (text_emb: the generator's condition),
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper;
 #   optionally log_as, the name its values are logged under (default: its --rewards name).
-# PickScore, say, a transformers CLIPModel: forward = cos(get_image_features(clip_preprocess(x)), unit text features),
-# as ClipFamilyReward's for open_clip; then a loader and a line in REWARDS (Plumbing, "Reward models").
+# A new reward (PickScore, worked through): Plumbing, "Reward models".
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -295,7 +295,7 @@ def reward_gradient(reward, x, prompts, text_emb, generator=None):
 def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None,
                               normalize="sample"):
     """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg), and each reward's values.
-    Fig. 8's ablation: normalize="none" sums the raw w_i g_i; ours: "batch" divides by one norm per batch."""
+    Fig. 8's ablation: normalize="none" sums the raw w_i g_i; our extra one, "batch", divides by one norm a batch."""
     grads = {"pixels": torch.zeros_like(pixels), "latents": torch.zeros_like(latents)}
     scores = {}
     for name, reward in rewards.items():
@@ -415,8 +415,7 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of B prompts: (loss, logged stats). generator: the noise, eta, R0+'s k, cfg's t."""
-    B, K = len(prompts), cfg.steps
-    h = cfg.resolution // 8
+    B, K, h = len(prompts), cfg.steps, cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
     # R0+, our choice: k ~ U{0..K-1} per micro-batch; the backward holds one UNet call, not K (faster, less memory)
@@ -428,7 +427,8 @@ def r0_step(m, prompts, cfg, generator):
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
-    # d surrogate / d theta = -(normalized, weighted reward gradient) . dx/dtheta; our choice: the mean over the batch
+    # g is a constant (autograd.grad left it outside the graph): this is gradient ascent on the image x in data space
+    # (abstract: "an optimization problem in data space"), pulled back to theta by one backward; the batch mean: ours
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
@@ -450,7 +450,7 @@ def accumulate_gradients(m, order, cfg, generator):
     return stats_sum, finite
 
 def apply_update(optimizer, params, cfg, finite):
-    """Clip (our choice: norm 1.0), then AdamW; a non-finite loss, reward or gradient skips AdamW. (norm, applied)"""
+    """Clip to --grad-clip (our choice: 1.0), then AdamW, unless a value is non-finite. (grad norm, applied)"""
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
     applied = finite and math.isfinite(grad_norm)
     if applied:
@@ -461,14 +461,21 @@ def apply_update(optimizer, params, cfg, finite):
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
-# The loop, as train (Plumbing) runs it, without its guards (resume, checkpoints, signals, the bad-step stop):
-#   m = load_models(cfg)                                # the pretrained parts, through set_up_r0
-#   params = trainable_parameters(m.unet); optimizer = make_optimizer(params, cfg)
-#   order, generator = PromptOrder(train_prompts, cfg.seed), torch.Generator(cfg.device).manual_seed(cfg.seed)
-#   for step in range(cfg.max_steps):                   # optimizer_step: the two below; its first retried out of memory
-#       stats, finite = accumulate_gradients(m, order, cfg, generator)
-#       grad_norm, applied = apply_update(optimizer, params, cfg, finite)
-#       one line of log.jsonl; every --sample-every steps a grid of fixed prompts and seeds
+def train(cfg):  # the loop; optimizer_step: accumulate_gradients, apply_update, and an out-of-memory retry (Plumbing)
+    from tqdm import tqdm
+    run = set_up_run(cfg)
+    with StopOnSignal() as stop:
+        bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
+        for step in bar:
+            t0 = time.time()
+            if cfg.device.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats()
+            stats, grad_norm, applied = optimizer_step(run.m, run.optimizer, run.params, run.order, cfg, run.generator,
+                                                       first=step == run.start)
+            log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
+            checkpoint_or_stop(run, cfg, bar, step + 1, applied, stop.signum)
+    finish_run(run, cfg)
+    return run.m
 
 
 # ===========================================================================================================
@@ -485,10 +492,9 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The toy: rewards a tiny generator learns from on a CPU, and the measures that show what it learned. color: the exact
-# mean-colour rule, which cannot be hacked (its gradient is the same at every pixel); bright: a louder second reward;
-# proxy: a learned colour classifier, which can be. The true score is the colour rule on held-out seeds and prompts;
-# content_kept gauges what no reward scores, the base model's structure.
+# The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
+# cannot be hacked (its gradient is the same at every pixel); bright is louder; proxy, a learned classifier, can be.
+# The true score: the colour rule at held-out seeds and prompts; content_kept: the base model's structure kept.
 
 COLOURS = {  # our choice: typical sRGB renderings of each word
     "red": (0.85, 0.10, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.90, 0.15),
@@ -603,12 +609,23 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reward models: each reward's class, loader and registry line. To add one (say PickScore):
-#   1. a class with the reward interface ("Rewards", above), optionally enable_gradient_checkpointing();
-#   2. a loader (tiny, device, dtype) -> the frozen reward: its real weights (hub_file per file, then load_tensors or
-#      from_pretrained on hub_file's folder), or, tiny, a random twin of its classes and an offline tokenizer;
-#   3. a line in REWARDS, a downloads entry per file: --rewards trains with it, sample.py scores it (test_r0.py's
-#      PickScoreLike does all three); 4. where its authors' code runs, a test that both score the same images alike.
+# Reward models: each reward's class, loader and registry line. A new one, say PickScore (a transformers CLIPModel on
+# the hub), takes three pieces shaped like hps's (test_r0.py runs them, with PickScoreLike):
+#   class PickScore(torch.nn.Module):                         # the reward interface ("Rewards", above)
+#       space = "pixels"                                      # __init__: the model and CLIP's tokenizer
+#       def forward(self, pixels, prompts, text_emb=None):
+#           ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
+#           with torch.no_grad():                             # (transformers 5: get_*_features(...).pooler_output)
+#               text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device))
+#           img = self.model.get_image_features(pixel_values=clip_preprocess(pixels).to(self.model.dtype))
+#           return F.cosine_similarity(img.float(), text.float(), dim=-1)   # (B,)
+#   def load_pickscore(tiny, device, dtype):                  # tiny: a random CLIPModel(CLIPConfig(...)), 224 px
+#       paths = [hub_file("pickscore", d) for d in REWARDS["pickscore"].downloads]   # every file, cached or fetched
+#       return cast(PickScore(CLIPModel.from_pretrained(os.path.dirname(paths[0])), sd15_tokenizer_offline()),
+#                   device, dtype)
+#   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
+#                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
+# An entry per file; x100 is sample.py's scale; no logit scale (normalization cancels it). Then a test against its code.
 
 @dataclasses.dataclass
 class Reward:
@@ -1119,9 +1136,9 @@ def save_checkpoint(run, cfg, step, last):
     state = {"step": step, "config": vars(cfg), "prompts_sha256": run.prompts_hash, "fingerprint": run.fingerprint,
              "trainable": {n: p.detach().cpu() for n, p in run.m.unet.named_parameters() if p.requires_grad},
              "optimizer": run.optimizer.state_dict(), "threads": torch.get_num_threads(),
-             "ranks": [{"generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                        "cuda_rng": torch.cuda.get_rng_state(cfg.device) if cfg.device.startswith("cuda") else None,
-                        "python_rng": random.getstate(), "order": run.order.state_dict()}]}
+             "rng": {"generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(cfg.device) if cfg.device.startswith("cuda") else None,
+                     "python_rng": random.getstate(), "order": run.order.state_dict()}}
     path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step:06d}.pt")
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -1151,7 +1168,7 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
                         "trained, or start a new run.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: a few MB)
     run.optimizer.load_state_dict(state["optimizer"])
-    rng = state["ranks"][0]
+    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older runs: a list of one)
     run.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_rng"])
     if isinstance(rng["cuda_rng"], torch.Tensor) and cfg.device.startswith("cuda"):  # (older runs: a list)
@@ -1292,8 +1309,8 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
     run = argparse.Namespace(
         m=m, params=params, optimizer=optimizer, prompts_hash=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, cfg's t
-        order=PromptOrder(train_prompts, cfg.seed), start=0, summary={},
-        write_failed=False, fingerprint=frozen_fingerprint(m), measures={},
+        order=PromptOrder(train_prompts, cfg.seed), start=0, summary={}, bad_steps=0, measures={},
+        last_checkpoint=cfg.resume_checkpoint, write_failed=False, fingerprint=frozen_fingerprint(m),
         log_path=os.path.join(cfg.output_dir, "log.jsonl"), summary_path=os.path.join(cfg.output_dir, "summary.json"),
         held_out=([p for p in train_prompts if colour_of(p)], unseen) if toy else None)  # (seen, unseen)
     if cfg.resume_checkpoint:
@@ -1329,47 +1346,34 @@ def progress(run, cfg, step):  # <out>/samples/step_NNNNNN.png; its measures: co
                     {"content_kept": content_kept(images, run.base)})
     return run.measures
 
-def train(cfg):  # returns the trained Models. The loop, nanoGPT's way: one optimizer step, one log line
-    from tqdm import tqdm
-    run = set_up_run(cfg)
-    out, bad_steps, last_checkpoint = cfg.output_dir, 0, cfg.resume_checkpoint
-    with StopOnSignal() as stop:
-        bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
-        for step in bar:
-            t0 = time.time()
-            if cfg.device.startswith("cuda"):
-                torch.cuda.reset_peak_memory_stats()
-            stats, grad_norm, applied = optimizer_step(run.m, run.optimizer, run.params, run.order, cfg, run.generator,
-                                                       first=step == run.start)
-            record = dict(step=step + 1, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=time.time() - t0,
-                          peak_mem_gb=peak_memory_gb(cfg.device))
-            bad_steps = 0 if applied else bad_steps + 1  # non-finite steps in a row
-            if not applied:
-                record["skipped"] = "non-finite loss, reward or gradient"
-                print(f"step {step + 1}: {record['skipped']}; skipped ({bad_steps}/{cfg.max_bad_steps} in a row)")
-            done = step + 1 == cfg.max_steps
-            if (step + 1) % cfg.sample_every == 0 or done:
-                record["measures"] = progress(run, cfg, step + 1)
-            write_or_warn(run, run.log_path, append_line, run.log_path, json.dumps(record))  # one JSON line a step
-            if "measures" in record:
-                write_or_warn(run, f"{out}/curves.png", write_curves, out, run.summary)
-            shown = {k: v for k, v in run.measures.items() if k in ("colour_accuracy", "content_kept")}
-            bar.set_postfix({k: f"{v:.4g}" for k, v in (stats | shown).items() if k not in ("loss", "surrogate")}
-                            | {"s/it": f"{record['seconds']:.2f}"})
-            if bad_steps >= cfg.max_bad_steps:
-                raise UserError(f"stopped at step {step + 1} after {bad_steps} steps in a row with non-finite values "
-                                f"(NaN/Inf); the last good checkpoint is {last_checkpoint or 'none yet'}. "
-                                "Lower --lr or check the rewards, then --resume.", exit_code=3)
-            stopping = stop.signum is not None
-            # a checkpoint on schedule, at the end, and on a signal; never of a skipped step
-            if applied and ((step + 1) % cfg.checkpoint_every == 0 or done or stopping):
-                last_checkpoint = save_checkpoint(run, cfg, step + 1, last_checkpoint)
-            if stopping and not done:
-                bar.close()
-                raise UserError(f"interrupted at step {step + 1}; checkpoint {last_checkpoint}. Continue with: python "
-                                f"r0.py --resume {out}", exit_code=128 + stop.signum)
-    finish_run(run, cfg)
-    return run.m
+def log_step(run, cfg, bar, step, stats, grad_norm, applied, seconds):  # log.jsonl's line, a grid on schedule, the bar
+    record = dict(step=step, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=seconds,
+                  peak_mem_gb=peak_memory_gb(cfg.device))
+    run.bad_steps = 0 if applied else run.bad_steps + 1  # non-finite steps in a row
+    if not applied:
+        record["skipped"] = "non-finite loss, reward or gradient"
+        print(f"step {step}: {record['skipped']}; skipped ({run.bad_steps}/{cfg.max_bad_steps} in a row)")
+    if step % cfg.sample_every == 0 or step == cfg.max_steps:
+        record["measures"] = progress(run, cfg, step)
+    write_or_warn(run, run.log_path, append_line, run.log_path, json.dumps(record))  # one JSON line a step
+    if "measures" in record:
+        write_or_warn(run, f"{cfg.output_dir}/curves.png", write_curves, cfg.output_dir, run.summary)
+    shown = {k: v for k, v in run.measures.items() if k in ("colour_accuracy", "content_kept")}
+    bar.set_postfix({k: f"{v:.4g}" for k, v in (stats | shown).items() if k not in ("loss", "surrogate")}
+                    | {"s/it": f"{seconds:.2f}"})
+
+def checkpoint_or_stop(run, cfg, bar, step, applied, signum):  # a checkpoint on schedule, at the end, on a signal
+    if run.bad_steps >= cfg.max_bad_steps:
+        raise UserError(f"stopped at step {step} after {run.bad_steps} steps in a row with non-finite values "
+                        f"(NaN/Inf); the last good checkpoint is {run.last_checkpoint or 'none yet'}. "
+                        "Lower --lr or check the rewards, then --resume.", exit_code=3)
+    done = step == cfg.max_steps
+    if applied and (step % cfg.checkpoint_every == 0 or done or signum is not None):  # never of a skipped step
+        run.last_checkpoint = save_checkpoint(run, cfg, step, run.last_checkpoint)
+    if signum is not None and not done:
+        bar.close()
+        raise UserError(f"interrupted at step {step}; checkpoint {run.last_checkpoint}. Continue with: python "
+                        f"r0.py --resume {cfg.output_dir}", exit_code=128 + signum)
 
 def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline of the generator, the summary
     out, summary = cfg.output_dir, run.summary

@@ -1480,8 +1480,8 @@ def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
     r0.train(resumed)
     a = torch.load(tmp_path / "a" / "checkpoints" / "step_000004.pt", weights_only=True)
     b = torch.load(tmp_path / "b" / "checkpoints" / "step_000004.pt", weights_only=True)
-    assert {"step", "trainable", "optimizer", "ranks", "config", "prompts_sha256"} <= set(a) and len(a["ranks"]) == 1
-    assert {"generator", "torch_rng", "cuda_rng", "python_rng", "order"} <= set(a["ranks"][0])
+    assert {"step", "trainable", "optimizer", "rng", "config", "prompts_sha256"} <= set(a)
+    assert {"generator", "torch_rng", "cuda_rng", "python_rng", "order"} <= set(a["rng"])
     assert a["trainable"].keys() == b["trainable"].keys()
     # train() builds AdamW with --lr and no weight decay (the anchor to theta_0 replaces decay toward 0)
     assert [(g["lr"], g["weight_decay"]) for g in a["optimizer"]["param_groups"]] == [(resumed.lr, 0.0)]
@@ -1516,7 +1516,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unread(tmp_path, ca
     r0.train(run_cfg(tmp_path / "run", "--max-steps", "1"))
     path, marker = tmp_path / "run" / "checkpoints" / "step_000001.pt", tmp_path / "code-ran"
     state = torch.load(path, weights_only=True)  # what r0.py writes loads safely
-    state["ranks"][0]["order"] = RunsCode(marker)
+    state["rng"]["order"] = RunsCode(marker)
     torch.save(state, path)
     log_before = (tmp_path / "run" / "log.jsonl").read_text()
     capsys.readouterr()
@@ -1537,7 +1537,7 @@ def test_resume_refuses_another_kind_of_device_but_allows_another_gpu(tmp_path, 
     generator state cannot continue on the CPU); another GPU of the same machine (cuda -> cuda:1) is allowed."""
     r0.train(run_cfg(tmp_path, "--max-steps", "1"))
     state = torch.load(tmp_path / "checkpoints" / "step_000001.pt", weights_only=True)
-    assert state["ranks"][0]["cuda_rng"] is None
+    assert state["rng"]["cuda_rng"] is None
     config = json.load(open(tmp_path / "config.json"))
     json.dump({**config, "device": "cuda"}, open(tmp_path / "config.json", "w"))  # as if trained on a GPU
     with pytest.raises(r0.UserError, match="cannot move a run from cuda to cpu"):
@@ -1553,7 +1553,7 @@ def test_a_gpu_checkpoint_holds_its_own_gpus_random_state_and_resumes(tmp_path):
     GPU's, which broke resuming where fewer GPUs are visible), and --resume continues on the GPU."""
     r0.train(run_cfg(tmp_path, "--max-steps", "1", "--device", "cuda"))
     state = torch.load(tmp_path / "checkpoints" / "step_000001.pt", weights_only=True)
-    assert isinstance(state["ranks"][0]["cuda_rng"], torch.Tensor)
+    assert isinstance(state["rng"]["cuda_rng"], torch.Tensor)
     r0.train(r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path), "--max-steps", "2"])))
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1, 2]
 
@@ -1603,7 +1603,7 @@ def test_a_run_written_by_an_older_r0_py_resumes_with_or_without_its_flags_typed
     (out / "config.json").write_text(config)
     ckpt = torch.load(out / "checkpoints" / "step_000001.pt", weights_only=True)
     ckpt["config"] = {**json.loads(config), "resume_checkpoint": None, "rank": 0}
-    ckpt["ranks"][0]["cuda_rng"] = []  # torch.cuda.get_rng_state_all() or []
+    ckpt["ranks"] = [{**ckpt.pop("rng"), "cuda_rng": []}]  # that time's layout; torch.cuda.get_rng_state_all() or []
     del ckpt["fingerprint"], ckpt["threads"]
     torch.save(ckpt, out / "checkpoints" / "step_000001.pt")
     (out / "summary.json").write_text(json.dumps({"colour_accuracy_before": 0.05,
