@@ -2,9 +2,9 @@
 R0: few-step text-to-image generation by regularized reward maximization, on Stable Diffusion 1.5.
 
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
-2503.13070 (v2, NeurIPS 2025: "Reward-Instruct"). It ships no code: this is a from-scratch reference. We could read
-its abstract, figure captions and Table 1, so each label names its source: "paper (abstract)", "paper (Fig. 8
-caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our reading" (of those), "our
+2503.13070 (v2, NeurIPS 2025: "Reward-Instruct"). Its repository holds no code: this is a from-scratch reference. We
+could read its abstract, figure captions and Table 1, so each label names its source: "paper (abstract)", "paper (Fig.
+8 caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our reading" (of those), "our
 choice" (what they leave open, with the reason). Section numbers (3.2, 3.3, 4) are our guess.
 
 Take the pretrained SD1.5 UNet, run it as a K-step generator from pure noise (K=4, Table 1), decode, score the images
@@ -14,14 +14,14 @@ hacking the rewards (abstract: "regularized reward maximization"; the formula: o
 Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption; per reward, before the weighted sum:
 our reading), so a step follows the gradient of a surrogate whose value means nothing (watch the rewards):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
-No training images, no diffusion or distillation loss (abstract): only prompts. From vanilla SD1.5 we expect Table 1's
-direction (its base: Realistic Vision, 25 steps): HPS and ImageReward up, CLIP score and FID a little worse.
+No distillation loss (abstract), no diffusion loss, no training images: only prompts. From vanilla SD1.5 we expect
+Table 1's direction (its base: Realistic Vision, 25 steps): HPS and ImageReward up, CLIP score and FID a little worse.
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
 
-Config first, then the method in the paper's order, then "Plumbing" (from the loop to the command line).
+Config first, then the method in the paper's order and the loop, then "Plumbing".
 """
 
 import argparse
@@ -194,7 +194,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 # A reward is a frozen model with: space, "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (x0_hat: (B,4,h,w));
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (text_emb: the generator's condition),
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper;
-#   optionally log_as, the name its values are logged under (default: its --rewards name).
+#   optionally log_as (the name its values are logged under) and enable_gradient_checkpointing().
 # A new reward (PickScore, worked through): Plumbing, "Reward models".
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
@@ -428,7 +428,7 @@ def r0_step(m, prompts, cfg, generator):
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
     # g is a constant (autograd.grad left it outside the graph): this is gradient ascent on the image x in data space
-    # (abstract: "an optimization problem in data space"), pulled back to theta by one backward; the batch mean: ours
+    # (our reading of the abstract's "optimization problem in data space"), pulled back to theta; the batch mean: ours
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
@@ -612,7 +612,7 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 # Reward models: each reward's class, loader and registry line. A new one, say PickScore (a transformers CLIPModel on
 # the hub), takes three pieces shaped like hps's (test_r0.py runs them, with PickScoreLike):
 #   class PickScore(torch.nn.Module):                         # the reward interface ("Rewards", above)
-#       space = "pixels"                                      # __init__: the model and CLIP's tokenizer
+#       space = "pixels"                                      # __init__: the model, frozen; CLIP's tokenizer
 #       def forward(self, pixels, prompts, text_emb=None):
 #           ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
 #           with torch.no_grad():                             # (transformers 5: get_*_features(...).pooler_output)
@@ -625,7 +625,7 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 #                   device, dtype)
 #   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
 #                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
-# An entry per file; x100 is sample.py's scale; no logit scale (normalization cancels it). Then a test against its code.
+# An entry per file; x100 is sample.py's scale; no logit scale (normalization cancels it); a test against its code.
 
 @dataclasses.dataclass
 class Reward:
