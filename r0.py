@@ -114,10 +114,10 @@ def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
 #       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                        (DDIM eq. 9: the "predicted x0")
 #       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (DDIM eq. 16)
 #       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
-# The last step has no s, so a_s := 1 and the output is x0_hat (for K = 6, 7 one tiny step more: see generate).
+# The last step has no s, so a_s := 1 and the output is x0_hat (K = 6 and 7 end one tiny step later, at t = 0).
 # Random eta (paper, Figs. 5, 9 captions; a regularizer, says a third-party summary) is DDIM's eta, drawn U[0,1] per
-# step and per sample in training, 0 at inference (our reading and choice). No classifier-free guidance inside the
-# generator: guidance 1, one UNet call a step (our reading).
+# step and per sample in training, and 0 at inference (our reading and choice). We read the generator as unguided,
+# one UNet call a step, with no classifier-free guidance inside it (our reading).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
 
@@ -127,23 +127,23 @@ def sd15_alphas_cumprod(beta_start=0.00085, beta_end=0.012):
     return torch.cumprod(1.0 - betas, dim=0).float()
 
 def few_step_timesteps(num_steps):
-    """our choice: 'trailing' spacing, t_k = round(1000 - k 1000/K) - 1, K=4 -> [999, 749, 499, 249]: the first step
-    starts from pure noise (SD1.5's 'leading' spacing would start at t=751 and leave visible noise)."""
+    """Our choice: 'trailing' spacing, t_k = round(1000 - k 1000/K) - 1, so K=4 gives [999, 749, 499, 249] and the first
+    step starts from pure noise. (SD1.5's 'leading' spacing would start at t=751 and leave visible noise.)"""
     assert 1 <= num_steps <= NUM_TRAIN_TIMESTEPS, num_steps
     step_ratio = NUM_TRAIN_TIMESTEPS / num_steps
     return [round(NUM_TRAIN_TIMESTEPS - k * step_ratio) - 1 for k in range(num_steps)]
 
-def x0_from_eps(x_t, eps, alpha_bar_t):  # x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t): the implied clean latent
+def x0_from_eps(x_t, eps, alpha_bar_t):  # the clean latent that x_t and eps imply (DDIM eq. 9)
     return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
 
 def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_eta=False, generator=None,
              last_step=None, grad_from_step=0):
     """The few-step generator g_theta: noise x_T (B,4,h,w), text_emb (B,77,D) -> its output latent (B,4,h,w).
-    random_eta: eta ~ U[0,1] per step and sample, drawn from `generator` (a torch.Generator); R0+: last_step=k returns
-    step k's x0_hat (k = K-1: the output), and steps before grad_from_step run without gradient."""
+    With random_eta, eta ~ U[0,1] per step and per sample, drawn from `generator` (a torch.Generator). For R0+,
+    last_step=k returns step k's x0_hat, and the steps before grad_from_step run without gradient."""
     timesteps = few_step_timesteps(num_steps)
     last_step = num_steps - 1 if last_step is None else last_step
-    # our choice: s = t - 1000 // K, diffusers' DDIM rule (a drop-in for its scheduler; K = 3, 6, 7: 1 off t_{k+1})
+    # our choice: s = t - 1000 // K, as diffusers' DDIM scheduler does (for K = 3, 6, 7 it is 1 off t_{k+1})
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
@@ -157,13 +157,13 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             if i == last_step and i < num_steps - 1:  # R0+: the rewards look at this intermediate x0_hat
                 return x0_hat
             s = t - jump
-            # s < 0: a_s := 1 and x = x0_hat; K = 6, 7 end at s = 0 (a_0 = 0.9991): DDIM's x_0, not x0_hat
+            # s < 0 at the last step, so a_s = 1 and x = x0_hat (K = 6 and 7 end at s = 0 instead, where a_0 = 0.9991)
             a_s = alphas[s] if s >= 0 else 1.0
             if random_eta:  # (B,1,1,1): per sample, per step
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
             else:
                 eta_i = torch.full((B, 1, 1, 1), float(eta), device=x.device)
-            sigma = eta_i * ((1 - a_s) / (1 - a_t)) ** 0.5 * (1 - a_t / a_s) ** 0.5
+            sigma = eta_i * ((1 - a_s) / (1 - a_t)) ** 0.5 * (1 - a_t / a_s) ** 0.5  # sigma^2 <= 1-a_s up to rounding
             step_noise = torch.randn(x.shape, generator=generator, device=x.device)
             x = a_s**0.5 * x0_hat + (1 - a_s - sigma**2).clamp(min=0) ** 0.5 * eps + sigma * step_noise
     return x
@@ -273,8 +273,8 @@ class ImplicitCfgReward:
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only
 #   g   = sum_i w_i g_i / (||g_i|| + eps)                each reward pulls each sample with strength w_i
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
-# The norm is per sample (our reading): one image's huge gradient cannot drown the others. Each reward is normalized
-# where it reads (our choice): images in pixels, cfg in latents, so cfg=1,hps=1 is not an equal pull on theta.
+# We read the norm as per sample, so that one image's huge gradient cannot drown the others. Each reward is normalized
+# where it reads (our choice), images in pixels and cfg in latents, so cfg=1,hps=1 is not an equal pull on theta.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm: each
@@ -418,7 +418,7 @@ def r0_step(m, prompts, cfg, generator):
     B, K, h = len(prompts), cfg.steps, cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
-    # R0+, our choice: k ~ U{0..K-1} per micro-batch; the backward holds one UNet call, not K (faster, less memory)
+    # R0+ (our choice): k ~ U{0..K-1} per micro-batch, so the backward holds one UNet call, not K
     k = int(torch.randint(0, K, (1,), generator=generator, device=m.device)) if cfg.r0_plus else None
     last_step, grad_from_step = (k, k) if cfg.r0_plus else (K - 1, 0)
     with autocast(m.device, cfg.precision):  # bf16 where the GPU has it
@@ -427,8 +427,8 @@ def r0_step(m, prompts, cfg, generator):
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
-    # g is a constant (autograd.grad left it outside the graph): this is gradient ascent on the image x in data space
-    # (our reading of the abstract's "optimization problem in data space"), pulled back to theta; the batch mean: ours
+    # g is a constant outside the graph, so this is gradient ascent on the image x, pulled back to theta (our reading
+    # of the abstract's "optimization problem in data space"; the mean over the batch is our choice)
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
@@ -436,11 +436,27 @@ def r0_step(m, prompts, cfg, generator):
     stats.update(reg=reg.item(), surrogate=surrogate.item(), **({"k": k} if cfg.r0_plus else {}))  # R0+: k too
     return loss, stats
 
+class PromptOrder:  # the prompts c, in shuffled epochs; checkpointed, so a resume draws what a run would
+    def __init__(self, prompts, seed):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+
+    def batch(self, n):
+        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
+            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
+        return [self.queue.pop() for _ in range(n)]
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.queue = list(state["queue"])
+
 def accumulate_gradients(m, order, cfg, generator):
     """--grad-accum micro-batches, forward and backward: p.grad is the gradient of their mean loss. (stats, finite)"""
     stats_sum, finite = {}, True
     for _ in range(cfg.grad_accum):
-        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)  # order: shuffled epochs of prompts
+        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)
         stats["loss"] = loss.item()
         finite = finite and all(math.isfinite(v) for v in stats.values())
         if finite:  # from the first non-finite micro-batch on, nothing is backpropagated
@@ -458,13 +474,17 @@ def apply_update(optimizer, params, cfg, finite):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return grad_norm, applied
 
+def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):  # one step: (stats, grad norm, applied)
+    stats, finite = (accumulate_fitting_memory if first else accumulate_gradients)(m, order, cfg, generator)
+    return stats, *apply_update(optimizer, params, cfg, finite)  # after the retry: AdamW never steps twice
+
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
-def train(cfg):  # the loop; optimizer_step: accumulate_gradients, apply_update, and an out-of-memory retry (Plumbing)
+def train(cfg):  # the loop: set-up, optimizer steps, their log, checkpoints (Plumbing)
     from tqdm import tqdm
     run = set_up_run(cfg)
-    with StopOnSignal() as stop:
+    with stop_on_signal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
         for step in bar:
             t0 = time.time()
@@ -479,7 +499,7 @@ def train(cfg):  # the loop; optimizer_step: accumulate_gradients, apply_update,
 
 
 # ===========================================================================================================
-# Plumbing: what the method calls. The toy, reward models, loading, images, checkpoints, the loop, the CLI.
+# Plumbing: what the method calls. Reward models, loading, the toy, images, checkpoints, the loop, the CLI.
 # ===========================================================================================================
 
 def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
@@ -492,140 +512,27 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
-# cannot be hacked (its gradient is the same at every pixel); bright is louder; proxy, a learned classifier, can be.
-# The true score: the colour rule at held-out seeds and prompts; content_kept: the base model's structure kept.
-
-COLOURS = {  # our choice: typical sRGB renderings of each word
-    "red": (0.85, 0.10, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.90, 0.15),
-    "green": (0.15, 0.65, 0.20), "blue": (0.10, 0.25, 0.85), "purple": (0.50, 0.15, 0.65),
-    "pink": (0.95, 0.55, 0.75), "brown": (0.45, 0.28, 0.12), "black": (0.05, 0.05, 0.05),
-    "white": (0.95, 0.95, 0.95), "gray": (0.50, 0.50, 0.50),
-}
-_COLOUR_WORD = re.compile(r"\b(" + "|".join([*COLOURS, "grey"]) + r")\b", re.IGNORECASE)
-HELD_OUT_SEEDS = range(1000, 1004)  # never used by training or the progress grids
-
-def colour_of(prompt):  # the first colour word: 'a red fox in green grass' -> 'red' ('grey' -> 'gray'), or None
-    m = _COLOUR_WORD.search(prompt)
-    return m.group(1).lower().replace("grey", "gray") if m else None
-
-def dominant_colour(pixels):  # (B,3,H,W) in [0,1] -> the palette word nearest to each image's mean colour
-    palette = torch.tensor(list(COLOURS.values()), device=pixels.device)  # (11,3)
-    return [list(COLOURS)[i] for i in torch.cdist(pixels.float().mean(dim=(2, 3)), palette).argmin(dim=1).tolist()]
-
-class ColourReward(torch.nn.Module):
-    """color: r(x, c) = -||mean_rgb(x) - rgb(colour word of c)||^2, 0 for prompts without one."""
-    space = "pixels"
-    def forward(self, pixels, prompts, text_emb=None):
-        target = torch.tensor([COLOURS.get(colour_of(p), (0, 0, 0)) for p in prompts], device=pixels.device)  # (B,3)
-        has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
-        return -((pixels.mean(dim=(2, 3)) - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
-
-class BrightnessReward(torch.nn.Module):
-    """bright: r(x) = mean luma on 0-255; its raw gradient is ~100x color's, as real rewards differ in scale."""
-    space = "pixels"
-    def forward(self, pixels, prompts, text_emb=None):
-        luma = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
-        return 255 * (pixels * luma).sum(1).mean(dim=(1, 2))  # (B,)
-
-class ProxyReward(torch.nn.Module):
-    """proxy, proxy_b: a learned colour classifier, the toy's stand-in for HPS and ImageReward (learned models with
-    blind spots a generator can find): r(x, c) = log p(colour word of c | x), 0 for prompts without one."""
-    space = "pixels"
-    def __init__(self):
-        super().__init__()
-        nn = torch.nn
-        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
-                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(COLOURS)))
-
-    def forward(self, pixels, prompts, text_emb=None):
-        logp = self.net(pixels.to(self.net[0].weight.dtype)).float().log_softmax(-1)  # (B,11)
-        wanted = torch.tensor([list(COLOURS).index(colour_of(p) or "red") for p in prompts], device=pixels.device)
-        has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
-        return logp.gather(1, wanted[:, None])[:, 0] * has_colour  # (B,)
-
-    def predict(self, pixels):  # the palette word the proxy sees in each image
-        return [list(COLOURS)[i] for i in self.net(pixels.to(self.net[0].weight.dtype)).argmax(-1).tolist()]
-
-@functools.lru_cache(maxsize=2)
-def fit_proxy(seed, per_colour=3, steps=600):
-    """our choice: 3 toy textures per palette colour, shifted to it, and 600 Adam steps
-    of cross entropy: few images, from another distribution than the generator's, as human judgements are for HPS."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        proxy = ProxyReward()
-        labels = torch.arange(len(COLOURS)).repeat_interleave(per_colour)  # (33,)
-        colours = torch.tensor(list(COLOURS.values()))[labels].view(-1, 3, 1, 1)
-        images = (colours + toy_textures(len(labels), torch.Generator().manual_seed(seed))).clamp(0, 1)  # (33,3,64,64)
-        fit(list(proxy.parameters()), lambda: F.cross_entropy(proxy.net(images), labels), steps=steps, lr=1e-2)
-    return proxy.requires_grad_(False).eval()
-
-# SD1.5's near-linear map from (scaled) latent channels (rows) to RGB in [-1,1] (columns), as in latent previews
-LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
-                           [-0.2120, -0.2616, -0.7177]])  # (4,3)
-
-def toy_textures(n, generator, size=64):  # (n,3,size,size) zero-mean: what the tiny decoder paints from latent noise
-    z = torch.randn((n, 4, size // 8, size // 8), generator=generator)
-    rgb = F.interpolate(torch.einsum("bchw,cd->bdhw", z, LATENT_RGB) / 2, size=size, mode="bilinear")
-    return rgb - rgb.mean(dim=(2, 3), keepdim=True)
-
-def held_out_prompts(prompts):  # our choice: a fifth of the colour prompts (per colour the 3rd, 8th...), not trained on
-    count = {}
-    for p in filter(colour_of, prompts):
-        count[colour_of(p)] = count.get(colour_of(p), 0) + 1
-        if count[colour_of(p)] % 5 == 3:
-            yield p
-
-def content_kept(images, base):
-    """Mean correlation, per image and channel, with the base model's image of the same prompt and seed: 1.0 keeps all
-    its structure; blind to colour (an affine change per channel keeps 1.0); a flat field scores 0."""
-    x, y = (t.flatten(2) - t.flatten(2).mean(-1, keepdim=True) for t in (images, base))  # (N,3,HW), centred
-    return ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)).mean().item()
-
-def held_out_images(m, cfg, prompts, eta=0.0):  # each prompt at each of HELD_OUT_SEEDS: (4 len(prompts),3,H,W)
-    return sample_images(m, [p for p in prompts for _ in HELD_OUT_SEEDS], [s for _ in prompts for s in HELD_OUT_SEEDS],
-                         cfg.steps, cfg.resolution, cfg.precision, eta)
-
-@torch.no_grad()
-def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
-    """The toy's held-out measures of the generator's output: colour_accuracy, the true score (mean colour nearest the
-    prompt's; chance 1 in 11), on training prompts (per colour too) and held-out ones (_unseen); content_kept against
-    `base`; on the training prompts, `color` (the true score in reward units), each image reward and proxy accuracy."""
-    prompts, images = [p for p in seen + unseen for _ in HELD_OUT_SEEDS], held_out_images(m, cfg, seen + unseen, eta)
-    n = len(seen) * len(HELD_OUT_SEEDS)  # the first n: training prompts
-    hit = [colour_of(p) == got for p, got in zip(prompts, dominant_colour(images))]
-    wanted = [colour_of(p) for p in prompts[:n]]
-    out = {"colour_accuracy": sum(hit[:n]) / max(n, 1), "colour_accuracy_unseen": sum(hit[n:]) / max(len(hit) - n, 1),
-           "colour_accuracy_per_colour": {c: sum(h for w, h in zip(wanted, hit) if w == c) / wanted.count(c)
-                                          for c in sorted(set(wanted))},
-           "content_kept": content_kept(images, base),
-           "color_held_out": ColourReward()(images[:n], prompts[:n]).mean().item()}
-    for name, reward in m.rewards.items():
-        if reward.space == "pixels":
-            out[f"{name}_held_out"] = reward(images[:n].to(m.device), prompts[:n]).float().mean().item()
-        if hasattr(reward, "predict"):
-            out[f"{name}_accuracy"] = sum(map(str.__eq__, reward.predict(images[:n].to(m.device)), wanted)) / max(n, 1)
-    return out
-
-
-# -----------------------------------------------------------------------------------------------------------
 # Reward models: each reward's class, loader and registry line. A new one, say PickScore (a transformers CLIPModel on
-# the hub), takes three pieces shaped like hps's (test_r0.py runs them, with PickScoreLike):
+# the hub), takes three pieces shaped like hps's (test_r0.py runs this class as written):
 #   class PickScore(torch.nn.Module):                         # the reward interface ("Rewards", above)
-#       space = "pixels"                                      # __init__: the model, frozen; CLIP's tokenizer
+#       space = "pixels"
+#       def __init__(self, model, tokenizer):                 # a transformers CLIPModel, frozen; CLIP's tokenizer
+#           super().__init__()
+#           self.model, self.tokenizer = model.requires_grad_(False).eval(), tokenizer
 #       def forward(self, pixels, prompts, text_emb=None):
 #           ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-#           with torch.no_grad():                             # (transformers 5: get_*_features(...).pooler_output)
-#               text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device))
+#           with torch.no_grad():                             # no gradient through the text
+#               text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device)).pooler_output
 #           img = self.model.get_image_features(pixel_values=clip_preprocess(pixels).to(self.model.dtype))
-#           return F.cosine_similarity(img.float(), text.float(), dim=-1)   # (B,)
+#           return F.cosine_similarity(img.pooler_output.float(), text.float(), dim=-1)   # (B,)
+#       def enable_gradient_checkpointing(self):              # what --grad-checkpointing calls
+#           checkpoint_transformers_layers(self.model)
 #   def load_pickscore(tiny, device, dtype):                  # tiny: a random CLIPModel(CLIPConfig(...)), 224 px
-#       paths = [hub_file("pickscore", d) for d in REWARDS["pickscore"].downloads]   # every file, cached or fetched
-#       return cast(PickScore(CLIPModel.from_pretrained(os.path.dirname(paths[0])), sd15_tokenizer_offline()),
-#                   device, dtype)
+#       folder = os.path.dirname([hub_file("pickscore", d) for d in REWARDS["pickscore"].downloads][0])  # all fetched
+#       return cast(PickScore(CLIPModel.from_pretrained(folder), sd15_tokenizer_offline()), device, dtype)
 #   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
 #                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
-# An entry per file; x100 is sample.py's scale; no logit scale (normalization cancels it); a test against its code.
+# One downloads entry per file. 100 is sample.py's scale. No logit scale: normalization cancels it.
 
 @dataclasses.dataclass
 class Reward:
@@ -670,9 +577,8 @@ class ImageRewardReward(torch.nn.Module):
 
 def preference_head(dim):
     """ImageReward's MLP and the aesthetic predictor's (sample.py): no activations; the dropouts keep the indices."""
-    L, drop = torch.nn.Linear, torch.nn.Dropout
-    return torch.nn.Sequential(L(dim, 1024), drop(0.2), L(1024, 128), drop(0.2), L(128, 64), drop(0.1), L(64, 16),
-                               L(16, 1))
+    L, D = torch.nn.Linear, torch.nn.Dropout
+    return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
 
 def checkpoint_transformers_layers(model):
     """Gradient checkpointing of a frozen transformers model: a layer checkpoints only while .training is set (and
@@ -985,6 +891,123 @@ def build_tiny_clip_tower(seed=0):  # (model, tokenizer): a tiny random open_cli
 
 
 # -----------------------------------------------------------------------------------------------------------
+# The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
+# cannot be hacked (its gradient is the same at every pixel); bright is louder; proxy, a learned classifier, can be.
+# The true score: the colour rule at held-out seeds and prompts; content_kept: the base model's structure kept.
+
+COLOURS = {  # our choice: typical sRGB renderings of each word
+    "red": (0.85, 0.10, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.90, 0.15),
+    "green": (0.15, 0.65, 0.20), "blue": (0.10, 0.25, 0.85), "purple": (0.50, 0.15, 0.65),
+    "pink": (0.95, 0.55, 0.75), "brown": (0.45, 0.28, 0.12), "black": (0.05, 0.05, 0.05),
+    "white": (0.95, 0.95, 0.95), "gray": (0.50, 0.50, 0.50),
+}
+_COLOUR_WORD = re.compile(r"\b(" + "|".join([*COLOURS, "grey"]) + r")\b", re.IGNORECASE)
+HELD_OUT_SEEDS = range(1000, 1004)  # never used by training or the progress grids
+
+def colour_of(prompt):  # the first colour word: 'a red fox in green grass' -> 'red' ('grey' -> 'gray'), or None
+    m = _COLOUR_WORD.search(prompt)
+    return m.group(1).lower().replace("grey", "gray") if m else None
+
+def dominant_colour(pixels):  # (B,3,H,W) in [0,1] -> the palette word nearest to each image's mean colour
+    palette = torch.tensor(list(COLOURS.values()), device=pixels.device)  # (11,3)
+    return [list(COLOURS)[i] for i in torch.cdist(pixels.float().mean(dim=(2, 3)), palette).argmin(dim=1).tolist()]
+
+class ColourReward(torch.nn.Module):
+    """color: r(x, c) = -||mean_rgb(x) - rgb(colour word of c)||^2, 0 for prompts without one."""
+    space = "pixels"
+    def forward(self, pixels, prompts, text_emb=None):
+        target = torch.tensor([COLOURS.get(colour_of(p), (0, 0, 0)) for p in prompts], device=pixels.device)  # (B,3)
+        has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
+        return -((pixels.mean(dim=(2, 3)) - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
+
+class BrightnessReward(torch.nn.Module):
+    """bright: r(x) = mean luma on 0-255; its raw gradient is ~100x color's, as real rewards differ in scale."""
+    space = "pixels"
+    def forward(self, pixels, prompts, text_emb=None):
+        luma = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
+        return 255 * (pixels * luma).sum(1).mean(dim=(1, 2))  # (B,)
+
+class ProxyReward(torch.nn.Module):
+    """proxy, proxy_b: a learned colour classifier, the toy's stand-in for HPS and ImageReward (learned models with
+    blind spots a generator can find): r(x, c) = log p(colour word of c | x), 0 for prompts without one."""
+    space = "pixels"
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.net = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.ReLU(), nn.Conv2d(16, 32, 3, 2, 1), nn.ReLU(),
+                                 nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, len(COLOURS)))
+
+    def forward(self, pixels, prompts, text_emb=None):
+        logp = self.net(pixels.to(self.net[0].weight.dtype)).float().log_softmax(-1)  # (B,11)
+        wanted = torch.tensor([list(COLOURS).index(colour_of(p) or "red") for p in prompts], device=pixels.device)
+        has_colour = torch.tensor([colour_of(p) is not None for p in prompts], device=pixels.device)
+        return logp.gather(1, wanted[:, None])[:, 0] * has_colour  # (B,)
+
+    def predict(self, pixels):  # the palette word the proxy sees in each image
+        return [list(COLOURS)[i] for i in self.net(pixels.to(self.net[0].weight.dtype)).argmax(-1).tolist()]
+
+@functools.lru_cache(maxsize=2)
+def fit_proxy(seed, per_colour=3, steps=600):
+    """our choice: 3 toy textures per palette colour, shifted to it, and 600 Adam steps
+    of cross entropy: few images, from another distribution than the generator's, as human judgements are for HPS."""
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        proxy = ProxyReward()
+        labels = torch.arange(len(COLOURS)).repeat_interleave(per_colour)  # (33,)
+        colours = torch.tensor(list(COLOURS.values()))[labels].view(-1, 3, 1, 1)
+        images = (colours + toy_textures(len(labels), torch.Generator().manual_seed(seed))).clamp(0, 1)  # (33,3,64,64)
+        fit(list(proxy.parameters()), lambda: F.cross_entropy(proxy.net(images), labels), steps=steps, lr=1e-2)
+    return proxy.requires_grad_(False).eval()
+
+# SD1.5's near-linear map from (scaled) latent channels (rows) to RGB in [-1,1] (columns), as in latent previews
+LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
+                           [-0.2120, -0.2616, -0.7177]])  # (4,3)
+
+def toy_textures(n, generator, size=64):  # (n,3,size,size) zero-mean: what the tiny decoder paints from latent noise
+    z = torch.randn((n, 4, size // 8, size // 8), generator=generator)
+    rgb = F.interpolate(torch.einsum("bchw,cd->bdhw", z, LATENT_RGB) / 2, size=size, mode="bilinear")
+    return rgb - rgb.mean(dim=(2, 3), keepdim=True)
+
+def held_out_prompts(prompts):  # our choice: a fifth of the colour prompts (per colour the 3rd, 8th...), not trained on
+    count = {}
+    for p in filter(colour_of, prompts):
+        count[colour_of(p)] = count.get(colour_of(p), 0) + 1
+        if count[colour_of(p)] % 5 == 3:
+            yield p
+
+def content_kept(images, base):
+    """Mean correlation, per image and channel, with the base model's image of the same prompt and seed: 1.0 keeps all
+    its structure; blind to colour (an affine change per channel keeps 1.0); a flat field scores 0."""
+    x, y = (t.flatten(2) - t.flatten(2).mean(-1, keepdim=True) for t in (images, base))  # (N,3,HW), centred
+    return ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)).mean().item()
+
+def held_out_images(m, cfg, prompts, eta=0.0):  # each prompt at each of HELD_OUT_SEEDS: (4 len(prompts),3,H,W)
+    return sample_images(m, [p for p in prompts for _ in HELD_OUT_SEEDS], [s for _ in prompts for s in HELD_OUT_SEEDS],
+                         cfg.steps, cfg.resolution, cfg.precision, eta)
+
+@torch.no_grad()
+def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
+    """The toy's held-out measures of the generator's output: colour_accuracy, the true score (mean colour nearest the
+    prompt's; chance 1 in 11), on training prompts (per colour too) and held-out ones (_unseen); content_kept against
+    `base`; on the training prompts, `color` (the true score in reward units), each image reward and proxy accuracy."""
+    prompts, images = [p for p in seen + unseen for _ in HELD_OUT_SEEDS], held_out_images(m, cfg, seen + unseen, eta)
+    n = len(seen) * len(HELD_OUT_SEEDS)  # the first n: training prompts
+    hit = [colour_of(p) == got for p, got in zip(prompts, dominant_colour(images))]
+    wanted = [colour_of(p) for p in prompts[:n]]
+    out = {"colour_accuracy": sum(hit[:n]) / max(n, 1), "colour_accuracy_unseen": sum(hit[n:]) / max(len(hit) - n, 1),
+           "colour_accuracy_per_colour": {c: sum(h for w, h in zip(wanted, hit) if w == c) / wanted.count(c)
+                                          for c in sorted(set(wanted))},
+           "content_kept": content_kept(images, base),
+           "color_held_out": ColourReward()(images[:n], prompts[:n]).mean().item()}
+    for name, reward in m.rewards.items():
+        if reward.space == "pixels":
+            out[f"{name}_held_out"] = reward(images[:n].to(m.device), prompts[:n]).float().mean().item()
+        if hasattr(reward, "predict"):
+            out[f"{name}_accuracy"] = sum(map(str.__eq__, reward.predict(images[:n].to(m.device)), wanted)) / max(n, 1)
+    return out
+
+
+# -----------------------------------------------------------------------------------------------------------
 # Prompts, images, the saved pipeline
 
 def load_prompts(path):  # a UTF-8 text file, one prompt a line; '#' comments and blank lines skipped
@@ -1106,22 +1129,6 @@ RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sam
                      "overwrite", "output_dir"}  # none of them touches the optimization
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
 
-class PromptOrder:  # shuffled epochs of prompts, checkpointed: a resume draws what an uninterrupted run would
-    def __init__(self, prompts, seed):
-        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
-
-    def batch(self, n):
-        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
-            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
-        return [self.queue.pop() for _ in range(n)]
-
-    def state_dict(self):
-        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
-
-    def load_state_dict(self, state):
-        self.rng.setstate(state["rng"])
-        self.queue = list(state["queue"])
-
 def frozen_fingerprint(m):  # per frozen module (theta_0, VAE, ...) the sum of |w|: a resume must find the same
     modules = [m.unet if m.frozen_unet is None else m.frozen_unet, m.text_encoder, m.vae, *m.rewards.values()]
     return [sum(p.detach().double().abs().sum().item() for p in module.parameters() if not p.requires_grad)
@@ -1177,21 +1184,20 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
     run.order.load_state_dict(rng["order"])
     return state["step"]
 
-class StopOnSignal:  # SIGINT / SIGTERM: finish the step, save a checkpoint, exit; a second signal exits at once
-    signum = None
-    def __call__(self, signum, frame):
-        if self.signum is not None:
+@contextlib.contextmanager
+def stop_on_signal():  # SIGINT / SIGTERM: finish the step, save a checkpoint, exit; a second signal exits at once
+    stop = argparse.Namespace(signum=None)
+    def handler(signum, frame):
+        if stop.signum is not None:
             os._exit(128 + signum)
-        self.signum = signum
+        stop.signum = signum
         print("\ninterrupt: finishing this step, then saving a checkpoint (again: quit at once).", file=sys.stderr)
-
-    def __enter__(self):
-        self.previous = {s: signal.signal(s, self) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
 
 def check_writable(path, flag):  # before minutes of loading: path's nearest existing parent must be writable
     parent = os.path.abspath(path)
@@ -1239,20 +1245,16 @@ def write_or_warn(run, what, write, *args, **kwargs):  # a grid, a log line, cur
 # -----------------------------------------------------------------------------------------------------------
 # The training loop
 
-def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):
-    """accumulate_gradients, then apply_update. A run's first step, the heaviest, retries out of GPU memory at half
-    the micro-batch and twice the accumulation: the same prompts, the draws restarted from the same state."""
+def accumulate_fitting_memory(m, order, cfg, generator):
+    """accumulate_gradients for a run's first step, the heaviest: out of GPU memory, it retries at half the micro-batch
+    and twice the accumulation, with the same prompts and the same draws."""
     draws = (generator.get_state(), order.state_dict())
     while True:
         try:
-            stats, finite = accumulate_gradients(m, order, cfg, generator)
+            return accumulate_gradients(m, order, cfg, generator)
         except torch.OutOfMemoryError:
-            if not first:
-                raise
-        else:  # outside the retry: AdamW's moments may move before an error, and must not move twice
-            return stats, *apply_update(optimizer, params, cfg, finite)
-        optimizer.zero_grad(set_to_none=True)
-        torch.cuda.empty_cache()
+            m.unet.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
         if cfg.batch_size == 1:
             raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
                             "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
@@ -1264,8 +1266,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):
         write_config(cfg)  # a --resume continues with the batch that fits
 
 def allocate_optimizer_state(optimizer, params):
-    """AdamW makes its state (two fp32 copies of the weights) in its first update, so step 2 would be heavier than the
-    retried step 1: a step on zero gradients makes it now (no weight moves), its step count reset."""
+    """AdamW's state (2 fp32 copies of the weights), made now by a step on zero gradients: step 1 stays the heaviest."""
     for p in params:
         p.grad = torch.zeros_like(p)
     try:

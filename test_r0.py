@@ -319,27 +319,18 @@ def test_every_reward_passes_gradient_to_its_input_and_none_to_its_model(tiny):
     assert grad[0, 0].mean() > 0 > grad[0, 2].mean() and grad[1, 2].mean() > 0 > grad[1, 0].mean()
 
 
-class PickScoreLike(torch.nn.Module):
-    """Adding a reward, step 1: a class with the reward interface, here on transformers' CLIPModel (PickScore's class):
-    r = cos(image features, text features) of CLIP's projections."""
+def pickscore_as_written_in_r0():
+    """Adding a reward, step 1: the PickScore class as r0.py's comments under 'Reward models' write it, run as written
+    (on transformers' CLIPModel, PickScore's class: r = cos(image features, text features) of CLIP's projections)."""
+    lines = open(os.path.join(HERE, "r0.py")).read().splitlines()
+    start = lines.index("#   class PickScore(torch.nn.Module):                         # the reward interface (\"Rewards\", above)")
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("#      "))
+    namespace = dict(vars(r0))
+    exec("\n".join(line[4:] for line in lines[start:end]), namespace)
+    return namespace["PickScore"]
 
-    space = "pixels"
 
-    def __init__(self, model, tokenizer):
-        super().__init__()
-        self.model, self.tokenizer = model.requires_grad_(False).eval(), tokenizer
-
-    def forward(self, pixels, prompts, text_emb=None):
-        ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-        with torch.no_grad():  # text features carry no gradient (transformers 5: projected features as pooler_output)
-            text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device)).pooler_output
-        image = r0.clip_preprocess(pixels, 224).to(self.model.dtype)  # into the frozen model's dtype
-        with r0.own_dtype(pixels.device):  # and computed in it (bf16 on a GPU), as r0.py's rewards
-            image = self.model.get_image_features(pixel_values=image).pooler_output
-        return torch.nn.functional.cosine_similarity(image.float(), text.float(), dim=-1)  # (B,)
-
-    def enable_gradient_checkpointing(self):
-        r0.checkpoint_transformers_layers(self.model)
+PickScoreLike = pickscore_as_written_in_r0()
 
 
 def load_pickscore_like(tiny, device, dtype):
@@ -1741,12 +1732,13 @@ def test_interrupt_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(t
     assert os.listdir(tmp_path / "checkpoints") == ["step_000002.pt"]
     assert signal.getsignal(signal.SIGINT) == handler_before  # our handler is gone again
     # a second interrupt exits at once
-    stop, exits = r0.StopOnSignal(), []
+    exits = []
     monkeypatch.setattr(r0.os, "_exit", exits.append)
-    stop(signal.SIGINT, None)
-    assert exits == [] and stop.signum == signal.SIGINT
-    stop(signal.SIGINT, None)
-    assert exits == [130]
+    with r0.stop_on_signal() as stop:
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [] and stop.signum == signal.SIGINT
+        signal.raise_signal(signal.SIGINT)
+        assert exits == [130]
 
 
 def test_sigterm_on_the_real_command_line_checkpoints_and_exits_cleanly(tmp_path):
