@@ -14,8 +14,9 @@ hacking the rewards (abstract: "regularized reward maximization"; the formula: o
 Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption; per reward, before the weighted sum:
 our reading), so a step follows the gradient of a surrogate whose value means nothing (watch the rewards):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
-No distillation loss (abstract), no diffusion loss, no training images: only prompts. From vanilla SD1.5 we expect
-Table 1's direction (its base: Realistic Vision, 25 steps): HPS and ImageReward up, CLIP score and FID a little worse.
+No distillation loss (abstract), no diffusion loss, no training images: only prompts. Table 1 (v1), HPS / CLIP score
+(both x100) / ImageReward: its base, Realistic Vision at 25 steps, 30.19 / 34.28 / 0.81; R0 at 4 steps 33.70 / 32.13 /
+1.22. From vanilla SD1.5 expect that direction, not those digits (HPS, ImageReward up; CLIP score a little down).
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -50,7 +51,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
 # Config, first as in nanoGPT: name -> (default, help), each a flag (output_dir: --output-dir; `python r0.py --help`).
-# The defaults are for SD1.5 on one GPU (sized for 24 GB: an estimate); --tiny swaps in TINY_PRESET; typed flags win.
+# The defaults are for SD1.5 on one GPU (sized for 24 GB: our estimate); --tiny swaps in TINY_PRESET; typed flags win.
 
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (our reading of Table 1: its SD1.5 rows start from Realistic Vision, a fine-tune)
@@ -191,11 +192,11 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score (Plumbing)
 #   cfg          the frozen base UNet's implicit CFG reward                         ImplicitCfgReward
 #   color, bright, proxy, proxy_b   the toy's rewards (Plumbing, "The toy")
-# A reward is a frozen model with: space, "pixels" (it reads x: (B,3,H,W) in [0,1]) or "latents" (x0_hat: (B,4,h,w));
-#   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x (text_emb: the generator's condition),
-#   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper;
-#   optionally log_as (the name its values are logged under) and enable_gradient_checkpointing().
-# A new reward (PickScore, worked through): Plumbing, "Reward models".
+# A reward is a frozen model with   space = "pixels" (it reads x, (B,3,H,W) in [0,1]) or "latents" (x0_hat, (B,4,h,w))
+#   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
+#   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper
+#   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
+# PickScore, a new reward worked through in full: Plumbing, "Reward models" (sample.py can then score with it too).
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -476,7 +477,7 @@ def apply_update(optimizer, params, cfg, finite):
 
 def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):  # one step: (stats, grad norm, applied)
     stats, finite = (accumulate_fitting_memory if first else accumulate_gradients)(m, order, cfg, generator)
-    return stats, *apply_update(optimizer, params, cfg, finite)  # after the retry: AdamW never steps twice
+    return stats, *apply_update(optimizer, params, cfg, finite)  # outside the retry, so AdamW steps once
 
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
@@ -532,7 +533,7 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 #       return cast(PickScore(CLIPModel.from_pretrained(folder), sd15_tokenizer_offline()), device, dtype)
 #   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
 #                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
-# One downloads entry per file. 100 is sample.py's scale. No logit scale: normalization cancels it.
+# An entry per file in downloads. 100: sample.py's scale. No logit scale, a constant that normalization cancels.
 
 @dataclasses.dataclass
 class Reward:
@@ -849,7 +850,7 @@ def _build_tiny_sd15(seed):
 def pretrain_tiny(vae, unet, text_emb, seed):
     """our choice, tiny models only: miniature pretrainings, so that the toy starts where R0 does. The decoder learns
     SD1.5's near-linear latent-to-colour map over the whole colour cube (a random one paints gray); the UNet learns to
-    denoise (a random one's first x0_hat is ~15x too large), ignoring the text, which the reward alone must teach.
+    denoise (a random one's first x0_hat has std ~15, not ~1), ignoring the text, which the reward alone must teach.
     The result depends on the machine and the thread count (the order of float sums): a resume checks it."""
     alphas_cumprod, h, g = sd15_alphas_cumprod(), unet.config.sample_size, torch.Generator()
 
@@ -892,7 +893,7 @@ def build_tiny_clip_tower(seed=0):  # (model, tokenizer): a tiny random open_cli
 
 # -----------------------------------------------------------------------------------------------------------
 # The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
-# cannot be hacked (its gradient is the same at every pixel); bright is louder; proxy, a learned classifier, can be.
+# is the true score itself, so nothing in it can be hacked; bright is louder; proxy, a learned classifier, can be.
 # The true score: the colour rule at held-out seeds and prompts; content_kept: the base model's structure kept.
 
 COLOURS = {  # our choice: typical sRGB renderings of each word
@@ -921,7 +922,7 @@ class ColourReward(torch.nn.Module):
         return -((pixels.mean(dim=(2, 3)) - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
 
 class BrightnessReward(torch.nn.Module):
-    """bright: r(x) = mean luma on 0-255; its raw gradient is ~100x color's, as real rewards differ in scale."""
+    """bright: mean luma on 0-255, ~140x color's raw gradient (.ci/claims.py), as real rewards differ in scale."""
     space = "pixels"
     def forward(self, pixels, prompts, text_emb=None):
         luma = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
@@ -1169,10 +1170,9 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
                         "with the same prompt file, or start a new run.")
     saved = state.get("fingerprint")  # (none before it existed)
     if saved and not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, run.fingerprint, strict=True)):
-        raise UserError(f"the frozen models (theta_0, VAE, text encoder, rewards) differ from those {cfg.output_dir} "
-                        "was trained from: another snapshot of --model, or --tiny's models rebuilt on another machine "
-                        f"or thread count (the run had OMP_NUM_THREADS={state['threads']}); resume it where it was "
-                        "trained, or start a new run.")
+        raise UserError(f"the frozen models (theta_0, VAE, text encoder, rewards) differ from {cfg.output_dir}'s: "
+                        "another snapshot of --model, or --tiny's models rebuilt on another machine or thread count "
+                        f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: a few MB)
     run.optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older runs: a list of one)
@@ -1247,7 +1247,7 @@ def write_or_warn(run, what, write, *args, **kwargs):  # a grid, a log line, cur
 
 def accumulate_fitting_memory(m, order, cfg, generator):
     """accumulate_gradients for a run's first step, the heaviest: out of GPU memory, it retries at half the micro-batch
-    and twice the accumulation, with the same prompts and the same draws."""
+    and twice the accumulation, from the same prompts and random state: as if the run had started at that batch."""
     draws = (generator.get_state(), order.state_dict())
     while True:
         try:
