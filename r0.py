@@ -50,11 +50,11 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
-# Config, first as in nanoGPT: name -> (default, help), each a flag (output_dir: --output-dir; `python r0.py --help`).
-# The defaults are for SD1.5 on one GPU (sized for 24 GB: our estimate); --tiny swaps in TINY_PRESET; typed flags win.
+# Config, first as in nanoGPT. Each name -> (default, help) is a flag, output_dir as --output-dir (see r0.py --help).
+# The defaults are for SD1.5 on one GPU, sized for 24 GB (our estimate). --tiny swaps in TINY_PRESET. Typed flags win.
 
 OPTIONS = dict(
-    # our choice: vanilla SD1.5 (our reading of Table 1: its SD1.5 rows start from Realistic Vision, a fine-tune)
+    # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
     tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (which hold out a fifth of the colour prompts)"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
@@ -62,16 +62,16 @@ OPTIONS = dict(
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
     r0_plus=(False, "R0+ (Fig. 12): rewards on x0_hat of a random step k (our reading; k any of the K: our choice)"),
-    # our choice: HPS v2.1 and CLIP score, equal pulls (CLIP keeps the text alignment HPS may trade away); ImageReward,
+    # our choice: HPS v2.1 and CLIP score, equal pulls: CLIP keeps the text alignment HPS may trade away. ImageReward,
     # a third tower, is left out of the default for memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
-    # our choice: LoRA 64 (low rank as a constraint: third-party summary)
+    # our choice: LoRA 64 (a third-party summary reads the low rank as a constraint)
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
     grad_clip=(1.0, "max global gradient norm"),
     random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta: eta = 0 (an ablation)"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading); or batch, none (raw)"),
-    # our choices, untuned (none is in what we read): LoRA's usual rate (--lora-rank 0: pass ~1e-5); batch 4
+    # our choices, untuned, as none is in what we read: LoRA's usual rate (pass ~1e-5 with --lora-rank 0), batch 4
     lr=(1e-4, "AdamW learning rate"),
     batch_size=(4, "images per micro-batch (out of GPU memory at first: smaller micro-batches, same batch)"),
     grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
@@ -90,7 +90,7 @@ OPTIONS = dict(
     overwrite=(False, "replace the run already in --output-dir"),
 )
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
-# --tiny: minutes on a CPU; lr 1e-2 (tiny models pretrained in miniature), gradient checkpointing off
+# --tiny runs in minutes on a CPU, with lr 1e-2 (tiny models pretrained in miniature) and no gradient checkpointing
 TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", lora_rank=8, lr=1e-2, batch_size=16,
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
@@ -309,9 +309,9 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Regularizers (section 3.3, by our guess; paper, Fig. 11 caption: without the weight regularization, reward hacking)
+# Regularizers (section 3.3 by our guess). Fig. 11 caption: without the weight regularization, reward hacking.
 #   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (squared L2: our reading)
-#   2. LoRA: a low-rank update is itself a constraint (third-party summary; our choice: it also saves memory)
+#   2. LoRA, a low-rank update, is itself a constraint (third-party summary); our choice, as it also saves memory
 #   3. random eta sampling: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
 # our choice: gradient clipping at 1.0, AdamW with weight decay 0 (decay would pull theta toward 0 in full
@@ -405,14 +405,14 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# One training step: R0, and R0+ (section 4, by our guess; Fig. 12 caption: R0+, intermediate supervision, faster)
+# One training step, R0 and R0+ (section 4 by our guess). Fig. 12 caption: R0+, intermediate supervision, is faster.
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> decode --> x (pixels in [0,1])
 #                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
 #    ONE backward of the loss through the decoder and the UNet steps (each reward's own: through its tower only)
 # Then the update: --grad-accum micro-batches, their mean gradient, clipped, one AdamW step.
-# (Fig. 14 caption: R0+ also has a high-resolution guidance loss; its definition is not in what we read: not here.)
+# (Fig. 14 caption: R0+ also has a high-resolution guidance loss. We could not read its definition, so it is not here.)
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of B prompts: (loss, logged stats). generator: the noise, eta, R0+'s k, cfg's t."""
