@@ -16,13 +16,11 @@ our reading), so a step follows the gradient of a surrogate whose value means no
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
 No distillation loss (abstract), no diffusion loss, no training images: only prompts. Table 1 (v1), HPS / CLIP score
 (both x100) / ImageReward: its base, Realistic Vision at 25 steps, 30.19 / 34.28 / 0.81; R0 at 4 steps 33.70 / 32.13 /
-1.22. From vanilla SD1.5 expect that direction, not those digits (HPS, ImageReward up; CLIP score a little down).
+1.22. From vanilla SD1.5 we expect that direction, not those digits (HPS, ImageReward up, CLIP score a little down).
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
     python sample.py --run runs/r0 --prompt "a red fox in the snow"
-
-Config first, then the method in the paper's order and the loop, then "Plumbing".
 """
 
 import argparse
@@ -344,7 +342,7 @@ def lora_layers(unet):  # [(lora_A (r,in), lora_B (out,r), scaling)] of every Lo
 
 def weight_regularization(unet, frozen_unet):
     """||theta - theta_0||^2 (LoRA: theta - theta_0 = scaling B @ A per layer). our choice: lambda = 1e-2, untuned;
-    raise it if the rewards rise while the samples degrade (hacking), lower it if they stall while 'reg' stays ~0."""
+    raise it if the rewards rise while the samples degrade (hacking), lower it if they stall with 'reg' held near 0."""
     if frozen_unet is None:
         total = 0.0
         for A, B, scaling in lora_layers(unet):
@@ -357,7 +355,8 @@ def weight_regularization(unet, frozen_unet):
 
 @contextlib.contextmanager
 def theta_0(unet, frozen_unet):
-    """The base model theta_0 as a UNet: the frozen copy (full fine-tuning), or the LoRA UNet with its adapters off."""
+    """The base model theta_0 as a UNet: the frozen copy (full fine-tuning), or the LoRA UNet with its adapters off
+    (safe inside a step: cfg calls it under no_grad, and the adapters are back on before the backward)."""
     if frozen_unet is None:
         unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, it *is* theta_0
     try:
@@ -522,9 +521,10 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 #           self.model, self.tokenizer = model.requires_grad_(False).eval(), tokenizer
 #       def forward(self, pixels, prompts, text_emb=None):
 #           ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-#           with torch.no_grad():                             # no gradient through the text
+#           with torch.no_grad():                             # (transformers 5 returns outputs: .pooler_output)
 #               text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device)).pooler_output
-#           img = self.model.get_image_features(pixel_values=clip_preprocess(pixels).to(self.model.dtype))
+#           with own_dtype(pixels.device):                    # in the frozen model's own dtype, as clip_score
+#               img = self.model.get_image_features(pixel_values=clip_preprocess(pixels).to(self.model.dtype))
 #           return F.cosine_similarity(img.pooler_output.float(), text.float(), dim=-1)   # (B,)
 #       def enable_gradient_checkpointing(self):              # what --grad-checkpointing calls
 #           checkpoint_transformers_layers(self.model)
@@ -533,7 +533,7 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 #       return cast(PickScore(CLIPModel.from_pretrained(folder), sd15_tokenizer_offline()), device, dtype)
 #   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
 #                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
-# An entry per file in downloads. 100: sample.py's scale. No logit scale, a constant that normalization cancels.
+# An entry per file in downloads. 100: sample.py's scale. No logit scale: normalized gradients never see a constant.
 
 @dataclasses.dataclass
 class Reward:
@@ -1175,7 +1175,7 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
                         f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: a few MB)
     run.optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older runs: a list of one)
+    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (runs before 2026-12-02: "ranks", a list of one)
     run.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_rng"])
     if isinstance(rng["cuda_rng"], torch.Tensor) and cfg.device.startswith("cuda"):  # (older runs: a list)
@@ -1266,7 +1266,7 @@ def accumulate_fitting_memory(m, order, cfg, generator):
         write_config(cfg)  # a --resume continues with the batch that fits
 
 def allocate_optimizer_state(optimizer, params):
-    """AdamW's state (2 fp32 copies of the weights), made now by a step on zero gradients: step 1 stays the heaviest."""
+    """AdamW's state (2 fp32 copies), made now so step 1 is the heaviest: a zero-gradient step, a no-op at decay 0."""
     for p in params:
         p.grad = torch.zeros_like(p)
     try:
