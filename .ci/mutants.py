@@ -98,6 +98,10 @@ MUTANTS = [
      "x, y = (t.flatten(2) for t in (images, base))"),
     ("held-out measures of R0+'s intermediate step, not the final output", "                         cfg.steps, cfg.resolution, cfg.precision, eta)",
      "                         max(cfg.steps - 1, 1) if cfg.r0_plus else cfg.steps, cfg.resolution, cfg.precision, eta)"),
+    ("the out-of-memory retry does not restart the step's draws", "generator.set_state(draws[0])  # the step starts",
+     "pass  # the step starts"),
+    ("a second Ctrl-C does not quit at once", "if stop.signum is not None:\n            os._exit(128 + signum)",
+     "if False:\n            os._exit(128 + signum)"),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -126,6 +130,8 @@ FIRST_PASS = [
     "test_a_checkpoint_whose_pickle_would_run_code_is_refused_unread",
     "test_clip_family_features_are_normalized_in_fp32_on_a_bf16_tower",
     "test_the_first_step_is_the_heaviest_so_its_out_of_memory_retry_covers_the_run",
+    "test_out_of_gpu_memory_on_the_first_step_halves_the_micro_batch_and_keeps_the_run_exact",
+    "test_interrupt_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume",
     "test_a_run_written_by_an_older_r0_py_resumes_with_or_without_its_flags_typed_again",
     "test_resume_refuses_frozen_models_other_than_those_the_run_started_from",
     "test_a_full_disk_warns_once_keeps_training_and_stops_at_a_checkpoint_that_cannot_be_written",
