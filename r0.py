@@ -14,9 +14,9 @@ hacking the rewards (abstract: "regularized reward maximization"; the formula: o
 Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption; per reward, before the weighted sum:
 our reading), so a step follows the gradient of a surrogate whose value means nothing (watch the rewards):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
-No distillation loss (abstract), no diffusion loss, no training images: only prompts. Table 1 (v1), HPS / CLIP score
-(both x100) / ImageReward: its base, Realistic Vision at 25 steps, 30.19 / 34.28 / 0.81; R0 at 4 steps 33.70 / 32.13 /
-1.22. From vanilla SD1.5 we expect that direction, not those digits (HPS, ImageReward up, CLIP score a little down).
+No distillation loss (abstract); no diffusion loss, no images, only prompts (our reading). Table 1 (v1), HPS / CLIP
+score (both x100) / ImageReward: its base, Realistic Vision at 25 steps, 30.19 / 34.28 / 0.81; R0 at 4 steps
+33.70 / 32.13 / 1.22. From vanilla SD1.5 we expect that direction, not those digits (HPS, ImageReward up, CLIP down).
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -54,7 +54,7 @@ import torch.nn.functional as F
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (which hold out a fifth of the colour prompts)"),
+    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards; a fifth of the colour prompts is held out"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
@@ -142,7 +142,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     last_step=k returns step k's x0_hat, and the steps before grad_from_step run without gradient."""
     timesteps = few_step_timesteps(num_steps)
     last_step = num_steps - 1 if last_step is None else last_step
-    # our choice: s = t - 1000 // K, as diffusers' DDIM scheduler does (for K = 3, 6, 7 it is 1 off t_{k+1})
+    # our choice: s = t - 1000 // K, diffusers' DDIM rule, so the saved pipeline samples alike (K = 3, 6, 7: 1 off)
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
@@ -525,15 +525,15 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 #               text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device)).pooler_output
 #           with own_dtype(pixels.device):                    # in the frozen model's own dtype, as clip_score
 #               img = self.model.get_image_features(pixel_values=clip_preprocess(pixels).to(self.model.dtype))
-#           return F.cosine_similarity(img.pooler_output.float(), text.float(), dim=-1)   # (B,)
+#           return F.cosine_similarity(img.pooler_output.float(), text.float(), dim=-1)   # (B,), no logit scale
 #       def enable_gradient_checkpointing(self):              # what --grad-checkpointing calls
 #           checkpoint_transformers_layers(self.model)
-#   def load_pickscore(tiny, device, dtype):                  # tiny: a random CLIPModel(CLIPConfig(...)), 224 px
-#       folder = os.path.dirname([hub_file("pickscore", d) for d in REWARDS["pickscore"].downloads][0])  # all fetched
-#       return cast(PickScore(CLIPModel.from_pretrained(folder), sd15_tokenizer_offline()), device, dtype)
+#   def load_pickscore(tiny, device, dtype):                  # CLIPConfig, CLIPModel: from transformers
+#       model = CLIPModel(CLIPConfig(...)) if tiny else CLIPModel.from_pretrained(os.path.dirname(  # tiny: random
+#           [hub_file("pickscore", d) for d in REWARDS["pickscore"].downloads][0]))  # every file, cached or fetched
+#       return cast(PickScore(model, sd15_tokenizer_offline()), device, dtype)   # CLIP's BPE, PickScore's too
 #   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
 #                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
-# An entry per file in downloads. 100: sample.py's scale. No logit scale: normalized gradients never see a constant.
 
 @dataclasses.dataclass
 class Reward:
@@ -1175,7 +1175,7 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
                         f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: a few MB)
     run.optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (runs before 2026-12-02: "ranks", a list of one)
+    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older checkpoints: "ranks", a list of one)
     run.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_rng"])
     if isinstance(rng["cuda_rng"], torch.Tensor) and cfg.device.startswith("cuda"):  # (older runs: a list)
