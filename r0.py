@@ -2,21 +2,23 @@
 R0: few-step text-to-image generation by regularized reward maximization, on Stable Diffusion 1.5.
 
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
-2503.13070 (v2, NeurIPS 2025: "Reward-Instruct"). Its repository holds no code: this is a from-scratch reference. We
-could read its abstract, figure captions and Table 1, so each label names its source: "paper (abstract)", "paper (Fig.
-8 caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our reading" (of those), "our
-choice" (what they leave open, with the reason). Section numbers (3.2, 3.3, 4) are our guess.
+2503.13070 (v2, NeurIPS 2025, renamed "Reward-Instruct"). Its repository holds no code, so this is written from
+scratch. We could read the abstract, the figure captions and Table 1, and each label names its source: "paper
+(abstract)", "paper (Fig. 8 caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our
+reading" (of those) and "our choice" (what they leave open, with the reason). Section numbers (3.2, 3.3, 4) come from
+our notes on the paper's outline, not from its text.
 
-Take the pretrained SD1.5 UNet, run it as a K-step generator from pure noise (K=4, Table 1), decode, score the images
-with differentiable reward models and push the reward gradients into the UNet, while regularizers keep it from
-hacking the rewards (abstract: "regularized reward maximization"; the formula: our reading):
+Take the pretrained SD1.5 UNet and run it as a K-step generator from pure noise (K=4, Table 1). Decode, score the
+images with differentiable reward models, and push the reward gradients into the UNet, while regularizers keep it
+from hacking the rewards (abstract, "regularized reward maximization"; the formula is our reading):
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption; per reward, before the weighted sum:
-our reading), so a step follows the gradient of a surrogate whose value means nothing (watch the rewards):
+Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption), per reward and before the weighted sum
+by our reading. A step follows the gradient of a surrogate whose value means nothing (watch the rewards instead):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
-No distillation loss (abstract); no diffusion loss, no images, only prompts (our reading). Table 1 (v1), HPS / CLIP
-score (both x100) / ImageReward: its base, Realistic Vision at 25 steps, 30.19 / 34.28 / 0.81; R0 at 4 steps
-33.70 / 32.13 / 1.22. From vanilla SD1.5 we expect that direction, not those digits (HPS, ImageReward up, CLIP down).
+There is no distillation loss (abstract) and, by our reading, no diffusion loss and no images, only prompts. Table 1
+(v1) gives HPS / CLIP score (both x100) / ImageReward of 30.19 / 34.28 / 0.81 for its base, Realistic Vision at 25
+steps, and 33.70 / 32.13 / 1.22 for R0 at 4 steps. From vanilla SD1.5 we expect that direction (HPS and ImageReward
+up, CLIP down), not those digits.
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -48,8 +50,8 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
-# Config, first as in nanoGPT. Each name -> (default, help) is a flag, output_dir as --output-dir (see r0.py --help).
-# The defaults are for SD1.5 on one GPU, sized for 24 GB (our estimate). --tiny swaps in TINY_PRESET. Typed flags win.
+# Config, first as in nanoGPT. Each name -> (default, help) becomes a flag, output_dir as --output-dir.
+# The defaults are for SD1.5 on one 24 GB GPU (our estimate). --tiny swaps in TINY_PRESET, and typed flags win.
 
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
@@ -59,25 +61,25 @@ OPTIONS = dict(
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
-    r0_plus=(False, "R0+ (Fig. 12): rewards on x0_hat of a random step k (our reading; k any of the K: our choice)"),
-    # our choice: HPS v2.1 and CLIP score, equal pulls: CLIP keeps the text alignment HPS may trade away. ImageReward,
-    # a third tower, is left out of the default for memory
+    r0_plus=(False, "R0+ (Fig. 12): rewards read x0_hat at a random step k (our reading; k in 0..K-1 our choice)"),
+    # our choice: HPS v2.1 and CLIP score at equal weights, as CLIP keeps the text alignment HPS may trade away.
+    # ImageReward, a third tower, is left out of the default for memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     # our choice: LoRA 64 (a third-party summary reads the low rank as a constraint)
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
     grad_clip=(1.0, "max global gradient norm"),
-    random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta: eta = 0 (an ablation)"),
-    normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading); or batch, none (raw)"),
-    # our choices, untuned, as none is in what we read: LoRA's usual rate (pass ~1e-5 with --lora-rank 0), batch 4
+    random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
+    normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading), per batch, or none"),
+    # our choices, untuned, as none is in what we read: LoRA's usual rate (~1e-5 for --lora-rank 0), batch 4
     lr=(1e-4, "AdamW learning rate"),
-    batch_size=(4, "images per micro-batch (out of GPU memory at first: smaller micro-batches, same batch)"),
-    grad_accum=(1, "micro-batches per optimizer step: effective batch = batch_size * grad_accum"),
+    batch_size=(4, "images per micro-batch (halved, with grad_accum doubled, if step 1 runs out of GPU memory)"),
+    grad_accum=(1, "micro-batches per optimizer step, so the batch is batch_size * grad_accum"),
     max_steps=(2000, "optimizer steps"),
     seed=(0, "seed of prompts, noise, eta and LoRA init"),
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
-    precision=("auto", "bf16 (autocast, fp32 trainable weights) or fp32; auto: bf16 on a GPU that has it, else fp32"),
-    grad_checkpointing=(True, "recompute activations in backward: UNet, VAE decoder, reward towers"),
+    precision=("auto", "bf16 (autocast over fp32 trainable weights), fp32, or auto (bf16 where the GPU has it)"),
+    grad_checkpointing=(True, "recompute activations in backward (UNet, VAE decoder, reward towers)"),
     sample_every=(100, "a PNG grid of fixed prompts at fixed seeds, and its measures, every N steps (and at step 0)"),
     num_sample_prompts=(4, "prompts in that grid, spread over the prompt file"),
     num_sample_seeds=(2, "seeds per prompt in that grid"),
@@ -93,12 +95,13 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
-# Precision, for the method: the trainable UNet under bf16 autocast, frozen models in their own dtype (bf16 on a GPU)
+# Precision. Under bf16 the generator runs in autocast over fp32 trainable weights, while the VAE and the reward towers
+# are stored in bf16 and run with autocast off.
 
-def autocast(device, precision):  # bf16 autocast over the generator, whose trainable weights stay fp32
+def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
 
-def own_dtype(device):  # autocast off: frozen models compute in their own dtype
+def autocast_off(device):
     return torch.autocast(device_type=torch.device(device).type, enabled=False)
 
 def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
@@ -106,7 +109,7 @@ def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Generator parameterization (section 3.2, by our guess)
+# Generator parameterization (section 3.2)
 # The pretrained eps-prediction UNet as a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I). Step k at
 # timestep t, with a_t = alpha_bar_t of SD1.5's DDPM schedule, and s the next timestep:
 #       eps    = unet(x_t, t, c)
@@ -114,14 +117,14 @@ def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
 #       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (DDIM eq. 16)
 #       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
 # The last step has no s, so a_s := 1 and the output is x0_hat (K = 6 and 7 end one tiny step later, at t = 0).
-# Random eta (paper, Figs. 5, 9 captions; a regularizer, says a third-party summary) is DDIM's eta, drawn U[0,1] per
-# step and per sample in training, and 0 at inference (our reading and choice). We read the generator as unguided,
-# one UNet call a step, with no classifier-free guidance inside it (our reading).
+# Random eta (paper, Figs. 5 and 9 captions) is DDIM's eta, drawn U[0,1] per step and per sample in training and 0 at
+# inference (our reading and choice); a third-party summary calls it a regularizer. By our reading the generator is
+# unguided, one UNet call a step, with no classifier-free guidance inside it.
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
 
 def sd15_alphas_cumprod(beta_start=0.00085, beta_end=0.012):
-    """SD1.5's 'scaled_linear' schedule: betas linear in sqrt-space; (1000,) alpha_bar_t from ~1 down to ~0.0047."""
+    """SD1.5's 'scaled_linear' schedule, betas linear in sqrt-space. (1000,) alpha_bar_t, from ~1 down to ~0.0047."""
     betas = torch.linspace(beta_start**0.5, beta_end**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64) ** 2
     return torch.cumprod(1.0 - betas, dim=0).float()
 
@@ -142,7 +145,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     last_step=k returns step k's x0_hat, and the steps before grad_from_step run without gradient."""
     timesteps = few_step_timesteps(num_steps)
     last_step = num_steps - 1 if last_step is None else last_step
-    # our choice: s = t - 1000 // K, diffusers' DDIM rule, so the saved pipeline samples alike (K = 3, 6, 7: 1 off)
+    # our choice: s = t - 1000 // K, diffusers' DDIM rule, so that the saved pipeline samples alike
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
@@ -153,12 +156,12 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
             eps = unet(x.to(unet.dtype), t_batch, encoder_hidden_states=text_emb.to(unet.dtype)).sample.float()
             x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
-            if i == last_step and i < num_steps - 1:  # R0+: the rewards look at this intermediate x0_hat
+            if i == last_step and i < num_steps - 1:  # R0+ stops here, and the rewards read this x0_hat
                 return x0_hat
             s = t - jump
             # s < 0 at the last step, so a_s = 1 and x = x0_hat (K = 6 and 7 end at s = 0 instead, where a_0 = 0.9991)
             a_s = alphas[s] if s >= 0 else 1.0
-            if random_eta:  # (B,1,1,1): per sample, per step
+            if random_eta:  # (B,1,1,1), one eta per sample and step
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
             else:
                 eta_i = torch.full((B, 1, 1, 1), float(eta), device=x.device)
@@ -169,7 +172,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
 
 def decode(vae, latents):
     """SD latents (B,4,h,w) -> pixels (B,3,8h,8w) in [0,1], as StableDiffusionPipeline computes them."""
-    with own_dtype(latents.device):
+    with autocast_off(latents.device):
         images = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample.float()  # (B,3,H,W) ~[-1,1]
     # our choice: the pipeline's clamp, so rewards see what users get (a clamped pixel passes no gradient)
     return (images / 2 + 0.5).clamp(0, 1)
@@ -183,8 +186,8 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Rewards (paper, abstract: "compositional rewards"). Figs. 9-10 captions: HPS v2.1, ImageReward and CLIP score, the
-# quality rising as rewards are added. Third-party summaries add Diff-Instruct++'s implicit CFG reward. --rewards:
+# Rewards (paper, abstract: "compositional rewards"). The Figs. 9-10 captions name HPS v2.1, ImageReward and CLIP
+# score, quality rising as rewards are added; third-party summaries add Diff-Instruct++'s implicit CFG reward.
 #   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          clip_score
 #   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 clip_score
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score (Plumbing)
@@ -200,7 +203,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_preprocess(pixels, size=224):
-    """What every image reward sees: open_clip's eval transform (resize the shorter side, bicubic; center crop;
+    """What every image reward sees, open_clip's eval transform (bicubic resize of the shorter side, center crop,
     normalize) in differentiable torch ops. (B,3,H,W) in [0,1] -> (B,3,size,size) CLIP-normalized."""
     assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B,3,H,W) pixels, got {tuple(pixels.shape)}"
     assert pixels.min() >= 0 and pixels.max() <= 1, "clip_preprocess expects pixels in [0,1]"  # not [-1,1]
@@ -216,10 +219,10 @@ def clip_preprocess(pixels, size=224):
     return (x - mean) / std
 
 def clip_score(clip_model, pixels, text_features):
-    """hps and clip: r(x, c) = cos(f_img(x), f_txt(c)), no logit scale (x100 in tables: our reading of Table 1).
+    """hps and clip score r(x, c) = cos(f_img(x), f_txt(c)), with no logit scale (Table 1's x100, by our reading).
     text_features: (B,D), unit norm."""
     image = clip_preprocess(pixels, clip_model.visual.image_size[0])  # (B,3,224,224)
-    with own_dtype(pixels.device):
+    with autocast_off(pixels.device):
         img_feat = clip_model.encode_image(image.to(next(clip_model.parameters()).dtype)).float()  # (B,D)
     return (F.normalize(img_feat, dim=-1) * text_features).sum(-1)  # (B,), normalized in fp32
 
@@ -242,12 +245,12 @@ class ClipFamilyReward(torch.nn.Module):
         self.model.set_grad_checkpointing(True)
 
 class ImplicitCfgReward:
-    """cfg: the frozen base model's implicit classifier-free-guidance reward (third-party summary: Diff-Instruct++'s).
-    At the generated latent x0_hat, noised to a random level t, x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) n, ascend
-    log p(c | x_t). By Bayes, grad_{x_t} log p(c | x_t) = -(eps_c - eps_u) / sqrt(1 - a_t); dx_t/dx0_hat = sqrt(a_t):
+    """cfg, the frozen base model's implicit classifier-free-guidance reward (Diff-Instruct++'s, third-party summary).
+    Noise the generated latent to a random level t, x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) n, and ascend log p(c | x_t).
+    By Bayes grad_{x_t} log p(c | x_t) = -(eps_c - eps_u) / sqrt(1 - a_t), and dx_t/dx0_hat = sqrt(a_t), so
         d log p(c | x_t) / d x0_hat = sqrt(a_t / (1 - a_t)) (eps_u - eps_c).
-    The factor cancels under per-sample normalization; raw (--normalize none) it weights t=20 ~100x over t=980. our
-    choice: t ~ U{20..980}; unconditional: the empty prompt, as SD1.5's. Logged: cfg_gap, the mean (eps_c - eps_u)^2."""
+    Per-sample normalization cancels the factor; raw (--normalize none), it weights t=20 ~100x over t=980. our choice:
+    t ~ U{20..980}, and the empty prompt as unconditional (as SD1.5's). Logged as cfg_gap, mean (eps_c - eps_u)^2."""
 
     space, log_as, t_min, t_max = "latents", "cfg_gap", 20, 980
 
@@ -268,7 +271,7 @@ class ImplicitCfgReward:
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reward composition (paper, Fig. 8 caption: normalized reward gradients beat raw ones)
+# Reward composition. paper (Fig. 8 caption): normalized reward gradients beat raw ones.
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only
 #   g   = sum_i w_i g_i / (||g_i|| + eps)                each reward pulls each sample with strength w_i
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
@@ -276,8 +279,8 @@ class ImplicitCfgReward:
 # where it reads (our choice), images in pixels and cfg in latents, so cfg=1,hps=1 is not an equal pull on theta.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
-    """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm: each
-    sample then gets about 1/sqrt(B) of it, and the anchor and the clipping weigh more."""
+    """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
+    each sample gets about 1/sqrt(B) of the pull and the anchor and the clipping weigh more."""
     norm = g.flatten(1).norm(dim=1) if per == "sample" else g.norm().expand(len(g))  # (B,)
     return g / (norm.view(-1, *([1] * (g.dim() - 1))) + eps)  # our choice: eps only guards g = 0
 
@@ -294,7 +297,7 @@ def reward_gradient(reward, x, prompts, text_emb, generator=None):
 def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None,
                               normalize="sample"):
     """sum_i w_i g_i / ||g_i|| in pixel space (image rewards) and in latent space (cfg), and each reward's values.
-    Fig. 8's ablation: normalize="none" sums the raw w_i g_i; our extra one, "batch", divides by one norm a batch."""
+    normalize="none" is Fig. 8's ablation (the raw w_i g_i summed), and "batch" ours (one norm for the batch)."""
     grads = {"pixels": torch.zeros_like(pixels), "latents": torch.zeros_like(latents)}
     scores = {}
     for name, reward in rewards.items():
@@ -307,17 +310,17 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Regularizers (section 3.3 by our guess). Fig. 11 caption: without the weight regularization, reward hacking.
-#   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (squared L2: our reading)
+# Regularizers (section 3.3). paper (Fig. 11 caption): without the weight regularization, reward hacking.
+#   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (squared L2 by our reading)
 #   2. LoRA, a low-rank update, is itself a constraint (third-party summary); our choice, as it also saves memory
-#   3. random eta sampling: generate(random_eta=True)
-#   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
-# our choice: gradient clipping at 1.0, AdamW with weight decay 0 (decay would pull theta toward 0 in full
-# fine-tuning, and under LoRA be a second anchor that lambda does not set). No KL, diffusion or distillation loss.
+#   3. random eta sampling, in generate(random_eta=True)
+#   4. by our reading, per-reward gradient normalization and several complementary rewards (the composition)
+# our choice: gradient clipping at 1.0, and AdamW with weight decay 0, since decay would pull theta toward 0 in full
+# fine-tuning and add a second anchor under LoRA. No KL, diffusion or distillation loss.
 
 def make_trainable(unet, cfg, device, frozen_dtype):
     """theta and theta_0. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
-    if cfg.lora_rank > 0:  # theta = theta_0 + scaling B @ A: theta_0 is the frozen base itself, no copy
+    if cfg.lora_rank > 0:  # theta = theta_0 + scaling B @ A, so theta_0 is the frozen base itself (no copy)
         # our choice (as diffusers' LoRA script): attention projections, alpha = rank, B = 0 at init, fp32 adapters
         from peft import LoraConfig
         torch.manual_seed(cfg.seed)  # the adapters' init depends on the seed alone
@@ -341,8 +344,8 @@ def lora_layers(unet):  # [(lora_A (r,in), lora_B (out,r), scaling)] of every Lo
             for a in m.active_adapters if a in m.lora_A]
 
 def weight_regularization(unet, frozen_unet):
-    """||theta - theta_0||^2 (LoRA: theta - theta_0 = scaling B @ A per layer). our choice: lambda = 1e-2, untuned;
-    raise it if the rewards rise while the samples degrade (hacking), lower it if they stall with 'reg' held near 0."""
+    """||theta - theta_0||^2, where under LoRA theta - theta_0 = scaling B @ A per layer. our choice: lambda = 1e-2,
+    untuned. Raise it if the rewards rise while the samples degrade (hacking); lower it if they stall, 'reg' near 0."""
     if frozen_unet is None:
         total = 0.0
         for A, B, scaling in lora_layers(unet):
@@ -365,7 +368,7 @@ def theta_0(unet, frozen_unet):
         if frozen_unet is None:
             unet.enable_adapters()
 
-def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate, for cfg: (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w)
+def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate for cfg, (N,4,h,w), (N,), (N,77,D) -> (N,4,h,w)
     def base_eps(x, t, emb):
         with theta_0(unet, frozen_unet) as base:
             return base(x, t, encoder_hidden_states=emb).sample
@@ -373,12 +376,12 @@ def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate, for cfg: (N,4
 
 @dataclasses.dataclass
 class Models:
-    """Everything R0 holds. our reading: only the generator's weights move; the rest is frozen."""
+    """Everything R0 holds. Only the generator's weights move (our reading); the rest is frozen."""
     tokenizer: object
     text_encoder: object        # frozen
     vae: object                 # frozen
-    unet: object                # the generator g_theta: all weights, or LoRA adapters, trainable
-    frozen_unet: object         # theta_0: a frozen copy (full fine-tuning); None with LoRA
+    unet: object                # the generator g_theta, trained in full or through LoRA adapters
+    frozen_unet: object         # theta_0, a frozen copy under full fine-tuning (None with LoRA)
     scheduler_config: dict      # the base model's, for the saved pipeline
     alphas_cumprod: torch.Tensor  # (1000,) on the CPU
     rewards: dict               # name -> frozen reward
@@ -386,15 +389,15 @@ class Models:
     device: str
 
 def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
-    """The pretrained parts -> Models: the frozen parts frozen (our choice: bf16 on a GPU), theta, theta_0, rewards."""
+    """The pretrained parts -> Models: frozen parts frozen (in bf16 on a GPU, our choice), theta, theta_0, rewards."""
     frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
     alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
-    for module in (text_encoder, vae):  # frozen: the backward passes through the decoder, no gradient for its weights
+    for module in (text_encoder, vae):  # the backward passes through the decoder but leaves its weights alone
         cast(module.requires_grad_(False).eval(), cfg.device, frozen_dtype)
     frozen_unet = make_trainable(unet, cfg, cfg.device, frozen_dtype)
     rewards = {}
     for name in cfg.rewards:
-        if name == "cfg":  # theta_0 itself; unconditional = the empty prompt
+        if name == "cfg":  # theta_0 itself, with the empty prompt as unconditional
             uncond = encode_prompts(tokenizer, text_encoder, [""])  # (1,77,D)
             rewards[name] = ImplicitCfgReward(make_base_eps(unet, frozen_unet), uncond, alphas_cumprod.to(cfg.device))
         else:
@@ -404,17 +407,17 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# One training step, R0 and R0+ (section 4 by our guess). Fig. 12 caption: R0+, intermediate supervision, is faster.
+# One training step, R0 and R0+ (section 4). paper (Fig. 12 caption): R0+, with intermediate supervision, is faster.
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> decode --> x (pixels in [0,1])
 #                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
 #    ONE backward of the loss through the decoder and the UNet steps (each reward's own: through its tower only)
-# Then the update: --grad-accum micro-batches, their mean gradient, clipped, one AdamW step.
+# Then the update: the mean gradient of --grad-accum micro-batches, clipped, and one AdamW step.
 # (Fig. 14 caption: R0+ also has a high-resolution guidance loss. We could not read its definition, so it is not here.)
 
 def r0_step(m, prompts, cfg, generator):
-    """One micro-batch of B prompts: (loss, logged stats). generator: the noise, eta, R0+'s k, cfg's t."""
+    """One micro-batch of B prompts -> (loss, logged stats). `generator` draws the noise, eta, R0+'s k and cfg's t."""
     B, K, h = len(prompts), cfg.steps, cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
@@ -433,10 +436,10 @@ def r0_step(m, prompts, cfg, generator):
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
     stats = {name: s.float().mean().item() for name, s in scores.items()}
-    stats.update(reg=reg.item(), surrogate=surrogate.item(), **({"k": k} if cfg.r0_plus else {}))  # R0+: k too
+    stats.update(reg=reg.item(), surrogate=surrogate.item(), **({"k": k} if cfg.r0_plus else {}))  # and R0+'s k
     return loss, stats
 
-class PromptOrder:  # the prompts c, in shuffled epochs; checkpointed, so a resume draws what a run would
+class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
     def __init__(self, prompts, seed):
         self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
 
@@ -474,16 +477,16 @@ def apply_update(optimizer, params, cfg, finite):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return grad_norm, applied
 
-def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):  # one step: (stats, grad norm, applied)
+def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):  # one step -> (stats, grad norm, applied)
     stats, finite = (accumulate_fitting_memory if first else accumulate_gradients)(m, order, cfg, generator)
     return stats, *apply_update(optimizer, params, cfg, finite)  # outside the retry, so AdamW steps once
 
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
-def train(cfg):  # the loop: set-up, optimizer steps, their log, checkpoints (Plumbing)
+def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
     from tqdm import tqdm
-    run = set_up_run(cfg)
+    run = set_up_run(cfg)  # the models m (set_up_r0), AdamW (make_optimizer), prompts, run folder, a resume's state
     with stop_on_signal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
         for step in bar:
@@ -505,7 +508,7 @@ def train(cfg):  # the loop: set-up, optimizer steps, their log, checkpoints (Pl
 def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
     return str(device).startswith("cuda") and torch.cuda.is_bf16_supported(False)
 
-class UserError(Exception):  # a mistake the user can fix (exit 2), or a run stopped on purpose: one sentence
+class UserError(Exception):  # one sentence for a mistake the user can fix (exit 2), or a run stopped on purpose
     def __init__(self, message, exit_code=2):
         super().__init__(message)
         self.exit_code = exit_code
@@ -516,19 +519,19 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 # the hub), takes three pieces shaped like hps's (test_r0.py runs this class as written):
 #   class PickScore(torch.nn.Module):                         # the reward interface ("Rewards", above)
 #       space = "pixels"
-#       def __init__(self, model, tokenizer):                 # a transformers CLIPModel, frozen; CLIP's tokenizer
+#       def __init__(self, model, tokenizer):                 # a transformers CLIPModel (frozen), CLIP's tokenizer
 #           super().__init__()
 #           self.model, self.tokenizer = model.requires_grad_(False).eval(), tokenizer
 #       def forward(self, pixels, prompts, text_emb=None):
 #           ids = self.tokenizer(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt")
-#           with torch.no_grad():                             # (transformers 5 returns outputs: .pooler_output)
+#           with torch.no_grad():                             # transformers 5 returns outputs, hence .pooler_output
 #               text = self.model.get_text_features(input_ids=ids.input_ids.to(pixels.device)).pooler_output
-#           with own_dtype(pixels.device):                    # in the frozen model's own dtype, as clip_score
+#           with autocast_off(pixels.device):                 # in the frozen model's own dtype, as clip_score
 #               img = self.model.get_image_features(pixel_values=clip_preprocess(pixels).to(self.model.dtype))
 #           return F.cosine_similarity(img.pooler_output.float(), text.float(), dim=-1)   # (B,), no logit scale
 #       def enable_gradient_checkpointing(self):              # what --grad-checkpointing calls
 #           checkpoint_transformers_layers(self.model)
-#   def load_pickscore(tiny, device, dtype):                  # CLIPConfig, CLIPModel: from transformers
+#   def load_pickscore(tiny, device, dtype):                  # CLIPConfig, CLIPModel from transformers
 #       model = CLIPModel(CLIPConfig(...)) if tiny else CLIPModel.from_pretrained(os.path.dirname(  # tiny: random
 #           [hub_file("pickscore", d) for d in REWARDS["pickscore"].downloads][0]))  # every file, cached or fetched
 #       return cast(PickScore(model, sd15_tokenizer_offline()), device, dtype)   # CLIP's BPE, PickScore's too
@@ -537,9 +540,9 @@ class UserError(Exception):  # a mistake the user can fix (exit 2), or a run sto
 
 @dataclasses.dataclass
 class Reward:
-    load: object            # (tiny, device, dtype) -> the reward; None: built by set_up_r0 (cfg)
-    downloads: list = ()    # [(what, hub repo, files)], an entry per file needed: any of files will do, [0] is fetched
-    scale: float = 1.0      # sample.py's tables report scale x score (our reading of Table 1: 100 x a cosine)
+    load: object            # (tiny, device, dtype) -> the reward, or None if set_up_r0 builds it (cfg)
+    downloads: list = ()    # [(what, hub repo, files)] per file needed; any of `files` will do, and [0] is fetched
+    scale: float = 1.0      # sample.py's tables report scale x score (100 x a cosine, our reading of Table 1)
 
 IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own statistics
 
@@ -550,7 +553,7 @@ def imagereward_score(model, pixels, input_ids, attention_mask):
         r(x, c)      = (MLP(h) - mean) / std      MLP 768-1024-128-64-16-1; about N(0,1) on its data
     input_ids, attention_mask: (B,35)."""
     image = clip_preprocess(pixels, 224).to(model.vision.dtype)
-    with own_dtype(pixels.device):
+    with autocast_off(pixels.device):
         image_embeds = model.vision(pixel_values=image).last_hidden_state  # (B,197,D)
         image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
         h = model.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
@@ -569,7 +572,7 @@ class ImageRewardReward(torch.nn.Module):
         self.mlp, self.tokenizer = preference_head(text_config.hidden_size), tokenizer
         self.requires_grad_(False).eval()
 
-    def forward(self, pixels, prompts, text_emb=None):  # prompts as ImageReward: padded to 35 tokens, [CLS] first
+    def forward(self, pixels, prompts, text_emb=None):  # prompts as ImageReward pads them, to 35 tokens, [CLS] first
         t = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
         return imagereward_score(self, pixels, t.input_ids.to(pixels.device), t.attention_mask.to(pixels.device))
 
@@ -577,7 +580,7 @@ class ImageRewardReward(torch.nn.Module):
         checkpoint_transformers_layers(self)
 
 def preference_head(dim):
-    """ImageReward's MLP and the aesthetic predictor's (sample.py): no activations; the dropouts keep the indices."""
+    """ImageReward's MLP and the aesthetic predictor's (sample.py), with no activations. Dropouts keep the indices."""
     L, D = torch.nn.Linear, torch.nn.Dropout
     return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
 
@@ -590,7 +593,7 @@ def checkpoint_transformers_layers(model):
         layer.gradient_checkpointing, layer.training = True, True  # at dropout 0, .training changes nothing else
         layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
-def load_clip_family(name, tiny, device, dtype):  # open_clip ViT-H-14, HPS v2.1's or CLIP score's (tiny: a twin)
+def load_clip_family(name, tiny, device, dtype):  # open_clip ViT-H-14 with HPS v2.1's or CLIP score's weights
     import open_clip
     tokenizer = open_clip.get_tokenizer("ViT-H-14")  # open_clip's bundled BPE: no download
     if tiny:
@@ -599,7 +602,7 @@ def load_clip_family(name, tiny, device, dtype):  # open_clip ViT-H-14, HPS v2.1
     print(f"{name}: open_clip ViT-H-14 with the weights of {path}")
     if name == "clip":
         model = open_clip.create_model("ViT-H-14", pretrained=path)
-    else:  # HPS v2.1: a full fine-tune of ViT-H-14, saved as a training checkpoint under 'state_dict'
+    else:  # HPS v2.1 is a full fine-tune of ViT-H-14, saved as a training checkpoint under 'state_dict'
         model = open_clip.create_model("ViT-H-14", pretrained=None)
         missing, _ = model.load_state_dict(load_tensors(path, "HPS v2.1 checkpoint")["state_dict"], strict=False)
         if missing:
@@ -607,7 +610,7 @@ def load_clip_family(name, tiny, device, dtype):  # open_clip ViT-H-14, HPS v2.1
     return ClipFamilyReward(cast(model, device, dtype), tokenizer)
 
 def load_imagereward(tiny, device, dtype):
-    """ImageReward.pt on BLIP's towers (tiny: a random twin reading CLIP's tokens: BERT's vocabulary is a download)."""
+    """ImageReward.pt on BLIP's towers. The tiny twin is random and reads CLIP's tokens (BERT's are a download)."""
     if tiny:
         with torch.random.fork_rng():
             torch.manual_seed(3)
@@ -686,7 +689,7 @@ REWARDS = {  # name -> Reward, in the order of --help and of sample.py's tables
     "proxy_b": Reward(lambda tiny, device, dtype: cast(copy.deepcopy(fit_proxy(1)), device, dtype)),  # other textures
 }
 
-def parse_rewards(spec):  # 'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}; 'hps' alone: weight 1.0
+def parse_rewards(spec):  # 'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}, and 'hps' alone means 1.0
     weights = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         name, sep, value = item.partition("=")
@@ -711,7 +714,7 @@ def parse_rewards(spec):  # 'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}; 'hp
 # Loading: files from the hub, SD1.5, and the tiny twins built in code for --tiny and the tests
 
 def load_tensors(path, what):
-    """torch.load that cannot run code (weights_only: tensors, numbers, strings): a tampered file is refused unread."""
+    """torch.load that cannot run code (weights_only), so a tampered file is refused unread."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch names what it refused: "... GLOBAL posix.system ..."
@@ -726,16 +729,16 @@ def in_cache(repo, filename):  # the cached hub file's local path, or None; neve
     path = try_to_load_from_cache(repo, filename)
     return path if isinstance(path, str) else None
 
-def hub_unreachable():  # HF_HUB_OFFLINE=1: set it where there is no network (the cache alone, no minutes of retries)
+def hub_unreachable():  # HF_HUB_OFFLINE=1, set where there is no network: the cache alone, no minutes of retries
     return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
-def from_hub(load, what, how):  # load(local_files_only); a failure (not cached, offline, gated, ...) is one sentence
+def from_hub(load, what, how):  # load(local_files_only), any failure (not cached, offline, gated) in one sentence
     try:  # (with network, the libraries use the cache and check it for updates)
         return load(hub_unreachable())
     except Exception as err:
         raise UserError(f"could not load {what} ({type(err).__name__}: {str(err).splitlines()[0][:200]}); {how}")
 
-def hub_file(name, download):  # the local path of one of REWARDS[name].downloads: cached, or downloaded
+def hub_file(name, download):  # the local path of one of REWARDS[name].downloads, from the cache or the hub
     from huggingface_hub import hf_hub_download
     what, repo, files = download
     return next(filter(None, (in_cache(repo, f) for f in files)), None) or from_hub(
@@ -779,11 +782,11 @@ def check_sd15_shaped(text_encoder, vae, unet, scheduler_config):
                         "latent channels on one CLIP text encoder, and SD1.5's noise schedule (scaled_linear, 1000 "
                         "steps, no trained_betas or rescale_betas_zero_snr); pass an SD1.5 model.")
 
-def load_models(cfg):  # everything a run needs: --model's weights (--tiny: the tiny twins), set up by set_up_r0
+def load_models(cfg):  # --model's weights, or the tiny twins, set up by set_up_r0
     if cfg.tiny:
         tokenizer, text_encoder, vae, unet = build_tiny_sd15(seed=cfg.seed)
         scheduler_config = dict(SD15_SCHEDULER_CONFIG)
-    else:  # offline: every missing download in one sentence, before anything loads
+    else:  # offline, every missing download is named in one sentence before anything loads
         check_downloads(cfg.model, [d for name in cfg.rewards for d in REWARDS[name].downloads])
         tokenizer, text_encoder, vae, unet, scheduler_config = load_sd15(cfg.model)
     check_sd15_shaped(text_encoder, vae, unet, scheduler_config)
@@ -807,7 +810,7 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
 TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=49406,
                  eos_token_id=49407, pad_token_id=49407)
-# SD1.5's scheduler config (the hub's, PNDM; any diffusers scheduler reads it): the DDPM chain we sample on
+# SD1.5's scheduler config (the hub's, PNDM's), which any diffusers scheduler reads
 SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                              beta_schedule="scaled_linear", prediction_type="epsilon", set_alpha_to_one=False,
                              steps_offset=1, clip_sample=False, skip_prk_steps=True)
@@ -880,7 +883,7 @@ def fit(params, loss, steps, lr):  # a few Adam steps on loss(), leaving no grad
         opt.step()
     opt.zero_grad(set_to_none=True)
 
-def build_tiny_clip_tower(seed=0):  # (model, tokenizer): a tiny random open_clip CLIP of ViT-H-14's classes
+def build_tiny_clip_tower(seed=0):  # a tiny random open_clip CLIP of ViT-H-14's classes, and its tokenizer
     import open_clip
     from open_clip.model import CLIPTextCfg, CLIPVisionCfg
     with torch.random.fork_rng():
@@ -893,8 +896,8 @@ def build_tiny_clip_tower(seed=0):  # (model, tokenizer): a tiny random open_cli
 
 # -----------------------------------------------------------------------------------------------------------
 # The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
-# is the true score itself, so nothing in it can be hacked; bright is louder; proxy, a learned classifier, can be.
-# The true score: the colour rule at held-out seeds and prompts; content_kept: the base model's structure kept.
+# is the true score itself, so it cannot be hacked. bright is louder. proxy, a learned classifier, can be hacked.
+# The measures are the colour rule at held-out seeds and prompts, and content_kept, the base model's structure kept.
 
 COLOURS = {  # our choice: typical sRGB renderings of each word
     "red": (0.85, 0.10, 0.10), "orange": (0.95, 0.55, 0.05), "yellow": (0.95, 0.90, 0.15),
@@ -964,7 +967,7 @@ def fit_proxy(seed, per_colour=3, steps=600):
 LATENT_RGB = torch.tensor([[0.3512, 0.2297, 0.3227], [0.3250, 0.4974, 0.2350], [-0.2829, 0.1762, 0.2721],
                            [-0.2120, -0.2616, -0.7177]])  # (4,3)
 
-def toy_textures(n, generator, size=64):  # (n,3,size,size) zero-mean: what the tiny decoder paints from latent noise
+def toy_textures(n, generator, size=64):  # (n,3,size,size) zero-mean, as the tiny decoder paints latent noise
     z = torch.randn((n, 4, size // 8, size // 8), generator=generator)
     rgb = F.interpolate(torch.einsum("bchw,cd->bdhw", z, LATENT_RGB) / 2, size=size, mode="bilinear")
     return rgb - rgb.mean(dim=(2, 3), keepdim=True)
@@ -977,8 +980,8 @@ def held_out_prompts(prompts):  # our choice: a fifth of the colour prompts (per
             yield p
 
 def content_kept(images, base):
-    """Mean correlation, per image and channel, with the base model's image of the same prompt and seed: 1.0 keeps all
-    its structure; blind to colour (an affine change per channel keeps 1.0); a flat field scores 0."""
+    """Mean correlation, per image and channel, with the base model's image of the same prompt and seed. 1.0 keeps all
+    its structure, and so does any affine change per channel (it is blind to colour). A flat field scores 0."""
     x, y = (t.flatten(2) - t.flatten(2).mean(-1, keepdim=True) for t in (images, base))  # (N,3,HW), centred
     return ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)).mean().item()
 
@@ -988,9 +991,8 @@ def held_out_images(m, cfg, prompts, eta=0.0):  # each prompt at each of HELD_OU
 
 @torch.no_grad()
 def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
-    """The toy's held-out measures of the generator's output: colour_accuracy, the true score (mean colour nearest the
-    prompt's; chance 1 in 11), on training prompts (per colour too) and held-out ones (_unseen); content_kept against
-    `base`; on the training prompts, `color` (the true score in reward units), each image reward and proxy accuracy."""
+    """The toy's measures at held-out seeds: colour_accuracy (the true score, chance 1 in 11) on the training prompts,
+    per colour and on held-out ones (_unseen), content_kept against `base`, each reward's mean, proxy accuracy."""
     prompts, images = [p for p in seen + unseen for _ in HELD_OUT_SEEDS], held_out_images(m, cfg, seen + unseen, eta)
     n = len(seen) * len(HELD_OUT_SEEDS)  # the first n: training prompts
     hit = [colour_of(p) == got for p, got in zip(prompts, dominant_colour(images))]
@@ -1026,7 +1028,7 @@ def load_prompts(path):  # a UTF-8 text file, one prompt a line; '#' comments an
 
 @torch.no_grad()
 def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batch_size=8):
-    """(N,3,H,W) in [0,1]: the generator's image of each (prompt, seed); eta > 0: its step noise from its own seed."""
+    """(N,3,H,W) in [0,1], the generator's image of each (prompt, seed). With eta > 0 each draws its own step noise."""
     noise = torch.stack([initial_noise(s, resolution, "cpu") for s in seeds]).to(m.device)  # (N,4,h,w)
     fp32_unet = precision == "bf16" and any(p.dtype == torch.float32 for p in m.unet.parameters())
     batch_size, images = batch_size if eta == 0 else 1, []
@@ -1039,12 +1041,12 @@ def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batc
         images.append(decode(m.vae, latents))
     return torch.cat(images).cpu()  # one host sync
 
-def initial_noise(seed, resolution, device):  # x_T (4,h,w) drawn on the CPU: a seed's image is the same everywhere
+def initial_noise(seed, resolution, device):  # x_T (4,h,w), drawn on the CPU so a seed's image is the same anywhere
     return torch.randn((4, resolution // 8, resolution // 8), generator=torch.Generator().manual_seed(seed)).to(device)
 
-def save_grid(images, path, ncols, captions=None, row_labels=None):  # (N,3,H,W) -> a PNG; captions, row labels
+def save_grid(images, path, ncols, captions=None, row_labels=None):  # (N,3,H,W) -> a PNG, captioned
     from PIL import Image, ImageDraw
-    if (captions or row_labels) and images.shape[-1] < 128:  # tiny images: room for text
+    if (captions or row_labels) and images.shape[-1] < 128:  # tiny images, upscaled to make room for text
         images = F.interpolate(images, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
     N, _, H, W = images.shape
     captions = [textwrap.wrap(c, max(W // 6 - 1, 1), max_lines=3, placeholder="~") or [""] for c in captions or []]
@@ -1083,18 +1085,18 @@ def write_curves(out_dir, summary):
     fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
     plt.close(fig)
 
-def sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler):  # no safety checker: SD1.5's is another download
+def sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler):  # no safety checker, as SD1.5's is another download
     from diffusers import StableDiffusionPipeline
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
-def few_step_scheduler(scheduler_config):  # diffusers' twin of generate(eta=0): DDIM, trailing, final alpha 1
+def few_step_scheduler(scheduler_config):  # diffusers' twin of generate(eta=0), DDIM trailing with final alpha 1
     from diffusers import DDIMScheduler
     return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
                                      clip_sample=False, thresholding=False, rescale_betas_zero_snr=False)
 
-def merged_unet(unet, base):  # the generator as a plain fp32 diffusers UNet: `base` (full precision) + the change
+def merged_unet(unet, base):  # the generator as a plain fp32 diffusers UNet, `base` (full precision) + the change
     base = cast(base.requires_grad_(False), "cpu", torch.float32)
     if not getattr(unet, "peft_config", None):
         base.load_state_dict(unet.state_dict())
@@ -1130,7 +1132,7 @@ RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sam
                      "overwrite", "output_dir"}  # none of them touches the optimization
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
 
-def frozen_fingerprint(m):  # per frozen module (theta_0, VAE, ...) the sum of |w|: a resume must find the same
+def frozen_fingerprint(m):  # the sum of |w| per frozen module (theta_0, VAE, ...), which a resume must find again
     modules = [m.unet if m.frozen_unet is None else m.frozen_unet, m.text_encoder, m.vae, *m.rewards.values()]
     return [sum(p.detach().double().abs().sum().item() for p in module.parameters() if not p.requires_grad)
             for module in modules if isinstance(module, torch.nn.Module)]
@@ -1139,8 +1141,8 @@ def checkpoint_files(out_dir):  # a run's finished checkpoints, oldest first
     return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_" + "[0-9]" * 6 + ".pt")))
 
 def save_checkpoint(run, cfg, step, last):
-    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written then renamed (a crash never corrupts the
-    latest); the oldest beyond --keep-checkpoints go; a write that fails (a full disk) stops the run."""
+    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written then renamed so a crash never corrupts the
+    latest. The oldest beyond --keep-checkpoints go. A write that fails (a full disk) stops the run."""
     state = {"step": step, "config": vars(cfg), "prompts_sha256": run.prompts_hash, "fingerprint": run.fingerprint,
              "trainable": {n: p.detach().cpu() for n, p in run.m.unet.named_parameters() if p.requires_grad},
              "optimizer": run.optimizer.state_dict(), "threads": torch.get_num_threads(),
@@ -1163,7 +1165,7 @@ def save_checkpoint(run, cfg, step, last):
                         f"{cfg.output_dir}", exit_code=1)
     return path
 
-def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up run; returns its step
+def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up run, returning its step
     state = load_tensors(cfg.resume_checkpoint, "r0.py checkpoint")
     if state["prompts_sha256"] != run.prompts_hash:  # the saved order would index into other prompts
         raise UserError(f"the prompts in {state['config']['prompts']} differ from those the run was trained on; resume "
@@ -1185,7 +1187,7 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
     return state["step"]
 
 @contextlib.contextmanager
-def stop_on_signal():  # SIGINT / SIGTERM: finish the step, save a checkpoint, exit; a second signal exits at once
+def stop_on_signal():  # on SIGINT / SIGTERM finish the step, save a checkpoint and exit (a second signal: at once)
     stop = argparse.Namespace(signum=None)
     def handler(signum, frame):
         if stop.signum is not None:
@@ -1199,14 +1201,14 @@ def stop_on_signal():  # SIGINT / SIGTERM: finish the step, save a checkpoint, e
         for s, h in previous.items():
             signal.signal(s, h)
 
-def check_writable(path, flag):  # before minutes of loading: path's nearest existing parent must be writable
+def check_writable(path, flag):  # before minutes of loading, path's nearest existing parent must be writable
     parent = os.path.abspath(path)
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot write to {flag} {path} ({parent} is not a writable folder); choose another.")
 
-def write_atomic(path, text):  # write-then-rename: a crash or a full disk leaves no half-written file
+def write_atomic(path, text):  # write-then-rename, so a crash or a full disk leaves no half-written file
     try:
         with open(path + ".tmp", "w") as f:
             f.write(text)
@@ -1215,7 +1217,7 @@ def write_atomic(path, text):  # write-then-rename: a crash or a full disk leave
         with contextlib.suppress(OSError):
             os.remove(path + ".tmp")
 
-def append_line(path, line):  # onto log.jsonl; a write cut short (a full disk) is undone: whole lines only
+def append_line(path, line):  # onto log.jsonl, undoing a write cut short (a full disk), so it holds whole lines
     size = os.path.getsize(path) if os.path.exists(path) else 0
     try:
         with open(path, "a") as f:
@@ -1232,7 +1234,7 @@ def read_log(path):  # log.jsonl's records (a line a crash cut short is skipped)
             records.append(json.loads(line))
     return records
 
-def write_or_warn(run, what, write, *args, **kwargs):  # a grid, a log line, curves.png: a full disk is said once
+def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or curves.png; a full disk is said once
     try:
         write(*args, **kwargs)
     except OSError as err:
@@ -1278,7 +1280,7 @@ def allocate_optimizer_state(optimizer, params):
     for state in optimizer.state.values():
         state["step"].zero_()
 
-def write_config(cfg):  # <out>/config.json: the resolved config, which a resume starts from
+def write_config(cfg):  # <out>/config.json, the resolved config that a resume starts from
     try:
         write_atomic(os.path.join(cfg.output_dir, "config.json"),
                      json.dumps({k: v for k, v in vars(cfg).items() if k in OPTIONS}, indent=2))
@@ -1287,7 +1289,7 @@ def write_config(cfg):  # <out>/config.json: the resolved config, which a resume
 
 def set_up_run(cfg):  # everything before the first step, in an order where a mistake costs nothing
     prompts, existing = load_prompts(cfg.prompts), []
-    if cfg.resume_checkpoint is None:  # a fresh run: refuse a run already in --output-dir, unless --overwrite
+    if cfg.resume_checkpoint is None:  # a fresh run refuses a run already in --output-dir, unless --overwrite
         existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
         if existing and not cfg.overwrite:
             raise UserError(f"{cfg.output_dir} already holds a run ({', '.join(existing)}); continue it with --resume "
@@ -1339,7 +1341,7 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
         write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
     return run
 
-def progress(run, cfg, step):  # <out>/samples/step_NNNNNN.png; its measures: content_kept, or toy_measures
+def progress(run, cfg, step):  # <out>/samples/step_NNNNNN.png and its measures (content_kept, or toy_measures)
     images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
     path = os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png")
     write_or_warn(run, path, save_grid, images, path, cfg.num_sample_seeds, captions=run.grid[0])
@@ -1391,7 +1393,7 @@ def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline 
     try:
         save_pipeline(run.m, cfg)
         write_atomic(run.summary_path, json.dumps(summary, indent=2))
-    except (OSError, RuntimeError) as err:  # a full disk: the last checkpoint holds the trained weights
+    except (OSError, RuntimeError) as err:  # a full disk; the last checkpoint holds the trained weights
         raise UserError(f"could not write {out}/pipeline or its summary ({getattr(err, 'strerror', None) or err}); the "
                         f"trained weights are in {checkpoint_files(out)[-1]}: free some disk space, then "
                         f"python r0.py --resume {out} writes them.", exit_code=1)
@@ -1408,11 +1410,11 @@ def peak_memory_gb(device):  # CUDA's peak allocated memory (reset every step), 
 # -----------------------------------------------------------------------------------------------------------
 # Command line
 
-class Parser(argparse.ArgumentParser):  # a mistyped flag is one sentence (no abbreviations: --prompt is not --prompts)
+class Parser(argparse.ArgumentParser):  # a mistyped flag in one sentence; no abbreviations (--prompt is not --prompts)
     def error(self, message):
         raise UserError(f"{message}; `python {self.prog} --help` lists every flag.")
 
-def build_parser():  # a flag per OPTIONS entry; only typed flags land in the result (SUPPRESS): they override all
+def build_parser():  # a flag per OPTIONS entry; only typed flags land in the result (SUPPRESS), and they override all
     p = Parser(prog="r0.py", description="R0: regularized reward maximization for few-step SD1.5 (arXiv 2503.13070)",
                argument_default=argparse.SUPPRESS, allow_abbrev=False)
     for name, (default, what) in OPTIONS.items():
@@ -1427,7 +1429,7 @@ def build_parser():  # a flag per OPTIONS entry; only typed flags land in the re
             p.add_argument(flag, type=kind, choices=choices, help=what.format(rewards=", ".join(REWARDS)))
     return p
 
-def resolve_config(args):  # defaults <- --tiny <- typed flags, or saved config <- (harmless) typed flags; checks
+def resolve_config(args):  # defaults <- --tiny <- typed flags, or a resume's saved config <- harmless typed flags
     typed = vars(args)
     cfg = {**DEFAULTS, **(TINY_PRESET if typed.get("tiny") else {}), **typed, "resume_checkpoint": None}
     run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
@@ -1435,9 +1437,9 @@ def resolve_config(args):  # defaults <- --tiny <- typed flags, or saved config 
     if found:
         with open(os.path.join(run_dir, "config.json")) as f:
             saved = json.load(f)
-        if isinstance(saved.get("rewards"), str):  # older runs: the --rewards text
+        if isinstance(saved.get("rewards"), str):  # older runs saved the --rewards text
             saved["rewards"] = parse_rewards(saved["rewards"])
-        if isinstance(saved.get("normalize"), bool):  # before the per-batch ablation: on or off
+        if isinstance(saved.get("normalize"), bool):  # older runs, before the per-batch ablation, saved on or off
             saved["normalize"] = "sample" if saved["normalize"] else "none"
         changed = sorted(k for k, v in typed.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v)
         if changed:
@@ -1473,9 +1475,8 @@ def resolve_config(args):  # defaults <- --tiny <- typed flags, or saved config 
             raise UserError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(cfg, name)}.")
     return cfg
 
-def quiet_libraries():  # only our bar and messages on the console: the libraries' warnings hidden, errors shown
+def quiet_libraries():  # only our bar and messages on the console, and the libraries' errors
     import logging
-    import warnings
     import transformers
     from diffusers.utils import logging as diffusers_logging
     diffusers_logging.set_verbosity_error()
@@ -1483,7 +1484,6 @@ def quiet_libraries():  # only our bar and messages on the console: the librarie
     handler = logging.StreamHandler()  # open_clip logs to the root logger; with a handler of ours its first message
     handler.setLevel(logging.ERROR)    # does not install one that repeats every library's warnings
     logging.basicConfig(handlers=[handler], level=logging.ERROR)
-    warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
 
 def main(argv=None):
     quiet_libraries()

@@ -192,7 +192,7 @@ def test_bf16_sampler_runs_like_diffusers_pipeline_on_the_same_bf16_modules(tiny
 
 
 def test_frozen_bf16_models_without_autocast_give_the_autocast_pixels_and_image_gradients(tiny):
-    """decode() and the reward towers switch autocast off inside the training step (r0.own_dtype): their outputs and
+    """decode() and the reward towers switch autocast off inside the training step (r0.autocast_off): their outputs and
     the gradients they pass back agree, to bf16 precision, with running them under autocast (norms promoted to
     fp32), which is what the step did before."""
     import contextlib
@@ -213,7 +213,7 @@ def test_frozen_bf16_models_without_autocast_give_the_autocast_pixels_and_image_
 
     own = run()
     with pytest.MonkeyPatch.context() as mp:  # the old way: frozen models computed under the step's autocast
-        mp.setattr(r0, "own_dtype", lambda device: contextlib.nullcontext())
+        mp.setattr(r0, "autocast_off", lambda device: contextlib.nullcontext())
         promoted = run()
     for a, b in zip(own, promoted):
         assert a.dtype == b.dtype == torch.float32 and torch.isfinite(a).all()
