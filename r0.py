@@ -5,8 +5,8 @@ Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realist
 2503.13070 (v2, NeurIPS 2025, renamed "Reward-Instruct"). Its repository holds no code, so this is written from
 scratch. We could read the abstract, the figure captions and Table 1, and each label names its source: "paper
 (abstract)", "paper (Fig. 8 caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our
-reading" (of those) and "our choice" (what they leave open, with the reason). Section numbers (3.2, 3.3, 4) come from
-our notes on the paper's outline, not from its text.
+reading" (of those) and "our choice" (what they leave open, with the reason). We could not read its sections, so
+parts are named by figure. The method reads top to bottom down to `train`; below "Plumbing" is only what it calls.
 
 Take the pretrained SD1.5 UNet and run it as a K-step generator from pure noise (K=4, Table 1). Decode, score the
 images with differentiable reward models, and push the reward gradients into the UNet, while regularizers keep it
@@ -16,9 +16,9 @@ Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption), p
 by our reading. A step follows the gradient of a surrogate whose value means nothing (watch the rewards instead):
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
 There is no distillation loss (abstract) and, by our reading, no diffusion loss and no images, only prompts. Table 1
-(v1) gives HPS / CLIP score (both x100) / ImageReward of 30.19 / 34.28 / 0.81 for its base, Realistic Vision at 25
-steps, and 33.70 / 32.13 / 1.22 for R0 at 4 steps. From vanilla SD1.5 we expect that direction (HPS and ImageReward
-up, CLIP down), not those digits.
+(v1) gives HPS / CLIP score (both x100) / ImageReward of 30.19 / 34.28 / 0.81 for its base (Realistic Vision at 25
+steps, by our reading of its rows) and 33.70 / 32.13 / 1.22 for R0 at 4 steps. From vanilla SD1.5 we expect that
+direction (HPS and ImageReward up, CLIP down), not those digits.
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -68,7 +68,7 @@ OPTIONS = dict(
     # our choice: LoRA 64 (a third-party summary reads the low rank as a constraint)
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
-    grad_clip=(1.0, "max global gradient norm"),
+    grad_clip=(1.0, "max global gradient norm (it binds on the toy at R0+'s k = 0, 1: README)"),
     random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading), per batch, or none"),
     # our choices, untuned, as none is in what we read: LoRA's usual rate (~1e-5 for --lora-rank 0), batch 4
@@ -109,17 +109,17 @@ def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Generator parameterization (section 3.2)
+# Generator parameterization
 # The pretrained eps-prediction UNet as a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I). Step k at
 # timestep t, with a_t = alpha_bar_t of SD1.5's DDPM schedule, and s the next timestep:
 #       eps    = unet(x_t, t, c)
 #       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                        (DDIM eq. 9: the "predicted x0")
 #       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (DDIM eq. 16)
 #       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
-# The last step has no s, so a_s := 1 and the output is x0_hat (K = 6 and 7 end one tiny step later, at t = 0).
-# Random eta (paper, Figs. 5 and 9 captions) is DDIM's eta, drawn U[0,1] per step and per sample in training and 0 at
-# inference (our reading and choice); a third-party summary calls it a regularizer. By our reading the generator is
-# unguided, one UNet call a step, with no classifier-free guidance inside it.
+# The last step has no s, so a_s := 1 and the output is x0_hat. (For K = 6, 7 the last s is 0, so the output is x_0
+# at a_0 = 0.9991, as in diffusers.) The Figs. 5 and 9 captions name random eta; that it is DDIM's eta, U[0,1] per step
+# and sample in training and 0 at inference, is our reading and choice (a third-party summary calls it a regularizer).
+# By our reading the generator is unguided, one UNet call a step, with no classifier-free guidance inside it.
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
 
@@ -310,11 +310,11 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Regularizers (section 3.3). paper (Fig. 11 caption): without the weight regularization, reward hacking.
+# Regularizers. Only the first is the paper's (Fig. 11 caption: without it, reward hacking); 2-4 are others' or ours.
 #   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (squared L2 by our reading)
-#   2. LoRA, a low-rank update, is itself a constraint (third-party summary); our choice, as it also saves memory
-#   3. random eta sampling, in generate(random_eta=True)
-#   4. by our reading, per-reward gradient normalization and several complementary rewards (the composition)
+#   2. LoRA, a low-rank update, is a constraint (third-party summary); our choice, as it also saves memory
+#   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
+#   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
 # our choice: gradient clipping at 1.0, and AdamW with weight decay 0, since decay would pull theta toward 0 in full
 # fine-tuning and add a second anchor under LoRA. No KL, diffusion or distillation loss.
 
@@ -407,7 +407,7 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# One training step, R0 and R0+ (section 4). paper (Fig. 12 caption): R0+, with intermediate supervision, is faster.
+# One training step, R0 and R0+. paper (Fig. 12 caption): R0+, with intermediate supervision, is faster.
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> decode --> x (pixels in [0,1])
 #                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
@@ -455,8 +455,9 @@ class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a r
         self.rng.setstate(state["rng"])
         self.queue = list(state["queue"])
 
-def accumulate_gradients(m, order, cfg, generator):
-    """--grad-accum micro-batches, forward and backward: p.grad is the gradient of their mean loss. (stats, finite)"""
+def optimizer_step(m, optimizer, params, order, cfg, generator):
+    """One optimizer step, as nanoGPT's loop: --grad-accum micro-batches forward and backward, so that p.grad is the
+    gradient of their mean loss, then clipping and AdamW. Returns (stats, grad norm, applied)."""
     stats_sum, finite = {}, True
     for _ in range(cfg.grad_accum):
         loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)
@@ -464,22 +465,14 @@ def accumulate_gradients(m, order, cfg, generator):
         finite = finite and all(math.isfinite(v) for v in stats.values())
         if finite:  # from the first non-finite micro-batch on, nothing is backpropagated
             (loss / cfg.grad_accum).backward()
-        for key, v in stats.items():
-            stats_sum[key] = v if key == "k" else stats_sum.get(key, 0.0) + v / cfg.grad_accum  # k: the last one
-    return stats_sum, finite
-
-def apply_update(optimizer, params, cfg, finite):
-    """Clip to --grad-clip (our choice: 1.0), then AdamW, unless a value is non-finite. (grad norm, applied)"""
+        for key, v in stats.items():  # the micro-batches' mean, and R0+'s last k
+            stats_sum[key] = v if key == "k" else stats_sum.get(key, 0.0) + v / cfg.grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
-    applied = finite and math.isfinite(grad_norm)
+    applied = finite and math.isfinite(grad_norm)  # a step with a NaN or Inf anywhere is skipped
     if applied:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
-    return grad_norm, applied
-
-def optimizer_step(m, optimizer, params, order, cfg, generator, first=False):  # one step -> (stats, grad norm, applied)
-    stats, finite = (accumulate_fitting_memory if first else accumulate_gradients)(m, order, cfg, generator)
-    return stats, *apply_update(optimizer, params, cfg, finite)  # outside the retry, so AdamW steps once
+    return stats_sum, grad_norm, applied
 
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
@@ -493,8 +486,9 @@ def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            stats, grad_norm, applied = optimizer_step(run.m, run.optimizer, run.params, run.order, cfg, run.generator,
-                                                       first=step == run.start)
+            # the first step, the heaviest, retries at a smaller micro-batch if it runs out of GPU memory
+            one_step = first_step_fitting_memory if step == run.start else optimizer_step
+            stats, grad_norm, applied = one_step(run.m, run.optimizer, run.params, run.order, cfg, run.generator)
             log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
             checkpoint_or_stop(run, cfg, bar, step + 1, applied, stop.signum)
     finish_run(run, cfg)
@@ -1247,13 +1241,14 @@ def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or cur
 # -----------------------------------------------------------------------------------------------------------
 # The training loop
 
-def accumulate_fitting_memory(m, order, cfg, generator):
-    """accumulate_gradients for a run's first step, the heaviest: out of GPU memory, it retries at half the micro-batch
-    and twice the accumulation, from the same prompts and random state: as if the run had started at that batch."""
+def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
+    """optimizer_step for a run's first step, the heaviest. Out of GPU memory, it retries at half the micro-batch and
+    twice the accumulation, from the same prompts and random state, as if the run had started at that batch. AdamW's
+    state exists already (allocate_optimizer_state), so an OOM comes in the forward or backward, before weights move."""
     draws = (generator.get_state(), order.state_dict())
     while True:
         try:
-            return accumulate_gradients(m, order, cfg, generator)
+            return optimizer_step(m, optimizer, params, order, cfg, generator)
         except torch.OutOfMemoryError:
             m.unet.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()

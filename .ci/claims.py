@@ -32,7 +32,7 @@ Claims, variants and endpoints (a `claim` variant first, its comparison variant 
     divided by each reward's mean per-sample gradient norm on the base model (SCALES: the same pull as normalized at
     the start, so the difference is what per-sample normalization does beyond one fixed rescaling), `batch`. Accuracy
     and content_kept at 200: sample minus each other variant, claimed > 0.
- 4. Section 3.3, random eta is a regularizer. `--rewards proxy`, 400 steps: random eta (claim 1's lambda 1e-2 run)
+ 4. A third-party summary: random eta is a regularizer. `--rewards proxy`, 400 steps: random eta (claim 1's lambda 1e-2 run)
     against `--no-random-eta`, each generator evaluated at eta 0, 0.5 and 1. Endpoints: accuracy averaged over the
     three etas, random minus zero, claimed > 0; the proxy's gap at eta 0 (its own accuracy minus the true one),
     zero minus random, claimed > 0.
@@ -94,7 +94,7 @@ CLAIMS = [
     ("normalized reward gradients beat raw ones", "Fig. 8", [
         (a, b, e, 200, 1) for b in ("raw", "raw rescaled", "per batch") for a, e in
         (("normalized", "colour_accuracy"), ("normalized", "content_kept"))]),
-    ("random eta is a regularizer", "section 3.3", [
+    ("random eta is a regularizer", "third-party summary", [
         ("anchor 1e-2", "eta 0", "colour_accuracy over eta 0, 0.5, 1", 400, 1),
         ("eta 0", "anchor 1e-2", "proxy gap at eta 0", 400, 1)]),
     ("R0+ converges faster than R0", "Fig. 12", [("R0+", "R0", "colour_accuracy at R0's seconds", 200, 1)]),
