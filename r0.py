@@ -2,7 +2,7 @@
 R0: few-step text-to-image generation by regularized reward maximization, on Stable Diffusion 1.5.
 
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
-2503.13070 (v2, NeurIPS 2025, renamed "Reward-Instruct"). Its repository holds no code, so this is written from
+2503.13070 (its v2 on arXiv: "Reward-Instruct", NeurIPS 2025). Its repository holds no code, so this is written from
 scratch. We could read the abstract, the figure captions and Table 1, and each label names its source: "paper
 (abstract)", "paper (Fig. 8 caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our
 reading" (of those) and "our choice" (what they leave open, with the reason). We could not read its sections, so
@@ -68,12 +68,12 @@ OPTIONS = dict(
     # our choice: LoRA 64 (a third-party summary reads the low rank as a constraint)
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
-    grad_clip=(1.0, "max global gradient norm (it binds on the toy at R0+'s k = 0, 1: README)"),
+    grad_clip=(1.0, "max global gradient norm"),
     random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading), per batch, or none"),
     # our choices, untuned, as none is in what we read: LoRA's usual rate (~1e-5 for --lora-rank 0), batch 4
     lr=(1e-4, "AdamW learning rate"),
-    batch_size=(4, "images per micro-batch (halved, with grad_accum doubled, if step 1 runs out of GPU memory)"),
+    batch_size=(4, "images per micro-batch (lowered, with grad_accum raised, if a first step runs out of GPU memory)"),
     grad_accum=(1, "micro-batches per optimizer step, so the batch is batch_size * grad_accum"),
     max_steps=(2000, "optimizer steps"),
     seed=(0, "seed of prompts, noise, eta and LoRA init"),
@@ -159,8 +159,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             if i == last_step and i < num_steps - 1:  # R0+ stops here, and the rewards read this x0_hat
                 return x0_hat
             s = t - jump
-            # s < 0 at the last step, so a_s = 1 and x = x0_hat (K = 6 and 7 end at s = 0 instead, where a_0 = 0.9991)
-            a_s = alphas[s] if s >= 0 else 1.0
+            a_s = alphas[s] if s >= 0 else 1.0  # the last step: a_s = 1, so x = x0_hat
             if random_eta:  # (B,1,1,1), one eta per sample and step
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
             else:
@@ -277,6 +276,8 @@ class ImplicitCfgReward:
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
 # We read the norm as per sample, so that one image's huge gradient cannot drown the others. Each reward is normalized
 # where it reads (our choice), images in pixels and cfg in latents, so cfg=1,hps=1 is not an equal pull on theta.
+# Adam cancels one global scale of the gradient, so what the norm sets is each reward's and each sample's share of the
+# pull (at most sum_i w_i per image), and that pull's balance against lambda ||theta - theta_0||^2 and the clip.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
@@ -316,7 +317,8 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 #   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
 # our choice: gradient clipping at 1.0, and AdamW with weight decay 0, since decay would pull theta toward 0 in full
-# fine-tuning and add a second anchor under LoRA. No KL, diffusion or distillation loss.
+# fine-tuning and add a second anchor under LoRA. No distillation loss (abstract), and no KL or diffusion loss (our
+# reading).
 
 def make_trainable(unet, cfg, device, frozen_dtype):
     """theta and theta_0. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
@@ -412,7 +414,7 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
-#    ONE backward of the loss through the decoder and the UNet steps (each reward's own: through its tower only)
+#    one backward of the loss through the decoder and every UNet step with gradient, none truncated (our reading)
 # Then the update: the mean gradient of --grad-accum micro-batches, clipped, and one AdamW step.
 # (Fig. 14 caption: R0+ also has a high-resolution guidance loss. We could not read its definition, so it is not here.)
 
@@ -439,22 +441,6 @@ def r0_step(m, prompts, cfg, generator):
     stats.update(reg=reg.item(), surrogate=surrogate.item(), **({"k": k} if cfg.r0_plus else {}))  # and R0+'s k
     return loss, stats
 
-class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
-    def __init__(self, prompts, seed):
-        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
-
-    def batch(self, n):
-        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
-            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
-        return [self.queue.pop() for _ in range(n)]
-
-    def state_dict(self):
-        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
-
-    def load_state_dict(self, state):
-        self.rng.setstate(state["rng"])
-        self.queue = list(state["queue"])
-
 def optimizer_step(m, optimizer, params, order, cfg, generator):
     """One optimizer step, as nanoGPT's loop: --grad-accum micro-batches forward and backward, so that p.grad is the
     gradient of their mean loss, then clipping and AdamW. Returns (stats, grad norm, applied)."""
@@ -474,12 +460,35 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
+def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
+    """optimizer_step for a run's first step, the heaviest. Out of GPU memory, it retries at half the micro-batch and
+    twice the accumulation, from the same prompts and random state, as if the run had started at that batch. AdamW's
+    state exists already (allocate_optimizer_state), so an OOM comes in the forward or backward, before weights move."""
+    draws = (generator.get_state(), order.state_dict())
+    while True:
+        try:
+            return optimizer_step(m, optimizer, params, order, cfg, generator)
+        except torch.OutOfMemoryError:
+            m.unet.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+        if cfg.batch_size == 1:
+            raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
+                            "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
+        half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
+        cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
+        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same batch)")
+        generator.set_state(draws[0])  # the step starts again from its first draw
+        order.load_state_dict(draws[1])
+        write_config(cfg)  # a --resume continues with the batch that fits
+
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
     from tqdm import tqdm
-    run = set_up_run(cfg)  # the models m (set_up_r0), AdamW (make_optimizer), prompts, run folder, a resume's state
+    # run.m = set_up_r0(SD1.5's parts, cfg), run.params its trainable weights, run.optimizer = make_optimizer(params),
+    # run.order the prompts, run.generator every random draw, run.start the step a --resume continues from
+    run = set_up_run(cfg)
     with stop_on_signal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
         for step in bar:
@@ -496,7 +505,7 @@ def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
 
 
 # ===========================================================================================================
-# Plumbing: what the method calls. Reward models, loading, the toy, images, checkpoints, the loop, the CLI.
+# Plumbing: what the method calls. Reward models, loading, the toy, images, checkpoints, the run's set-up, the CLI.
 # ===========================================================================================================
 
 def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
@@ -525,12 +534,8 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
 #           return F.cosine_similarity(img.pooler_output.float(), text.float(), dim=-1)   # (B,), no logit scale
 #       def enable_gradient_checkpointing(self):              # what --grad-checkpointing calls
 #           checkpoint_transformers_layers(self.model)
-#   def load_pickscore(tiny, device, dtype):                  # CLIPConfig, CLIPModel from transformers
-#       model = CLIPModel(CLIPConfig(...)) if tiny else CLIPModel.from_pretrained(os.path.dirname(  # tiny: random
-#           [hub_file("pickscore", d) for d in REWARDS["pickscore"].downloads][0]))  # every file, cached or fetched
-#       return cast(PickScore(model, sd15_tokenizer_offline()), device, dtype)   # CLIP's BPE, PickScore's too
-#   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
-#                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
+#   a loader (tiny, device, dtype) -> PickScore beside load_clip_family (test_r0.py's load_pickscore_like, with its
+#   tiny twin), and its registry line, REWARDS["pickscore"] = Reward(load_pickscore, [(what, repo, files)...], 100)
 
 @dataclasses.dataclass
 class Reward:
@@ -735,10 +740,12 @@ def from_hub(load, what, how):  # load(local_files_only), any failure (not cache
 def hub_file(name, download):  # the local path of one of REWARDS[name].downloads, from the cache or the hub
     from huggingface_hub import hf_hub_download
     what, repo, files = download
-    return next(filter(None, (in_cache(repo, f) for f in files)), None) or from_hub(
-        lambda local: hf_hub_download(repo, files[0], local_files_only=local), f"the {what} ({repo})",
-        f"pre-download it (hf download {repo} {files[0]}), leave {name} out (of --rewards, or sample.py's "
-        "--score-with), or run offline with --tiny.")
+    for f in files:
+        if cached := in_cache(repo, f):
+            return cached
+    return from_hub(lambda local: hf_hub_download(repo, files[0], local_files_only=local), f"the {what} ({repo})",
+                    f"pre-download it (hf download {repo} {files[0]}), leave {name} out (of --rewards, or "
+                    "sample.py's --score-with), or run offline with --tiny.")
 
 # what r0.py loads of an SD1.5 repo: 4.3 GB of its 47 GB (no .ckpt, .bin or fp16 copies); one pattern per flag
 SD15_PARTS = ('--include "model_index.json" --include "scheduler/*" --include "tokenizer/*" --include "text_encoder/*" '
@@ -746,8 +753,9 @@ SD15_PARTS = ('--include "model_index.json" --include "scheduler/*" --include "t
 
 def check_downloads(model, downloads, also_missing=()):
     """Before anything loads, offline: one sentence names every missing download and its command."""
-    missing = [f"the SD1.5 model '{model}' (hf download {model} {SD15_PARTS})"] * bool(
-        model and not os.path.isdir(model) and not in_cache(model, "model_index.json")) + list(also_missing)
+    missing = list(also_missing)
+    if model and not os.path.isdir(model) and not in_cache(model, "model_index.json"):
+        missing.insert(0, f"the SD1.5 model '{model}' (hf download {model} {SD15_PARTS})")
     missing += [f"the {what} (hf download {repo} {files[0]})" for what, repo, files in downloads
                 if not any(in_cache(repo, f) for f in files)]
     if missing and hub_unreachable():
@@ -1007,6 +1015,22 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 # -----------------------------------------------------------------------------------------------------------
 # Prompts, images, the saved pipeline
 
+class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
+    def __init__(self, prompts, seed):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+
+    def batch(self, n):
+        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
+            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
+        return [self.queue.pop() for _ in range(n)]
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.queue = list(state["queue"])
+
 def load_prompts(path):  # a UTF-8 text file, one prompt a line; '#' comments and blank lines skipped
     if path is None or not os.path.isfile(path):
         what = path and f"prompt file '{path}' " + ("is a directory" if os.path.isdir(path) else "does not exist")
@@ -1239,28 +1263,7 @@ def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or cur
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The training loop
-
-def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
-    """optimizer_step for a run's first step, the heaviest. Out of GPU memory, it retries at half the micro-batch and
-    twice the accumulation, from the same prompts and random state, as if the run had started at that batch. AdamW's
-    state exists already (allocate_optimizer_state), so an OOM comes in the forward or backward, before weights move."""
-    draws = (generator.get_state(), order.state_dict())
-    while True:
-        try:
-            return optimizer_step(m, optimizer, params, order, cfg, generator)
-        except torch.OutOfMemoryError:
-            m.unet.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
-        if cfg.batch_size == 1:
-            raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
-                            "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
-        half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
-        cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
-        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same batch)")
-        generator.set_state(draws[0])  # the step starts again from its first draw
-        order.load_state_dict(draws[1])
-        write_config(cfg)  # a --resume continues with the batch that fits
+# The run: set-up, progress grids, the log, checkpoints on schedule, the end
 
 def allocate_optimizer_state(optimizer, params):
     """AdamW's state (2 fp32 copies), made now so step 1 is the heaviest: a zero-gradient step, a no-op at decay 0."""
@@ -1301,6 +1304,14 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
     toy = bool({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards)) and any(map(colour_of, prompts))
     unseen = list(held_out_prompts(prompts)) if toy else []  # the toy holds about a fifth out of training
     train_prompts = [p for p in prompts if p not in unseen]
+    n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
+    fixed = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
+    grid = [p for p in fixed for _ in range(cfg.num_sample_seeds)], [*range(cfg.num_sample_seeds)] * n
+    held_out = ([p for p in train_prompts if colour_of(p)], unseen) if toy else None  # (seen, unseen)
+    with theta_0(m.unet, m.frozen_unet) as base:  # the base model's images of the same prompts and seeds
+        base_m = dataclasses.replace(m, unet=base)
+        base = (held_out_images(base_m, cfg, sum(held_out, [])) if toy else
+                sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
     params = trainable_parameters(m.unet)
     optimizer = make_optimizer(params, cfg)
     allocate_optimizer_state(optimizer, params)  # before the first forward: the first step is the heaviest
@@ -1310,7 +1321,7 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
         order=PromptOrder(train_prompts, cfg.seed), start=0, summary={}, bad_steps=0, measures={},
         last_checkpoint=cfg.resume_checkpoint, write_failed=False, fingerprint=frozen_fingerprint(m),
         log_path=os.path.join(cfg.output_dir, "log.jsonl"), summary_path=os.path.join(cfg.output_dir, "summary.json"),
-        held_out=([p for p in train_prompts if colour_of(p)], unseen) if toy else None)  # (seen, unseen)
+        held_out=held_out, grid=grid, base=base)
     if cfg.resume_checkpoint:
         run.start = load_checkpoint(run, cfg)
         kept = [json.dumps(r) + "\n" for r in read_log(run.log_path) if r["step"] <= run.start]  # the rest is redone
@@ -1323,14 +1334,6 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
           f"{cfg.device} | batch {cfg.batch_size} x accumulation {cfg.grad_accum} = {cfg.batch_size * cfg.grad_accum} "
           "images per step")
     write_config(cfg)
-    n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
-    fixed = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
-    seeds = range(cfg.num_sample_seeds)
-    run.grid = [p for p in fixed for _ in seeds], [s for _ in fixed for s in seeds]
-    with theta_0(m.unet, m.frozen_unet) as base:  # the base model's images of the same prompts and seeds
-        base_m = dataclasses.replace(m, unet=base)
-        run.base = (held_out_images(base_m, cfg, sum(run.held_out, [])) if toy else
-                    sample_images(base_m, *run.grid, cfg.steps, cfg.resolution, cfg.precision))
     if run.start == 0:
         run.summary["before"] = progress(run, cfg, 0)  # the 'before' grid, and its measures
         write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
@@ -1392,8 +1395,9 @@ def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline 
         raise UserError(f"could not write {out}/pipeline or its summary ({getattr(err, 'strerror', None) or err}); the "
                         f"trained weights are in {checkpoint_files(out)[-1]}: free some disk space, then "
                         f"python r0.py --resume {out} writes them.", exit_code=1)
+    lora = f", LoRA adapters in {out}/lora" if cfg.lora_rank else ""
     print(f"done: progress grids in {out}/samples, curves in {out}/curves.png, diffusers pipeline in {out}/pipeline"
-          f"{f', LoRA adapters in {out}/lora' * bool(cfg.lora_rank)}, checkpoints, log.jsonl and summary.json in {out}")
+          f"{lora}, checkpoints, log.jsonl and summary.json in {out}")
 
 def peak_memory_gb(device):  # CUDA's peak allocated memory (reset every step), or a CPU process's peak RSS
     if str(device).startswith("cuda"):
