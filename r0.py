@@ -14,7 +14,7 @@ from hacking the rewards (abstract, "regularized reward maximization"; the formu
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
 Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption), per reward and before the weighted sum
 by our reading. A step follows the gradient of a surrogate whose value means nothing (watch the rewards instead):
-    -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||
+    -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||   (cfg's: at x0_hat)
 There is no distillation loss (abstract) and, by our reading, no diffusion loss and no images, only prompts. Table 1
 (v1) gives HPS / CLIP score (both x100) / ImageReward of 30.19 / 34.28 / 0.81 for its base (Realistic Vision at 25
 steps, by our reading of its rows) and 33.70 / 32.13 / 1.22 for R0 at 4 steps. From vanilla SD1.5 we expect that
@@ -83,14 +83,14 @@ OPTIONS = dict(
     sample_every=(100, "a PNG grid of fixed prompts at fixed seeds, and its measures, every N steps (and at step 0)"),
     num_sample_prompts=(4, "prompts in that grid, spread over the prompt file"),
     num_sample_seeds=(2, "seeds per prompt in that grid"),
-    checkpoint_every=(200, "steps between checkpoints (and one at the end, and on Ctrl-C / SIGTERM)"),
+    checkpoint_every=(200, "checkpoint every N steps, at the end and on Ctrl-C / SIGTERM (not of a skipped step)"),
     keep_checkpoints=(3, "keep the newest N checkpoints"),
     max_bad_steps=(10, "stop after N non-finite steps in a row (each one skipped)"),
     resume=(None, "a run folder to continue from its latest checkpoint, or 'auto' (= --output-dir, if it has one)"),
     overwrite=(False, "replace the run already in --output-dir"),
 )
 DEFAULTS = {name: default for name, (default, _) in OPTIONS.items()}
-# --tiny runs in minutes on a CPU, with lr 1e-2 (tiny models pretrained in miniature) and no gradient checkpointing
+# --tiny runs in minutes on a CPU; lr 1e-2 suits the tiny models, pretrained in miniature
 TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", lora_rank=8, lr=1e-2, batch_size=16,
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
@@ -196,7 +196,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
-# PickScore, a new reward worked through in full: Plumbing, "Reward models" (sample.py can then score with it too).
+# PickScore, a new reward worked through: Plumbing, "Reward models" (sample.py can then score with it too).
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -441,6 +441,22 @@ def r0_step(m, prompts, cfg, generator):
     stats.update(reg=reg.item(), surrogate=surrogate.item(), **({"k": k} if cfg.r0_plus else {}))  # and R0+'s k
     return loss, stats
 
+class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
+    def __init__(self, prompts, seed):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+
+    def batch(self, n):
+        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
+            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
+        return [self.queue.pop() for _ in range(n)]
+
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.queue = list(state["queue"])
+
 def optimizer_step(m, optimizer, params, order, cfg, generator):
     """One optimizer step, as nanoGPT's loop: --grad-accum micro-batches forward and backward, so that p.grad is the
     gradient of their mean loss, then clipping and AdamW. Returns (stats, grad norm, applied)."""
@@ -463,14 +479,13 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
 def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
     """optimizer_step for a run's first step, the heaviest. Out of GPU memory, it retries at half the micro-batch and
     twice the accumulation, from the same prompts and random state, as if the run had started at that batch. AdamW's
-    state exists already (allocate_optimizer_state), so an OOM comes in the forward or backward, before weights move."""
+    state exists already (allocate_optimizer_state), so the step's new memory is the forward's and the backward's."""
     draws = (generator.get_state(), order.state_dict())
     while True:
-        try:
+        with contextlib.suppress(torch.OutOfMemoryError):
             return optimizer_step(m, optimizer, params, order, cfg, generator)
-        except torch.OutOfMemoryError:
-            m.unet.zero_grad(set_to_none=True)
-            torch.cuda.empty_cache()
+        m.unet.zero_grad(set_to_none=True)  # out here the traceback, which holds the activations, is gone
+        torch.cuda.empty_cache()
         if cfg.batch_size == 1:
             raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
                             "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
@@ -484,10 +499,24 @@ def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
+def allocate_optimizer_state(optimizer, params):
+    """AdamW's state (2 fp32 copies), made before step 1 so that it is the heaviest step, and its OOM retry
+    (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer.step()
+    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this
+        raise UserError("out of GPU memory for AdamW's state (two fp32 copies of the trainable weights); train LoRA "
+                        "(a smaller --lora-rank) or use a larger GPU.")
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        state["step"].zero_()
+
 def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
     from tqdm import tqdm
-    # run.m = set_up_r0(SD1.5's parts, cfg), run.params its trainable weights, run.optimizer = make_optimizer(params),
-    # run.order the prompts, run.generator every random draw, run.start the step a --resume continues from
+    # run holds m = set_up_r0(SD1.5's parts, cfg), its trainable params, AdamW over them (make_optimizer, then
+    # allocate_optimizer_state), the prompt order, the generator of every random draw, and the step a resume starts at
     run = set_up_run(cfg)
     with stop_on_signal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
@@ -1015,22 +1044,6 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 # -----------------------------------------------------------------------------------------------------------
 # Prompts, images, the saved pipeline
 
-class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
-    def __init__(self, prompts, seed):
-        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
-
-    def batch(self, n):
-        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
-            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
-        return [self.queue.pop() for _ in range(n)]
-
-    def state_dict(self):
-        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
-
-    def load_state_dict(self, state):
-        self.rng.setstate(state["rng"])
-        self.queue = list(state["queue"])
-
 def load_prompts(path):  # a UTF-8 text file, one prompt a line; '#' comments and blank lines skipped
     if path is None or not os.path.isfile(path):
         what = path and f"prompt file '{path}' " + ("is a directory" if os.path.isdir(path) else "does not exist")
@@ -1264,19 +1277,6 @@ def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or cur
 
 # -----------------------------------------------------------------------------------------------------------
 # The run: set-up, progress grids, the log, checkpoints on schedule, the end
-
-def allocate_optimizer_state(optimizer, params):
-    """AdamW's state (2 fp32 copies), made now so step 1 is the heaviest: a zero-gradient step, a no-op at decay 0."""
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    try:
-        optimizer.step()
-    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this
-        raise UserError("out of GPU memory for AdamW's state (two fp32 copies of the trainable weights); train LoRA "
-                        "(a smaller --lora-rank) or use a larger GPU.")
-    optimizer.zero_grad(set_to_none=True)
-    for state in optimizer.state.values():
-        state["step"].zero_()
 
 def write_config(cfg):  # <out>/config.json, the resolved config that a resume starts from
     try:
