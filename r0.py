@@ -142,7 +142,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
              last_step=None, grad_from_step=0):
     """The few-step generator g_theta: noise x_T (B,4,h,w), text_emb (B,77,D) -> its output latent (B,4,h,w).
     With random_eta, eta ~ U[0,1] per step and per sample, drawn from `generator` (a torch.Generator). For R0+,
-    last_step=k returns step k's x0_hat, and the steps before grad_from_step run without gradient."""
+    last_step=k < K-1 returns step k's x0_hat, and the steps before grad_from_step run without gradient."""
     timesteps = few_step_timesteps(num_steps)
     last_step = num_steps - 1 if last_step is None else last_step
     # our choice: s = t - 1000 // K, diffusers' DDIM rule, so that the saved pipeline samples alike
@@ -311,7 +311,7 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Regularizers. Only the first is the paper's (Fig. 11 caption: without it, reward hacking); 2-4 are others' or ours.
+# Regularizers. The Fig. 11 caption names the first (without it, reward hacking); 2-4 are by others' reading or ours.
 #   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (squared L2 by our reading)
 #   2. LoRA, a low-rank update, is a constraint (third-party summary); our choice, as it also saves memory
 #   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
@@ -432,8 +432,8 @@ def r0_step(m, prompts, cfg, generator):
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
-    # g is a constant outside the graph, so this is gradient ascent on the image x, pulled back to theta (our reading
-    # of the abstract's "optimization problem in data space"; the mean over the batch is our choice)
+    # g is a constant, so this is gradient ascent on x pulled back to theta (our reading of the abstract's
+    # "optimization problem in data space"; the mean over B is our choice)
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
@@ -500,7 +500,7 @@ def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regulari
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def allocate_optimizer_state(optimizer, params):
-    """AdamW's state (2 fp32 copies), made before step 1 so that it is the heaviest step, and its OOM retry
+    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is the heaviest, and its OOM retry
     (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -618,7 +618,7 @@ def checkpoint_transformers_layers(model):
     import torch.utils.checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
     for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
-        layer.gradient_checkpointing, layer.training = True, True  # at dropout 0, .training changes nothing else
+        layer.gradient_checkpointing, layer.training = True, True  # the layer alone: its dropouts stay in eval
         layer._gradient_checkpointing_func = functools.partial(torch.utils.checkpoint.checkpoint, use_reentrant=False)
 
 def load_clip_family(name, tiny, device, dtype):  # open_clip ViT-H-14 with HPS v2.1's or CLIP score's weights
@@ -800,7 +800,7 @@ def load_sd15(model):  # (tokenizer, text_encoder, vae, unet, scheduler config) 
                       f"the {sub} of '{model}'", how) for cls, sub in
              ((CLIPTokenizer, "tokenizer"), (CLIPTextModel, "text_encoder"), (AutoencoderKL, "vae"),
               (UNet2DConditionModel, "unet"), (DDIMScheduler, "scheduler"))]
-    return (*parts[:4], dict(parts[4].config))  # SD1.5's scheduler config (PNDM's): any scheduler class reads it
+    return (*parts[:4], dict(parts[4].config))  # the hub's scheduler config (PNDM's), as DDIMScheduler reads it
 
 def check_sd15_shaped(text_encoder, vae, unet, scheduler_config):
     """Refuse models this file cannot train, in one sentence (SDXL, SD2's v-prediction, another noise schedule)."""
