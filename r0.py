@@ -14,7 +14,7 @@ from hacking the rewards (abstract, "regularized reward maximization"; the formu
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
 Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption), per reward and before the weighted sum
 by our reading. A step follows the gradient of a surrogate whose value means nothing (watch the rewards instead):
-    -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,        g = sum_i w_i g_i / ||g_i||   (cfg's: at x0_hat)
+    -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,     g = sum_i w_i g_i / ||g_i||   (cfg's at x0_hat, not x)
 There is no distillation loss (abstract) and, by our reading, no diffusion loss and no images, only prompts. Table 1
 (v1) gives HPS / CLIP score (both x100) / ImageReward of 30.19 / 34.28 / 0.81 for its base (Realistic Vision at 25
 steps, by our reading of its rows) and 33.70 / 32.13 / 1.22 for R0 at 4 steps. From vanilla SD1.5 we expect that
@@ -62,8 +62,7 @@ OPTIONS = dict(
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
     r0_plus=(False, "R0+ (Fig. 12): rewards read x0_hat at a random step k (our reading; k in 0..K-1 our choice)"),
-    # our choice: HPS v2.1 and CLIP score at equal weights, as CLIP keeps the text alignment HPS may trade away.
-    # ImageReward, a third tower, is left out of the default for memory
+    # our choice: hps and clip at equal weights (CLIP keeps the text alignment HPS may trade); imagereward costs memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     # our choice: LoRA 64 (a third-party summary reads the low rank as a constraint)
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
@@ -95,8 +94,8 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
-# Precision. Under bf16 the generator runs in autocast over fp32 trainable weights, while the VAE and the reward towers
-# are stored in bf16 and run with autocast off.
+# Precision. Under bf16 the generator runs in autocast over fp32 trainable weights, and the frozen parts are stored in
+# bf16 (the VAE decoder and the image towers run in that dtype, with autocast off).
 
 def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
@@ -111,14 +110,14 @@ def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
 # -----------------------------------------------------------------------------------------------------------
 # Generator parameterization
 # The pretrained eps-prediction UNet as a K-step generator g_theta(z, c; eta) from pure noise z ~ N(0,I). Step k at
-# timestep t, with a_t = alpha_bar_t of SD1.5's DDPM schedule, and s the next timestep:
+# timestep t, with a_t = alpha_bar_t of SD1.5's DDPM schedule, and s = t - 1000 // K:
 #       eps    = unet(x_t, t, c)
 #       x0_hat = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)                        (DDIM eq. 9: the "predicted x0")
 #       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (DDIM eq. 16)
 #       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
-# The last step has no s, so a_s := 1 and the output is x0_hat. (For K = 6, 7 the last s is 0, so the output is x_0
-# at a_0 = 0.9991, as in diffusers.) The Figs. 5 and 9 captions name random eta; that it is DDIM's eta, U[0,1] per step
-# and sample in training and 0 at inference, is our reading and choice (a third-party summary calls it a regularizer).
+# At the last step s < 0, so a_s := 1 and the output is x0_hat (for K = 6, 7 s = 0: x_0 at a_0 = 0.9991, as diffusers).
+# The Figs. 5, 9 captions name random eta; DDIM's eta, U[0,1] per step and sample in training and 0 at inference, is
+# our reading and choice (a third-party summary calls it a regularizer).
 # By our reading the generator is unguided, one UNet call a step, with no classifier-free guidance inside it.
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
@@ -139,27 +138,26 @@ def x0_from_eps(x_t, eps, alpha_bar_t):  # the clean latent that x_t and eps imp
     return (x_t - (1 - alpha_bar_t) ** 0.5 * eps) / alpha_bar_t**0.5
 
 def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_eta=False, generator=None,
-             last_step=None, grad_from_step=0):
+             stop_at=None):
     """The few-step generator g_theta: noise x_T (B,4,h,w), text_emb (B,77,D) -> its output latent (B,4,h,w).
     With random_eta, eta ~ U[0,1] per step and per sample, drawn from `generator` (a torch.Generator). For R0+,
-    last_step=k < K-1 returns step k's x0_hat, and the steps before grad_from_step run without gradient."""
+    stop_at=k runs the steps before k without gradient and returns step k's x0_hat."""
     timesteps = few_step_timesteps(num_steps)
-    last_step = num_steps - 1 if last_step is None else last_step
     # our choice: s = t - 1000 // K, diffusers' DDIM rule, so that the saved pipeline samples alike
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
     x = noise.float()  # (B,4,h,w)
-    for i, t in enumerate(timesteps[: last_step + 1]):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= grad_from_step):
+    for i, t in enumerate(timesteps):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= (stop_at or 0)):  # R0+: no graph before k
             a_t = alphas[t]
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
             eps = unet(x.to(unet.dtype), t_batch, encoder_hidden_states=text_emb.to(unet.dtype)).sample.float()
             x0_hat = x0_from_eps(x, eps, a_t)  # (B,4,h,w)
-            if i == last_step and i < num_steps - 1:  # R0+ stops here, and the rewards read this x0_hat
+            if i == stop_at and i < num_steps - 1:  # R0+ stops here, and the rewards read this x0_hat
                 return x0_hat
             s = t - jump
-            a_s = alphas[s] if s >= 0 else 1.0  # the last step: a_s = 1, so x = x0_hat
+            a_s = alphas[s] if s >= 0 else 1.0  # s < 0, the last step: a_s = 1, so x = x0_hat
             if random_eta:  # (B,1,1,1), one eta per sample and step
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
             else:
@@ -196,7 +194,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
-# PickScore, a new reward worked through: Plumbing, "Reward models" (sample.py can then score with it too).
+# PickScore, a new reward, written out in three pieces: Plumbing, "Reward models" (then sample.py scores with it too).
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -276,8 +274,8 @@ class ImplicitCfgReward:
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
 # We read the norm as per sample, so that one image's huge gradient cannot drown the others. Each reward is normalized
 # where it reads (our choice), images in pixels and cfg in latents, so cfg=1,hps=1 is not an equal pull on theta.
-# Adam cancels one global scale of the gradient, so what the norm sets is each reward's and each sample's share of the
-# pull (at most sum_i w_i per image), and that pull's balance against lambda ||theta - theta_0||^2 and the clip.
+# Adam divides out the gradient's overall scale, so the norms matter through ratios: each image is pulled with strength
+# at most sum_i w_i whatever its rewards' raw scales, against lambda's anchor and the clip.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
@@ -316,9 +314,8 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 #   2. LoRA, a low-rank update, is a constraint (third-party summary); our choice, as it also saves memory
 #   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
-# our choice: gradient clipping at 1.0, and AdamW with weight decay 0, since decay would pull theta toward 0 in full
-# fine-tuning and add a second anchor under LoRA. No distillation loss (abstract), and no KL or diffusion loss (our
-# reading).
+# our choice: clipping at 1.0, and AdamW without weight decay (it would pull theta to 0, or under LoRA add a second
+# anchor). No distillation loss (abstract), and no KL or diffusion loss (our reading).
 
 def make_trainable(unet, cfg, device, frozen_dtype):
     """theta and theta_0. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
@@ -329,9 +326,8 @@ def make_trainable(unet, cfg, device, frozen_dtype):
         cast(unet.requires_grad_(False), device, frozen_dtype)
         unet.add_adapter(LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_rank, init_lora_weights="gaussian",
                                     target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-        for p in unet.parameters():
-            if p.requires_grad:
-                p.data = p.data.float()
+        for p in trainable_parameters(unet):
+            p.data = p.data.float()
         return None
     # full fine-tuning: theta in fp32, and theta_0 a frozen fp32 copy (the anchor is exactly 0 at step 0)
     cast(unet, device, torch.float32)
@@ -391,7 +387,7 @@ class Models:
     device: str
 
 def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
-    """The pretrained parts -> Models: frozen parts frozen (in bf16 on a GPU, our choice), theta, theta_0, rewards."""
+    """The pretrained parts -> Models: frozen parts frozen (bf16 unless --precision fp32), theta, theta_0, rewards."""
     frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
     alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
     for module in (text_encoder, vae):  # the backward passes through the decoder but leaves its weights alone
@@ -425,15 +421,14 @@ def r0_step(m, prompts, cfg, generator):
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
     # R0+ (our choice): k ~ U{0..K-1} per micro-batch, so the backward holds one UNet call, not K
     k = int(torch.randint(0, K, (1,), generator=generator, device=m.device)) if cfg.r0_plus else None
-    last_step, grad_from_step = (k, k) if cfg.r0_plus else (K - 1, 0)
     with autocast(m.device, cfg.precision):  # bf16 where the GPU has it
         x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
-                          last_step=last_step, grad_from_step=grad_from_step)  # (B,4,h,w)
+                          stop_at=k)  # (B,4,h,w)
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
-    # g is a constant, so this is gradient ascent on x pulled back to theta (our reading of the abstract's
-    # "optimization problem in data space"; the mean over B is our choice)
+    # d surrogate / d theta = -(1/B) sum_b g_b . dx_b/dtheta: backprop carries each image's reward ascent direction
+    # into theta (our reading of the abstract's "optimization problem in data space"; the 1/B is our choice)
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
@@ -441,28 +436,12 @@ def r0_step(m, prompts, cfg, generator):
     stats.update(reg=reg.item(), surrogate=surrogate.item(), **({"k": k} if cfg.r0_plus else {}))  # and R0+'s k
     return loss, stats
 
-class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
-    def __init__(self, prompts, seed):
-        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
-
-    def batch(self, n):
-        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
-            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
-        return [self.queue.pop() for _ in range(n)]
-
-    def state_dict(self):
-        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
-
-    def load_state_dict(self, state):
-        self.rng.setstate(state["rng"])
-        self.queue = list(state["queue"])
-
 def optimizer_step(m, optimizer, params, order, cfg, generator):
     """One optimizer step, as nanoGPT's loop: --grad-accum micro-batches forward and backward, so that p.grad is the
     gradient of their mean loss, then clipping and AdamW. Returns (stats, grad norm, applied)."""
     stats_sum, finite = {}, True
     for _ in range(cfg.grad_accum):
-        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)
+        loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)  # the next prompts of a shuffled epoch
         stats["loss"] = loss.item()
         finite = finite and all(math.isfinite(v) for v in stats.values())
         if finite:  # from the first non-finite micro-batch on, nothing is backpropagated
@@ -476,47 +455,13 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
-    """optimizer_step for a run's first step, the heaviest. Out of GPU memory, it retries at half the micro-batch and
-    twice the accumulation, from the same prompts and random state, as if the run had started at that batch. AdamW's
-    state exists already (allocate_optimizer_state), so the step's new memory is the forward's and the backward's."""
-    draws = (generator.get_state(), order.state_dict())
-    while True:
-        with contextlib.suppress(torch.OutOfMemoryError):
-            return optimizer_step(m, optimizer, params, order, cfg, generator)
-        m.unet.zero_grad(set_to_none=True)  # out here the traceback, which holds the activations, is gone
-        torch.cuda.empty_cache()
-        if cfg.batch_size == 1:
-            raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
-                            "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
-        half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
-        cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
-        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same batch)")
-        generator.set_state(draws[0])  # the step starts again from its first draw
-        order.load_state_dict(draws[1])
-        write_config(cfg)  # a --resume continues with the batch that fits
-
 def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
-def allocate_optimizer_state(optimizer, params):
-    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is the heaviest, and its OOM retry
-    (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    try:
-        optimizer.step()
-    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this
-        raise UserError("out of GPU memory for AdamW's state (two fp32 copies of the trainable weights); train LoRA "
-                        "(a smaller --lora-rank) or use a larger GPU.")
-    optimizer.zero_grad(set_to_none=True)
-    for state in optimizer.state.values():
-        state["step"].zero_()
-
 def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
     from tqdm import tqdm
-    # run holds m = set_up_r0(SD1.5's parts, cfg), its trainable params, AdamW over them (make_optimizer, then
-    # allocate_optimizer_state), the prompt order, the generator of every random draw, and the step a resume starts at
+    # run holds m = set_up_r0(SD1.5's parts, cfg), its trainable params, AdamW over them (make_optimizer), the prompt
+    # order (PromptOrder), the generator of every random draw, and the step a resume starts at (all Plumbing)
     run = set_up_run(cfg)
     with stop_on_signal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
@@ -524,7 +469,7 @@ def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            # the first step, the heaviest, retries at a smaller micro-batch if it runs out of GPU memory
+            # the first step, the heaviest, retries at a smaller micro-batch if it runs out of GPU memory (Plumbing)
             one_step = first_step_fitting_memory if step == run.start else optimizer_step
             stats, grad_norm, applied = one_step(run.m, run.optimizer, run.params, run.order, cfg, run.generator)
             log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
@@ -548,7 +493,7 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
 
 # -----------------------------------------------------------------------------------------------------------
 # Reward models: each reward's class, loader and registry line. A new one, say PickScore (a transformers CLIPModel on
-# the hub), takes three pieces shaped like hps's (test_r0.py runs this class as written):
+# the hub), takes three pieces shaped like hps's (test_r0.py runs the class and the loader as written):
 #   class PickScore(torch.nn.Module):                         # the reward interface ("Rewards", above)
 #       space = "pixels"
 #       def __init__(self, model, tokenizer):                 # a transformers CLIPModel (frozen), CLIP's tokenizer
@@ -563,8 +508,17 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
 #           return F.cosine_similarity(img.pooler_output.float(), text.float(), dim=-1)   # (B,), no logit scale
 #       def enable_gradient_checkpointing(self):              # what --grad-checkpointing calls
 #           checkpoint_transformers_layers(self.model)
-#   a loader (tiny, device, dtype) -> PickScore beside load_clip_family (test_r0.py's load_pickscore_like, with its
-#   tiny twin), and its registry line, REWARDS["pickscore"] = Reward(load_pickscore, [(what, repo, files)...], 100)
+#   def load_pickscore(tiny, device, dtype):                  # beside load_clip_family
+#       from transformers import CLIPConfig, CLIPModel
+#       if tiny:                                              # a random twin of CLIP's shapes, for --tiny
+#           tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+#           model = CLIPModel(CLIPConfig(text_config=tower, vision_config=dict(tower, patch_size=32)))
+#       else:                                                 # its hub files, cached or fetched, in one folder
+#           paths = [hub_file("pickscore", download) for download in REWARDS["pickscore"].downloads]
+#           model = CLIPModel.from_pretrained(os.path.dirname(paths[0]))
+#       return cast(PickScore(model, sd15_tokenizer_offline()), device, dtype)  # SD1.5's CLIP BPE, as PickScore's
+#   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
+#                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
 
 @dataclasses.dataclass
 class Reward:
@@ -956,7 +910,7 @@ class ColourReward(torch.nn.Module):
         return -((pixels.mean(dim=(2, 3)) - target) ** 2).sum(-1) * has_colour  # (B,), 0 is perfect
 
 class BrightnessReward(torch.nn.Module):
-    """bright: mean luma on 0-255, ~140x color's raw gradient (.ci/claims.py), as real rewards differ in scale."""
+    """bright: mean luma on 0-255, a reward on a far larger scale than color's, as real rewards differ in scale."""
     space = "pixels"
     def forward(self, pixels, prompts, text_emb=None):
         luma = torch.tensor([0.299, 0.587, 0.114], device=pixels.device).view(1, 3, 1, 1)
@@ -1012,7 +966,7 @@ def held_out_prompts(prompts):  # our choice: a fifth of the colour prompts (per
 
 def content_kept(images, base):
     """Mean correlation, per image and channel, with the base model's image of the same prompt and seed. 1.0 keeps all
-    its structure, and so does any affine change per channel (it is blind to colour). A flat field scores 0."""
+    its structure, and so does any positive affine change per channel (blind to colour). A flat field scores 0."""
     x, y = (t.flatten(2) - t.flatten(2).mean(-1, keepdim=True) for t in (images, base))  # (N,3,HW), centred
     return ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)).mean().item()
 
@@ -1277,6 +1231,52 @@ def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or cur
 
 # -----------------------------------------------------------------------------------------------------------
 # The run: set-up, progress grids, the log, checkpoints on schedule, the end
+
+class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
+    def __init__(self, prompts, seed):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+    def batch(self, n):
+        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
+            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
+        return [self.queue.pop() for _ in range(n)]
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.queue = list(state["queue"])
+
+def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
+    """optimizer_step for a run's first step, the heaviest (AdamW's state exists already). Out of GPU memory, it
+    retries at half the micro-batch and twice the accumulation, from the same draws, as a run started at that batch."""
+    draws = (generator.get_state(), order.state_dict())
+    while True:
+        with contextlib.suppress(torch.OutOfMemoryError):
+            return optimizer_step(m, optimizer, params, order, cfg, generator)
+        m.unet.zero_grad(set_to_none=True)  # out here the traceback, which holds the activations, is gone
+        torch.cuda.empty_cache()
+        if cfg.batch_size == 1:
+            raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
+                            "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
+        half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
+        cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
+        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same batch)")
+        generator.set_state(draws[0])  # the step starts again from its first draw
+        order.load_state_dict(draws[1])
+        write_config(cfg)  # a --resume continues with the batch that fits
+
+def allocate_optimizer_state(optimizer, params):
+    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is the heaviest, and its OOM retry
+    (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer.step()
+    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this
+        raise UserError("out of GPU memory for AdamW's state (two fp32 copies of the trainable weights); train LoRA "
+                        "(a smaller --lora-rank) or use a larger GPU.")
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        state["step"].zero_()
 
 def write_config(cfg):  # <out>/config.json, the resolved config that a resume starts from
     try:

@@ -231,7 +231,7 @@ def test_r0_plus_cuts_the_graph_before_the_sampled_step(tiny):
     for k in range(4):
         calls.clear()
         x0 = r0.generate(unet, latents, emb, 4, r0.sd15_alphas_cumprod(), random_eta=True,
-                         generator=torch.Generator().manual_seed(0), last_step=k, grad_from_step=k)
+                         generator=torch.Generator().manual_seed(0), stop_at=k)
         assert len(calls) == k + 1  # steps after k are not run at all
         assert all(not grad for grad, _ in calls[:k])  # steps before k: no graph
         assert calls[k] == (True, False)  # step k: in the graph, from an input that carries no history
@@ -320,33 +320,20 @@ def test_every_reward_passes_gradient_to_its_input_and_none_to_its_model(tiny):
 
 
 def pickscore_as_written_in_r0():
-    """Adding a reward, step 1: the PickScore class as r0.py's comments under 'Reward models' write it, run as written
-    (on transformers' CLIPModel, PickScore's class: r = cos(image features, text features) of CLIP's projections)."""
+    """Adding a reward, steps 1 and 2: the PickScore class and its loader as r0.py's comments under 'Reward models' write
+    them, run as written (on transformers' CLIPModel, PickScore's class: r = cos(image features, text features) of
+    CLIP's projections; the loader: the real weights, PickScore_v1, a CLIPModel folder on the hub, or a tiny twin)."""
     lines = open(os.path.join(HERE, "r0.py")).read().splitlines()
     start = lines.index("#   class PickScore(torch.nn.Module):                         # the reward interface (\"Rewards\", above)")
-    end = next(i for i in range(start + 1, len(lines)) if not lines[i].startswith("#      "))
+    end = next(i for i in range(start + 1, len(lines)) if lines[i].startswith("#   REWARDS["))
+    stop = next(i for i in range(end + 1, len(lines)) if not lines[i].startswith("#      "))
     namespace = dict(vars(r0))
     exec("\n".join(line[4:] for line in lines[start:end]), namespace)
-    return namespace["PickScore"]
+    entry = eval("\n".join(line[4:] for line in lines[end:stop]).split("=", 1)[1], namespace)  # step 3's Reward
+    return namespace["load_pickscore"], entry
 
 
-PickScoreLike = pickscore_as_written_in_r0()
-
-
-def load_pickscore_like(tiny, device, dtype):
-    """Step 2: its loader: the real weights (PickScore_v1, a CLIPModel folder on the hub), or a random tiny twin."""
-    from transformers import CLIPConfig, CLIPModel
-    if tiny:
-        with torch.random.fork_rng():
-            torch.manual_seed(11)
-            tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-            model = CLIPModel(CLIPConfig(text_config=dict(**tower, vocab_size=49408, max_position_embeddings=77,
-                                                          bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
-                                         vision_config=dict(**tower, image_size=224, patch_size=32), projection_dim=16))
-    else:  # its hub files (cached, or downloaded), then the snapshot folder they sit in
-        paths = [r0.hub_file("pickscore", download) for download in r0.REWARDS["pickscore"].downloads]
-        model = CLIPModel.from_pretrained(os.path.dirname(paths[0]))
-    return r0.cast(PickScoreLike(model, r0.sd15_tokenizer_offline()), device, dtype)  # CLIP's BPE, as PickScore's
+load_pickscore_like, PICKSCORE_ENTRY = pickscore_as_written_in_r0()
 
 
 def test_a_reward_is_added_in_the_three_steps_r0_promises(tmp_path, monkeypatch, capsys):
@@ -356,9 +343,7 @@ def test_a_reward_is_added_in_the_three_steps_r0_promises(tmp_path, monkeypatch,
     it and its gradient reaches the pixels and not its model, and sample.py --score scores it in its units."""
     import huggingface_hub
     import sample
-    monkeypatch.setitem(r0.REWARDS, "pickscore", r0.Reward(
-        load_pickscore_like, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
-                              ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100))
+    monkeypatch.setitem(r0.REWARDS, "pickscore", PICKSCORE_ENTRY)
     flags = ["--prompts", few_prompts(), "--device", "cpu", "--rewards", "pickscore=1,color=1"]
     cfg = run_cfg(tmp_path / "run", "--rewards", "pickscore=1,color=1", "--max-steps", "2", "--grad-checkpointing")
     m = r0.train(cfg)
