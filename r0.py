@@ -62,12 +62,12 @@ OPTIONS = dict(
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
     r0_plus=(False, "R0+ (Fig. 12): rewards read x0_hat at a random step k (our reading; k in 0..K-1 our choice)"),
-    # our choice: hps and clip at equal weights (CLIP keeps the text alignment HPS may trade); imagereward costs memory
+    # our choice: hps and clip at equal weights (CLIP limits the text alignment HPS may trade); imagereward costs memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     # our choice: LoRA 64 (a third-party summary reads the low rank as a constraint)
     lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
-    grad_clip=(1.0, "max global gradient norm"),
+    grad_clip=(1.0, "max global gradient norm (our choice)"),
     random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading), per batch, or none"),
     # our choices, untuned, as none is in what we read: LoRA's usual rate (~1e-5 for --lora-rank 0), batch 4
@@ -94,8 +94,8 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
-# Precision. Under bf16 the generator runs in autocast over fp32 trainable weights, and the frozen parts are stored in
-# bf16 (the VAE decoder and the image towers run in that dtype, with autocast off).
+# Precision. Under bf16 the generator runs in autocast over fp32 trainable weights; the VAE, text encoder and reward
+# towers are stored in bf16, and the decoder and the image towers run in that dtype with autocast off.
 
 def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
@@ -272,10 +272,10 @@ class ImplicitCfgReward:
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only
 #   g   = sum_i w_i g_i / (||g_i|| + eps)                each reward pulls each sample with strength w_i
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
-# We read the norm as per sample, so that one image's huge gradient cannot drown the others. Each reward is normalized
-# where it reads (our choice), images in pixels and cfg in latents, so cfg=1,hps=1 is not an equal pull on theta.
-# Adam divides out the gradient's overall scale, so the norms matter through ratios: each image is pulled with strength
-# at most sum_i w_i whatever its rewards' raw scales, against lambda's anchor and the clip.
+# our reading: one norm per sample and reward, so that one image's huge gradient cannot drown the others.
+# our choice: each reward is normalized in the space it reads (image rewards in pixels, cfg in latents), so the w_i
+# compare rewards of one space only: hps=1,cfg=1 is not an equal pull on theta.
+# Raw reward scales drop out: each image is pulled with norm <= sum_i w_i, weighed against lambda's anchor and the clip.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
@@ -314,8 +314,7 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 #   2. LoRA, a low-rank update, is a constraint (third-party summary); our choice, as it also saves memory
 #   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
-# our choice: clipping at 1.0, and AdamW without weight decay (it would pull theta to 0, or under LoRA add a second
-# anchor). No distillation loss (abstract), and no KL or diffusion loss (our reading).
+# No distillation loss (abstract), and no KL or diffusion loss (our reading).
 
 def make_trainable(unet, cfg, device, frozen_dtype):
     """theta and theta_0. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
@@ -343,7 +342,7 @@ def lora_layers(unet):  # [(lora_A (r,in), lora_B (out,r), scaling)] of every Lo
 
 def weight_regularization(unet, frozen_unet):
     """||theta - theta_0||^2, where under LoRA theta - theta_0 = scaling B @ A per layer. our choice: lambda = 1e-2,
-    untuned. Raise it if the rewards rise while the samples degrade (hacking); lower it if they stall, 'reg' near 0."""
+    untuned. Raise it if the rewards rise while the samples degrade (hacking); lower it if they stall, 'reg' flat."""
     if frozen_unet is None:
         total = 0.0
         for A, B, scaling in lora_layers(unet):
@@ -372,6 +371,7 @@ def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate for cfg, (N,4,
             return base(x, t, encoder_hidden_states=emb).sample
     return base_eps
 
+# Set-up: the pretrained parts -> Models, all that r0_step reads (theta trainable, the rest frozen)
 @dataclasses.dataclass
 class Models:
     """Everything R0 holds. Only the generator's weights move (our reading); the rest is frozen."""
@@ -387,7 +387,7 @@ class Models:
     device: str
 
 def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
-    """The pretrained parts -> Models: frozen parts frozen (bf16 unless --precision fp32), theta, theta_0, rewards."""
+    """The pretrained parts -> Models: theta, theta_0, the rewards, the VAE and text encoder frozen (bf16 or fp32)."""
     frozen_dtype = torch.float32 if cfg.precision == "fp32" else torch.bfloat16
     alphas_cumprod = sd15_alphas_cumprod(scheduler_config["beta_start"], scheduler_config["beta_end"])
     for module in (text_encoder, vae):  # the backward passes through the decoder but leaves its weights alone
@@ -455,14 +455,13 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW, no weight decay (Regularizers), constant lr, no warmup
+def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no weight decay (a pull to 0, or a second anchor)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
     from tqdm import tqdm
-    # run holds m = set_up_r0(SD1.5's parts, cfg), its trainable params, AdamW over them (make_optimizer), the prompt
-    # order (PromptOrder), the generator of every random draw, and the step a resume starts at (all Plumbing)
-    run = set_up_run(cfg)
+    run = set_up_run(cfg)  # Plumbing: m (set_up_r0), AdamW over its params, the prompt order, the step a resume is at
+    m, optimizer, params, order, generator = run.m, run.optimizer, run.params, run.order, run.generator
     with stop_on_signal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
         for step in bar:
@@ -471,11 +470,11 @@ def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
                 torch.cuda.reset_peak_memory_stats()
             # the first step, the heaviest, retries at a smaller micro-batch if it runs out of GPU memory (Plumbing)
             one_step = first_step_fitting_memory if step == run.start else optimizer_step
-            stats, grad_norm, applied = one_step(run.m, run.optimizer, run.params, run.order, cfg, run.generator)
+            stats, grad_norm, applied = one_step(m, optimizer, params, order, cfg, generator)
             log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
             checkpoint_or_stop(run, cfg, bar, step + 1, applied, stop.signum)
     finish_run(run, cfg)
-    return run.m
+    return m
 
 
 # ===========================================================================================================
@@ -1331,8 +1330,7 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
               "and summary are written again; raise --max-steps to train on)" if run.start >= cfg.max_steps else ""))
     print(f"R0{'+' * cfg.r0_plus} | {f'LoRA rank {cfg.lora_rank}' if cfg.lora_rank else 'full fine-tuning'} | "
           f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | "
-          f"{cfg.device} | batch {cfg.batch_size} x accumulation {cfg.grad_accum} = {cfg.batch_size * cfg.grad_accum} "
-          "images per step")
+          f"{cfg.device} | batch {cfg.batch_size} x accumulation {cfg.grad_accum} = {cfg.batch_size * cfg.grad_accum}")
     write_config(cfg)
     if run.start == 0:
         run.summary["before"] = progress(run, cfg, 0)  # the 'before' grid, and its measures
@@ -1434,8 +1432,10 @@ def resolve_config(args):  # defaults <- --tiny <- typed flags, or a resume's sa
     run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
     found = checkpoint_files(run_dir) if run_dir else []
     if found:
-        with open(os.path.join(run_dir, "config.json")) as f:
-            saved = json.load(f)
+        try:
+            saved = json.load(open(os.path.join(run_dir, "config.json")))
+        except (OSError, json.JSONDecodeError):
+            raise UserError(f"--resume {run_dir}: its config.json is missing or unreadable; restore it, or start anew.")
         if isinstance(saved.get("rewards"), str):  # older runs saved the --rewards text
             saved["rewards"] = parse_rewards(saved["rewards"])
         if isinstance(saved.get("normalize"), bool):  # older runs, before the per-batch ablation, saved on or off

@@ -1508,7 +1508,7 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unread(tmp_path, ca
     assert not marker.exists()
 
 
-def test_resume_refuses_another_kind_of_device_but_allows_another_gpu(tmp_path, monkeypatch):
+def test_resume_refuses_another_kind_of_device_but_allows_another_gpu(tmp_path, monkeypatch, capsys):
     """A CPU run's checkpoint holds no CUDA state; resuming a GPU run on the CPU is refused in one sentence (a CUDA
     generator state cannot continue on the CPU); another GPU of the same machine (cuda -> cuda:1) is allowed."""
     r0.train(run_cfg(tmp_path, "--max-steps", "1"))
@@ -1521,6 +1521,15 @@ def test_resume_refuses_another_kind_of_device_but_allows_another_gpu(tmp_path, 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the resolution alone: nothing runs on it
     assert r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path), "--device", "cuda:1"])).device \
         == "cuda:1"
+    for damage in ("unreadable", "gone"):  # its config.json: one sentence, and the checkpoint kept
+        if damage == "unreadable":
+            (tmp_path / "config.json").write_text("{not json")
+        else:
+            os.remove(tmp_path / "config.json")
+        with pytest.raises(SystemExit) as exit_info:
+            r0.main(["--resume", str(tmp_path), "--device", "cpu"])
+        assert exit_info.value.code == 2 and "config.json is missing or unreadable" in capsys.readouterr().err
+        assert state["step"] == torch.load(tmp_path / "checkpoints" / "step_000001.pt", weights_only=True)["step"]
 
 
 @CUDA
