@@ -3,19 +3,28 @@ R0: few-step text-to-image generation by regularized reward maximization, on Sta
 
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
 2503.13070 (its v2 on arXiv: "Reward-Instruct", NeurIPS 2025). Its repository holds no code, so this is written from
-scratch. We could read the abstract, the figure captions and Table 1, and each label names its source: "paper
-(abstract)", "paper (Fig. 8 caption)", "paper (Table 1)", "third-party summary" (others' accounts of the paper), "our
-reading" (of those) and "our choice" (what they leave open, with the reason). We could not read its sections, so
-parts are named by figure. The method reads top to bottom down to `train`; below "Plumbing" is only what it calls.
+what we could read, the abstract, the figure captions and Table 1 (not its sections: parts are named by figure).
+Each comment's label names its source; in one place:
+  paper        a K-step generator from SD1.5 (Table 1: K=4); compositional rewards (abstract), HPS v2.1, ImageReward and
+               CLIP score (Figs. 9-10); normalized reward gradients (Fig. 8); a weight anchor against hacking (Fig. 11);
+               random eta (Figs. 5, 9); R0+'s intermediate supervision (Fig. 12); no distillation loss (abstract)
+  third-party  summaries: the implicit CFG reward (Diff-Instruct++'s); LoRA and random eta read as regularizers
+  our reading  the loss below; per-sample normalization; a squared-L2 anchor; eta ~ U[0,1] per step and sample;
+               no CFG in the generator; backprop through all K steps; R0+ at one random step k; no diffusion loss
+  our choice   what none of it fixes: timesteps, LoRA 64, lambda, lr, batch, reward weights (all untuned)
+  not here     Fig. 14's high-resolution guidance loss (its definition is in the text we could not read)
+The method reads top to bottom down to `train`; below "Plumbing" is only what it calls.
 
 Take the pretrained SD1.5 UNet and run it as a K-step generator from pure noise (K=4, Table 1). Decode, score the
 images with differentiable reward models, and push the reward gradients into the UNet, while regularizers keep it
 from hacking the rewards (abstract, "regularized reward maximization"; the formula is our reading):
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
 Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption), per reward and before the weighted sum
-by our reading. A step follows the gradient of a surrogate whose value means nothing (watch the rewards instead):
+by our reading. A step pulls each image x toward x + g, its reward-ascended copy, by the gradient of the surrogate
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,     g = sum_i w_i g_i / ||g_i||   (cfg's at x0_hat, not x)
-There is no distillation loss (abstract) and, by our reading, no diffusion loss and no images, only prompts. Table 1
+(its first term has the gradient of ||x - stopgrad(x + g)||^2 / 2B; its value means nothing: watch the rewards). The
+abstract's thesis: with specific prompts and strong rewards the rewards dominate, and diffusion losses are "an overly
+expensive form of regularization". So no distillation loss and, by our reading, no diffusion loss or images. Table 1
 (v1) gives HPS / CLIP score (both x100) / ImageReward of 30.19 / 34.28 / 0.81 for its base (Realistic Vision at 25
 steps, by our reading of its rows) and 33.70 / 32.13 / 1.22 for R0 at 4 steps. From vanilla SD1.5 we expect that
 direction (HPS and ImageReward up, CLIP down), not those digits.
@@ -56,7 +65,7 @@ import torch.nn.functional as F
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards; a fifth of the colour prompts is held out"),
+    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards, which hold out a fifth of the colour prompts"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
@@ -64,8 +73,7 @@ OPTIONS = dict(
     r0_plus=(False, "R0+ (Fig. 12): rewards read x0_hat at a random step k (our reading; k in 0..K-1 our choice)"),
     # our choice: hps and clip at equal weights (CLIP limits the text alignment HPS may trade); imagereward costs memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
-    # our choice: LoRA 64 (a third-party summary reads the low rank as a constraint)
-    lora_rank=(64, "LoRA rank; 0 = full fine-tuning"),
+    lora_rank=(64, "LoRA rank (our choice: 64); 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
     grad_clip=(1.0, "max global gradient norm (our choice)"),
     random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
@@ -94,8 +102,7 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
-# Precision. Under bf16 the generator runs in autocast over fp32 trainable weights; the VAE, text encoder and reward
-# towers are stored in bf16, and the decoder and the image towers run in that dtype with autocast off.
+# Precision: under bf16 the generator runs in autocast over fp32 trainable weights; VAE, text encoder, towers in bf16
 
 def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
@@ -116,9 +123,8 @@ def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
 #       sigma  = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s)            (DDIM eq. 16)
 #       x_s    = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma noise     (DDIM eq. 12)
 # At the last step s < 0, so a_s := 1 and the output is x0_hat (for K = 6, 7 s = 0: x_0 at a_0 = 0.9991, as diffusers).
-# The Figs. 5, 9 captions name random eta; DDIM's eta, U[0,1] per step and sample in training and 0 at inference, is
-# our reading and choice (a third-party summary calls it a regularizer).
-# By our reading the generator is unguided, one UNet call a step, with no classifier-free guidance inside it.
+# Random eta (Figs. 5, 9) is DDIM's eta, U[0,1] per step and sample in training, 0 at inference; one UNet call a step,
+# no CFG inside the generator (both our reading).
 
 NUM_TRAIN_TIMESTEPS = 1000  # SD1.5's DDPM chain
 
@@ -183,8 +189,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Rewards (paper, abstract: "compositional rewards"). The Figs. 9-10 captions name HPS v2.1, ImageReward and CLIP
-# score, quality rising as rewards are added; third-party summaries add Diff-Instruct++'s implicit CFG reward.
+# Rewards (abstract: "compositional rewards"; Figs. 9-10: quality rises as rewards are added; cfg: third-party)
 #   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          clip_score
 #   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 clip_score
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score (Plumbing)
@@ -273,9 +278,8 @@ class ImplicitCfgReward:
 #   g   = sum_i w_i g_i / (||g_i|| + eps)                each reward pulls each sample with strength w_i
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
 # our reading: one norm per sample and reward, so that one image's huge gradient cannot drown the others.
-# our choice: each reward is normalized in the space it reads (image rewards in pixels, cfg in latents), so the w_i
-# compare rewards of one space only: hps=1,cfg=1 is not an equal pull on theta.
-# Raw reward scales drop out: each image is pulled with norm <= sum_i w_i, weighed against lambda's anchor and the clip.
+# our choice: each reward is normalized in the space it reads (pixels; latents for cfg), so hps=1,cfg=1 is not an
+# equal pull on theta. Raw reward scales drop out: each image is pulled with norm <= sum_i w_i, against lambda's anchor.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
@@ -314,7 +318,6 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 #   2. LoRA, a low-rank update, is a constraint (third-party summary); our choice, as it also saves memory
 #   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
-# No distillation loss (abstract), and no KL or diffusion loss (our reading).
 
 def make_trainable(unet, cfg, device, frozen_dtype):
     """theta and theta_0. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
@@ -412,7 +415,6 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
 #    one backward of the loss through the decoder and every UNet step with gradient, none truncated (our reading)
 # Then the update: the mean gradient of --grad-accum micro-batches, clipped, and one AdamW step.
-# (Fig. 14 caption: R0+ also has a high-resolution guidance loss. We could not read its definition, so it is not here.)
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of B prompts -> (loss, logged stats). `generator` draws the noise, eta, R0+'s k and cfg's t."""
@@ -427,8 +429,7 @@ def r0_step(m, prompts, cfg, generator):
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
-    # d surrogate / d theta = -(1/B) sum_b g_b . dx_b/dtheta: backprop carries each image's reward ascent direction
-    # into theta (our reading of the abstract's "optimization problem in data space"; the 1/B is our choice)
+    # ascent on x in data space, pulled back to theta: d/dtheta = -(1/B) sum_b g_b . dx_b/dtheta (1/B: our choice)
     surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
@@ -468,7 +469,7 @@ def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            # the first step, the heaviest, retries at a smaller micro-batch if it runs out of GPU memory (Plumbing)
+            # the first step, as heavy as any, retries at a smaller micro-batch if it runs out of GPU memory (Plumbing)
             one_step = first_step_fitting_memory if step == run.start else optimizer_step
             stats, grad_norm, applied = one_step(m, optimizer, params, order, cfg, generator)
             log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
@@ -794,10 +795,9 @@ TINY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_blo
 TINY_TEXT = dict(vocab_size=49408, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                  max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=32, bos_token_id=49406,
                  eos_token_id=49407, pad_token_id=49407)
-# SD1.5's scheduler config (the hub's, PNDM's), which any diffusers scheduler reads
-SD15_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
-                             beta_schedule="scaled_linear", prediction_type="epsilon", set_alpha_to_one=False,
-                             steps_offset=1, clip_sample=False, skip_prk_steps=True)
+SD15_SCHEDULER_CONFIG = dict(  # SD1.5's (the hub's, PNDM's), which any diffusers scheduler reads
+    num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+    prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, clip_sample=False, skip_prk_steps=True)
 
 def sd15_tokenizer_offline():
     """SD1.5's CLIP tokenizer rebuilt offline from open_clip's BPE: 256 byte symbols, the same with '</w>', the 48894
@@ -880,7 +880,7 @@ def build_tiny_clip_tower(seed=0):  # a tiny random open_clip CLIP of ViT-H-14's
 
 # -----------------------------------------------------------------------------------------------------------
 # The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
-# is the true score itself, so it cannot be hacked. bright is louder. proxy, a learned classifier, can be hacked.
+# is the true score itself (it cannot be hacked, but may wash out content). bright is louder. proxy, learned, can be.
 # The measures are the colour rule at held-out seeds and prompts, and content_kept, the base model's structure kept.
 
 COLOURS = {  # our choice: typical sRGB renderings of each word
@@ -1245,7 +1245,7 @@ class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a r
         self.queue = list(state["queue"])
 
 def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
-    """optimizer_step for a run's first step, the heaviest (AdamW's state exists already). Out of GPU memory, it
+    """optimizer_step for a run's first step, as heavy as any (AdamW's state exists already). Out of GPU memory, it
     retries at half the micro-batch and twice the accumulation, from the same draws, as a run started at that batch."""
     draws = (generator.get_state(), order.state_dict())
     while True:
@@ -1264,7 +1264,7 @@ def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
         write_config(cfg)  # a --resume continues with the batch that fits
 
 def allocate_optimizer_state(optimizer, params):
-    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is the heaviest, and its OOM retry
+    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is as heavy as any, and its OOM retry
     (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
     for p in params:
         p.grad = torch.zeros_like(p)
@@ -1313,7 +1313,7 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
                 sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
     params = trainable_parameters(m.unet)
     optimizer = make_optimizer(params, cfg)
-    allocate_optimizer_state(optimizer, params)  # before the first forward: the first step is the heaviest
+    allocate_optimizer_state(optimizer, params)  # before the first forward: the first step is as heavy as any
     run = argparse.Namespace(
         m=m, params=params, optimizer=optimizer, prompts_hash=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, cfg's t
@@ -1371,8 +1371,8 @@ def checkpoint_or_stop(run, cfg, bar, step, applied, signum):  # a checkpoint on
         run.last_checkpoint = save_checkpoint(run, cfg, step, run.last_checkpoint)
     if signum is not None and not done:
         bar.close()
-        raise UserError(f"interrupted at step {step}; checkpoint {run.last_checkpoint}. Continue with: python "
-                        f"r0.py --resume {cfg.output_dir}", exit_code=128 + signum)
+        raise UserError(f"interrupted at step {step}; checkpoint {run.last_checkpoint or 'none yet'}. Continue with: "
+                        f"python r0.py --resume {cfg.output_dir}", exit_code=128 + signum)
 
 def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline of the generator, the summary
     out, summary = cfg.output_dir, run.summary
@@ -1391,7 +1391,7 @@ def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline 
         write_atomic(run.summary_path, json.dumps(summary, indent=2))
     except (OSError, RuntimeError) as err:  # a full disk; the last checkpoint holds the trained weights
         raise UserError(f"could not write {out}/pipeline or its summary ({getattr(err, 'strerror', None) or err}); the "
-                        f"trained weights are in {checkpoint_files(out)[-1]}: free some disk space, then "
+                        f"trained weights are in {run.last_checkpoint or 'no checkpoint'}: free some disk space, then "
                         f"python r0.py --resume {out} writes them.", exit_code=1)
     lora = f", LoRA adapters in {out}/lora" if cfg.lora_rank else ""
     print(f"done: progress grids in {out}/samples, curves in {out}/curves.png, diffusers pipeline in {out}/pipeline"
