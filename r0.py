@@ -17,17 +17,16 @@ The method reads top to bottom down to `train`; below "Plumbing" is only what it
 
 Take the pretrained SD1.5 UNet and run it as a K-step generator from pure noise (K=4, Table 1). Decode, score the
 images with differentiable reward models, and push the reward gradients into the UNet, while regularizers keep it
-from hacking the rewards (abstract, "regularized reward maximization"; the formula is our reading):
+from hacking the rewards (abstract). The objective, by our reading of "regularized reward maximization":
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-Each reward's image gradient g_i = d r_i / d x is normalized (Fig. 8 caption), per reward and before the weighted sum
-by our reading. A step pulls each image x toward x + g, its reward-ascended copy, by the gradient of the surrogate
+A step does not descend L itself: each reward's image gradient g_i = d r_i / d x is first normalized (Fig. 8), per
+sample and reward (our reading), and the step descends
     -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,     g = sum_i w_i g_i / ||g_i||   (cfg's at x0_hat, not x)
-(its first term has the gradient of ||x - stopgrad(x + g)||^2 / 2B; its value means nothing: watch the rewards). The
-abstract's thesis: with specific prompts and strong rewards the rewards dominate, and diffusion losses are "an overly
-expensive form of regularization". So no distillation loss and, by our reading, no diffusion loss or images. Table 1
-(v1) gives HPS / CLIP score (both x100) / ImageReward of 30.19 / 34.28 / 0.81 for its base (Realistic Vision at 25
-steps, by our reading of its rows) and 33.70 / 32.13 / 1.22 for R0 at 4 steps. From vanilla SD1.5 we expect that
-direction (HPS and ImageReward up, CLIP down), not those digits.
+whose gradient pulls each image x toward x + g, as ||x - stopgrad(x + g)||^2 / 2B would. Its value means nothing
+(watch the rewards). No distillation loss (abstract: diffusion losses are "an overly expensive form of regularization"),
+and by our reading no diffusion loss and no training images: prompts only. From vanilla SD1.5 expect Table 1's
+direction, not its digits: HPS and ImageReward up, CLIP score a little down (v1, HPS / CLIP x100 / ImageReward: its
+base, Realistic Vision at 25 steps by our reading, 30.19 / 34.28 / 0.81; R0 at 4 steps 33.70 / 32.13 / 1.22).
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -65,12 +64,12 @@ import torch.nn.functional as F
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards, which hold out a fifth of the colour prompts"),
+    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (a fifth of the colour prompts is then held out)"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
     resolution=(512, "image side in pixels, a multiple of 8 (SD1.5 was trained at 512)"),
-    r0_plus=(False, "R0+ (Fig. 12): rewards read x0_hat at a random step k (our reading; k in 0..K-1 our choice)"),
+    r0_plus=(False, "R0+ (Fig. 12): train one random step k on its x0_hat (our reading; k in 0..K-1 our choice)"),
     # our choice: hps and clip at equal weights (CLIP limits the text alignment HPS may trade); imagereward costs memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     lora_rank=(64, "LoRA rank (our choice: 64); 0 = full fine-tuning"),
@@ -253,7 +252,6 @@ class ImplicitCfgReward:
         d log p(c | x_t) / d x0_hat = sqrt(a_t / (1 - a_t)) (eps_u - eps_c).
     Per-sample normalization cancels the factor; raw (--normalize none), it weights t=20 ~100x over t=980. our choice:
     t ~ U{20..980}, and the empty prompt as unconditional (as SD1.5's). Logged as cfg_gap, mean (eps_c - eps_u)^2."""
-
     space, log_as, t_min, t_max = "latents", "cfg_gap", 20, 980
 
     def __init__(self, base_eps, uncond_emb, alphas_cumprod):
@@ -277,9 +275,11 @@ class ImplicitCfgReward:
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only
 #   g   = sum_i w_i g_i / (||g_i|| + eps)                each reward pulls each sample with strength w_i
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
-# our reading: one norm per sample and reward, so that one image's huge gradient cannot drown the others.
-# our choice: each reward is normalized in the space it reads (pixels; latents for cfg), so hps=1,cfg=1 is not an
-# equal pull on theta. Raw reward scales drop out: each image is pulled with norm <= sum_i w_i, against lambda's anchor.
+# Why not one backward of -sum_i w_i r_i: each g_i must be normalized on its own, so each reward is differentiated
+# w.r.t. x alone, and then one backward of the surrogate carries their sum through the decoder and the UNet steps.
+# our reading: one norm per sample and reward, so that one image's huge gradient cannot drown the others. Under AdamW a
+# common scale drops out anyway: the norms set each reward's and sample's share, and their pull against lambda's
+# anchor. our choice: cfg is normalized in latents, the others in pixels, so hps=1,cfg=1 is not an equal pull.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
@@ -421,7 +421,8 @@ def r0_step(m, prompts, cfg, generator):
     B, K, h = len(prompts), cfg.steps, cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
-    # R0+ (our choice): k ~ U{0..K-1} per micro-batch, so the backward holds one UNet call, not K
+    # R0+ (our choice): k ~ U{0..K-1} per micro-batch; the rewards read step k's x0_hat and only step k's UNet call is
+    # trained (the final image only when k = K-1), so the backward holds one UNet call, not K
     k = int(torch.randint(0, K, (1,), generator=generator, device=m.device)) if cfg.r0_plus else None
     with autocast(m.device, cfg.precision):  # bf16 where the GPU has it
         x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
@@ -456,7 +457,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no weight decay (a pull to 0, or a second anchor)
+def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, weight decay 0 (it pulls theta to 0, not theta_0)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
@@ -492,8 +493,7 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reward models: each reward's class, loader and registry line. A new one, say PickScore (a transformers CLIPModel on
-# the hub), takes three pieces shaped like hps's (test_r0.py runs the class and the loader as written):
+# Reward models: each one's class, loader and registry line. A new one, PickScore (a transformers CLIPModel), in three:
 #   class PickScore(torch.nn.Module):                         # the reward interface ("Rewards", above)
 #       space = "pixels"
 #       def __init__(self, model, tokenizer):                 # a transformers CLIPModel (frozen), CLIP's tokenizer
@@ -522,7 +522,7 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
 
 @dataclasses.dataclass
 class Reward:
-    load: object            # (tiny, device, dtype) -> the reward, or None if set_up_r0 builds it (cfg)
+    load: object            # (tiny, device, dtype) -> the reward; None for cfg, which set_up_r0 builds from theta_0
     downloads: list = ()    # [(what, hub repo, files)] per file needed; any of `files` will do, and [0] is fetched
     scale: float = 1.0      # sample.py's tables report scale x score (100 x a cosine, our reading of Table 1)
 
@@ -1152,14 +1152,14 @@ def save_checkpoint(run, cfg, step, last):
 def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up run, returning its step
     state = load_tensors(cfg.resume_checkpoint, "r0.py checkpoint")
     if state["prompts_sha256"] != run.prompts_hash:  # the saved order would index into other prompts
-        raise UserError(f"the prompts in {state['config']['prompts']} differ from those the run was trained on; resume "
+        raise UserError(f"the prompts in {cfg.prompts} differ from those the run was trained on; resume "
                         "with the same prompt file, or start a new run.")
     saved = state.get("fingerprint")  # (none before it existed)
     if saved and not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, run.fingerprint, strict=True)):
         raise UserError(f"the frozen models (theta_0, VAE, text encoder, rewards) differ from {cfg.output_dir}'s: "
                         "another snapshot of --model, or --tiny's models rebuilt on another machine or thread count "
                         f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
-    run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: a few MB)
+    run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: the adapters)
     run.optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older checkpoints: "ranks", a list of one)
     run.generator.set_state(rng["generator"])

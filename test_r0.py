@@ -1510,10 +1510,15 @@ def test_a_checkpoint_whose_pickle_would_run_code_is_refused_unread(tmp_path, ca
 
 def test_resume_refuses_another_kind_of_device_but_allows_another_gpu(tmp_path, monkeypatch, capsys):
     """A CPU run's checkpoint holds no CUDA state; resuming a GPU run on the CPU is refused in one sentence (a CUDA
-    generator state cannot continue on the CPU); another GPU of the same machine (cuda -> cuda:1) is allowed."""
+    generator state cannot continue on the CPU); another GPU of the same machine (cuda -> cuda:1) is allowed. Other
+    prompts, or a config.json gone or unreadable, are refused in one sentence too."""
     r0.train(run_cfg(tmp_path, "--max-steps", "1"))
     state = torch.load(tmp_path / "checkpoints" / "step_000001.pt", weights_only=True)
     assert state["rng"]["cuda_rng"] is None
+    other = tmp_path.parent / "other_prompts.txt"  # another prompt file: refused, naming it
+    other.write_text("a red fox\n")
+    with pytest.raises(r0.UserError, match=re.escape(f"the prompts in {other} differ")):
+        r0.train(r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path), "--prompts", str(other)])))
     config = json.load(open(tmp_path / "config.json"))
     json.dump({**config, "device": "cuda"}, open(tmp_path / "config.json", "w"))  # as if trained on a GPU
     with pytest.raises(r0.UserError, match="cannot move a run from cuda to cpu"):
