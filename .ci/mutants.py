@@ -102,6 +102,10 @@ MUTANTS = [
      "pass  # the step starts"),
     ("a second Ctrl-C does not quit at once", "if stop.signum is not None:\n            os._exit(128 + signum)",
      "if False:\n            os._exit(128 + signum)"),
+    ("a resume whose config.json is gone or unreadable ends in a traceback",
+     "except (OSError, json.JSONDecodeError):\n            raise UserError(f\"--resume", "except ():\n            raise UserError(f\"--resume"),
+    ("the other-prompts refusal names the saved prompt file, not the one given",
+     'f"the prompts in {cfg.prompts} differ', 'f"the prompts in {state[\'config\'][\'prompts\']} differ'),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -134,6 +138,7 @@ FIRST_PASS = [
     "test_interrupt_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume",
     "test_a_run_written_by_an_older_r0_py_resumes_with_or_without_its_flags_typed_again",
     "test_resume_refuses_frozen_models_other_than_those_the_run_started_from",
+    "test_resume_refuses_another_kind_of_device_but_allows_another_gpu",
     "test_a_full_disk_warns_once_keeps_training_and_stops_at_a_checkpoint_that_cannot_be_written",
     "test_proxy_is_a_learned_colour_classifier_whose_gradient_reaches_the_pixels",
     "test_content_kept_is_1_for_the_base_model_and_under_a_pure_change_of_colour",
