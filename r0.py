@@ -21,7 +21,7 @@ from hacking the rewards (abstract). The objective, by our reading of "regulariz
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
 A step does not descend L itself: each reward's image gradient g_i = d r_i / d x is first normalized (Fig. 8), per
 sample and reward (our reading), and the step descends
-    -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,     g = sum_i w_i g_i / ||g_i||   (cfg's at x0_hat, not x)
+    -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,   g = sum_i w_i g_i / ||g_i||  (the CFG reward's at x0_hat)
 whose gradient pulls each image x toward x + g, as ||x - stopgrad(x + g)||^2 / 2B would. Its value means nothing
 (watch the rewards). No distillation loss (abstract: diffusion losses are "an overly expensive form of regularization"),
 and by our reading no diffusion loss and no training images: prompts only. From vanilla SD1.5 expect Table 1's
@@ -64,7 +64,7 @@ import torch.nn.functional as F
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (a fifth of the colour prompts is then held out)"),
+    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (which hold a fifth of the colour prompts out)"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
@@ -148,7 +148,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     With random_eta, eta ~ U[0,1] per step and per sample, drawn from `generator` (a torch.Generator). For R0+,
     stop_at=k runs the steps before k without gradient and returns step k's x0_hat."""
     timesteps = few_step_timesteps(num_steps)
-    # our choice: s = t - 1000 // K, diffusers' DDIM rule, so that the saved pipeline samples alike
+    # our choice: s = t - 1000 // K, diffusers' DDIM rule (K = 3, 6, 7: at times t_(k+1) + 1), so pipelines match
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
@@ -411,13 +411,13 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 # One training step, R0 and R0+. paper (Fig. 12 caption): R0+, with intermediate supervision, is faster.
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> decode --> x (pixels in [0,1])
 #                      \_ R0+ (our reading): steps before k without gradient; x0_hat taken at step k _/
-#    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: cfg's at x0_hat
+#    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: the CFG reward's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
 #    one backward of the loss through the decoder and every UNet step with gradient, none truncated (our reading)
 # Then the update: the mean gradient of --grad-accum micro-batches, clipped, and one AdamW step.
 
 def r0_step(m, prompts, cfg, generator):
-    """One micro-batch of B prompts -> (loss, logged stats). `generator` draws the noise, eta, R0+'s k and cfg's t."""
+    """One micro-batch of B prompts -> (loss, logged stats). `generator` draws the noise, eta, R0+'s k, CFG's t."""
     B, K, h = len(prompts), cfg.steps, cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
@@ -457,7 +457,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, weight decay 0 (it pulls theta to 0, not theta_0)
+def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no decay (a pull to 0, or under LoRA a 2nd anchor)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
@@ -880,7 +880,7 @@ def build_tiny_clip_tower(seed=0):  # a tiny random open_clip CLIP of ViT-H-14's
 
 # -----------------------------------------------------------------------------------------------------------
 # The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
-# is the true score itself (it cannot be hacked, but may wash out content). bright is louder. proxy, learned, can be.
+# is the true score itself: unhackable, though it may wash out content. bright is louder; proxy, learned, is hackable.
 # The measures are the colour rule at held-out seeds and prompts, and content_kept, the base model's structure kept.
 
 COLOURS = {  # our choice: typical sRGB renderings of each word
@@ -1316,7 +1316,7 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
     allocate_optimizer_state(optimizer, params)  # before the first forward: the first step is as heavy as any
     run = argparse.Namespace(
         m=m, params=params, optimizer=optimizer, prompts_hash=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-        generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, cfg's t
+        generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, the CFG reward's t
         order=PromptOrder(train_prompts, cfg.seed), start=0, summary={}, bad_steps=0, measures={},
         last_checkpoint=cfg.resume_checkpoint, write_failed=False, fingerprint=frozen_fingerprint(m),
         log_path=os.path.join(cfg.output_dir, "log.jsonl"), summary_path=os.path.join(cfg.output_dir, "summary.json"),
