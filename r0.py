@@ -279,7 +279,7 @@ class ImplicitCfgReward:
 # w.r.t. x alone, and then one backward of the surrogate carries their sum through the decoder and the UNet steps.
 # our reading: one norm per sample and reward, so that one image's huge gradient cannot drown the others. Under AdamW a
 # common scale drops out anyway: the norms set each reward's and sample's share, and their pull against lambda's
-# anchor. our choice: cfg is normalized in latents, the others in pixels, so hps=1,cfg=1 is not an equal pull.
+# anchor. our choice: the CFG reward is normalized in latents, the others in pixels, so hps=1,cfg=1 is no equal pull.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
