@@ -13,20 +13,16 @@ Each comment's label names its source; in one place:
                no CFG in the generator; backprop through all K steps; R0+ at one random step k; no diffusion loss
   our choice   what none of it fixes: timesteps, LoRA 64, lambda, lr, batch, reward weights (all untuned)
   not here     Fig. 14's high-resolution guidance loss (its definition is in the text we could not read)
-The method reads top to bottom down to `train`; below "Plumbing" is only what it calls.
+The method reads top to bottom down to `train`; "Plumbing", below it, is what it calls: loaders, the toy, the run.
 
-Take the pretrained SD1.5 UNet and run it as a K-step generator from pure noise (K=4, Table 1). Decode, score the
-images with differentiable reward models, and push the reward gradients into the UNet, while regularizers keep it
-from hacking the rewards (abstract). The objective, by our reading of "regularized reward maximization":
+The idea: run the pretrained SD1.5 UNet as a K-step generator from pure noise (K=4, Table 1), decode, score the
+images with differentiable reward models, and push the reward gradients back into the UNet, while regularizers keep
+it from hacking the rewards (abstract). Prompts only: no distillation loss (abstract: diffusion losses are "an overly
+expensive form of regularization") and, by our reading, no diffusion loss and no training images. The objective:
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-A step does not descend L itself: each reward's image gradient g_i = d r_i / d x is first normalized (Fig. 8), per
-sample and reward (our reading), and the step descends
-    -<stopgrad(g), x> / B  +  lambda ||theta - theta_0||^2,   g = sum_i w_i g_i / ||g_i||  (the CFG reward's at x0_hat)
-whose gradient pulls each image x toward x + g, as ||x - stopgrad(x + g)||^2 / 2B would. Its value means nothing
-(watch the rewards). No distillation loss (abstract: diffusion losses are "an overly expensive form of regularization"),
-and by our reading no diffusion loss and no training images: prompts only. From vanilla SD1.5 expect Table 1's
-direction, not its digits: HPS and ImageReward up, CLIP score a little down (v1, HPS / CLIP x100 / ImageReward: its
-base, Realistic Vision at 25 steps by our reading, 30.19 / 34.28 / 0.81; R0 at 4 steps 33.70 / 32.13 / 1.22).
+A step follows its reward term with each reward's image gradient normalized first (Fig. 8): a surrogate whose value
+means nothing ("Reward composition" below). Table 1 (v1), HPS / CLIP score x100 / ImageReward: base (Realistic Vision
+at 25 steps, our reading) 30.19 / 34.28 / 0.81, R0 at 4 steps 33.70 / 32.13 / 1.22; from SD1.5, expect the direction.
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -82,7 +78,7 @@ OPTIONS = dict(
     batch_size=(4, "images per micro-batch (lowered, with grad_accum raised, if a first step runs out of GPU memory)"),
     grad_accum=(1, "micro-batches per optimizer step, so the batch is batch_size * grad_accum"),
     max_steps=(2000, "optimizer steps"),
-    seed=(0, "seed of prompts, noise, eta and LoRA init"),
+    seed=(0, "seed of the prompt order, every draw (noise, eta, k, t), LoRA's init and --tiny's models"),
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
     precision=("auto", "bf16 (autocast over fp32 trainable weights), fp32, or auto (bf16 where the GPU has it)"),
     grad_checkpointing=(True, "recompute activations in backward (UNet, VAE decoder, reward towers)"),
@@ -101,7 +97,7 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
-# Precision: under bf16 the generator runs in autocast over fp32 trainable weights; VAE, text encoder, towers in bf16
+# Precision under bf16: trainable weights fp32 in autocast; the frozen VAE, text encoder, towers, LoRA's base UNet bf16
 
 def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
@@ -148,7 +144,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     With random_eta, eta ~ U[0,1] per step and per sample, drawn from `generator` (a torch.Generator). For R0+,
     stop_at=k runs the steps before k without gradient and returns step k's x0_hat."""
     timesteps = few_step_timesteps(num_steps)
-    # our choice: s = t - 1000 // K, diffusers' DDIM rule (K = 3, 6, 7: at times t_(k+1) + 1), so pipelines match
+    # our choice: s = t - 1000 // K, diffusers' DDIM rule, so pipelines match (for K = 3, 6, 7 some s are t_(k+1) + 1)
     jump = NUM_TRAIN_TIMESTEPS // num_steps
     alphas = alphas_cumprod.tolist()
     B = noise.shape[0]
@@ -191,21 +187,21 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 # Rewards (abstract: "compositional rewards"; Figs. 9-10: quality rises as rewards are added; cfg: third-party)
 #   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          clip_score
 #   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 clip_score
-#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score (Plumbing)
+#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score
 #   cfg          the frozen base UNet's implicit CFG reward                         ImplicitCfgReward
 #   color, bright, proxy, proxy_b   the toy's rewards (Plumbing, "The toy")
-# A reward is a frozen model with   space = "pixels" (it reads x, (B,3,H,W) in [0,1]) or "latents" (x0_hat, (B,4,h,w))
+# A reward is a frozen nn.Module, space = "pixels" (it reads x, (B,3,H,W) in [0,1]) or "latents" (x0_hat, (B,4,h,w))
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
-# PickScore, a new reward, written out in three pieces: Plumbing, "Reward models" (then sample.py scores with it too).
+# A new reward, PickScore, is written out under Plumbing, "Reward models": its class, loader and REWARDS line.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_preprocess(pixels, size=224):
-    """What every image reward sees, open_clip's eval transform (bicubic resize of the shorter side, center crop,
-    normalize) in differentiable torch ops. (B,3,H,W) in [0,1] -> (B,3,size,size) CLIP-normalized."""
+    """What every learned image reward sees: open_clip's eval transform (bicubic resize of the shorter side, center
+    crop, normalize) in differentiable torch ops. (B,3,H,W) in [0,1] -> (B,3,size,size) CLIP-normalized."""
     assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B,3,H,W) pixels, got {tuple(pixels.shape)}"
     assert pixels.min() >= 0 and pixels.max() <= 1, "clip_preprocess expects pixels in [0,1]"  # not [-1,1]
     H, W = pixels.shape[-2:]
@@ -245,12 +241,29 @@ class ClipFamilyReward(torch.nn.Module):
     def enable_gradient_checkpointing(self):
         self.model.set_grad_checkpointing(True)
 
+IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own statistics
+
+def imagereward_score(model, pixels, input_ids, attention_mask):
+    """imagereward (Xu et al. 2023): BLIP fine-tuned on human preference rankings.
+        image_embeds = ViT-L/16(clip_preprocess(x))                               (B,197,1024)
+        h            = BERT(prompt tokens, cross-attending to image_embeds)[:, 0]  (B,768), the [CLS] position
+        r(x, c)      = (MLP(h) - mean) / std      MLP 768-1024-128-64-16-1; about N(0,1) on its data
+    input_ids, attention_mask: (B,35)."""
+    image = clip_preprocess(pixels, 224).to(model.vision.dtype)
+    with autocast_off(pixels.device):
+        image_embeds = model.vision(pixel_values=image).last_hidden_state  # (B,197,D)
+        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
+        h = model.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
+                       encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
+        raw = model.mlp(h.float()).squeeze(-1)  # (B,), the head in fp32, as ImageReward
+    return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
 class ImplicitCfgReward:
     """cfg, the frozen base model's implicit classifier-free-guidance reward (Diff-Instruct++'s, third-party summary).
     Noise the generated latent to a random level t, x_t = sqrt(a_t) x0_hat + sqrt(1 - a_t) n, and ascend log p(c | x_t).
     By Bayes grad_{x_t} log p(c | x_t) = -(eps_c - eps_u) / sqrt(1 - a_t), and dx_t/dx0_hat = sqrt(a_t), so
         d log p(c | x_t) / d x0_hat = sqrt(a_t / (1 - a_t)) (eps_u - eps_c).
-    Per-sample normalization cancels the factor; raw (--normalize none), it weights t=20 ~100x over t=980. our choice:
+    Per-sample normalization cancels the factor; without it (batch, none) t=20 weighs ~100x over t=980. our choice:
     t ~ U{20..980}, and the empty prompt as unconditional (as SD1.5's). Logged as cfg_gap, mean (eps_c - eps_u)^2."""
     space, log_as, t_min, t_max = "latents", "cfg_gap", 20, 980
 
@@ -275,11 +288,11 @@ class ImplicitCfgReward:
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only
 #   g   = sum_i w_i g_i / (||g_i|| + eps)                each reward pulls each sample with strength w_i
 #   surrogate = - <stopgrad(g), x> / B                   d surrogate / d theta = - g . dx/dtheta / B
-# Why not one backward of -sum_i w_i r_i: each g_i must be normalized on its own, so each reward is differentiated
-# w.r.t. x alone, and then one backward of the surrogate carries their sum through the decoder and the UNet steps.
-# our reading: one norm per sample and reward, so that one image's huge gradient cannot drown the others. Under AdamW a
-# common scale drops out anyway: the norms set each reward's and sample's share, and their pull against lambda's
-# anchor. our choice: the CFG reward is normalized in latents, the others in pixels, so hps=1,cfg=1 is no equal pull.
+# Its gradient pulls each image x toward x + g, as ||x - stopgrad(x + g)||^2 / 2B would; its value means nothing
+# (watch the rewards). Not one backward of -sum_i w_i r_i: each g_i is normalized on its own, so each reward is
+# differentiated w.r.t. x alone, and one backward of the surrogate then carries their sum through decoder and UNet.
+# our reading: one norm per sample and reward, so that one image's huge gradient cannot drown the others.
+# our choice: the CFG reward's g_i is in latents (at x0_hat), the others' in pixels.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
@@ -314,7 +327,7 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 
 # -----------------------------------------------------------------------------------------------------------
 # Regularizers. The Fig. 11 caption names the first (without it, reward hacking); 2-4 are by others' reading or ours.
-#   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (squared L2 by our reading)
+#   1. weight regularization  lambda ||theta - theta_0||^2, the anchor to theta_0 (our reading: squared L2, in the loss)
 #   2. LoRA, a low-rank update, is a constraint (third-party summary); our choice, as it also saves memory
 #   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
@@ -374,10 +387,9 @@ def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate for cfg, (N,4,
             return base(x, t, encoder_hidden_states=emb).sample
     return base_eps
 
-# Set-up: the pretrained parts -> Models, all that r0_step reads (theta trainable, the rest frozen)
 @dataclasses.dataclass
 class Models:
-    """Everything R0 holds. Only the generator's weights move (our reading); the rest is frozen."""
+    """All that r0_step reads. Only the generator's weights move (our reading); the rest is frozen."""
     tokenizer: object
     text_encoder: object        # frozen
     vae: object                 # frozen
@@ -414,7 +426,6 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #    g_pix = sum_i w_i g_i / ||g_i|| over the image rewards at x,  g_lat: the CFG reward's at x0_hat
 #    surrogate = -(<stopgrad(g_pix), x> + <stopgrad(g_lat), x0_hat>) / B,  loss = surrogate + lambda ||theta-theta_0||^2
 #    one backward of the loss through the decoder and every UNet step with gradient, none truncated (our reading)
-# Then the update: the mean gradient of --grad-accum micro-batches, clipped, and one AdamW step.
 
 def r0_step(m, prompts, cfg, generator):
     """One micro-batch of B prompts -> (loss, logged stats). `generator` draws the noise, eta, R0+'s k, CFG's t."""
@@ -424,9 +435,9 @@ def r0_step(m, prompts, cfg, generator):
     # R0+ (our choice): k ~ U{0..K-1} per micro-batch; the rewards read step k's x0_hat and only step k's UNet call is
     # trained (the final image only when k = K-1), so the backward holds one UNet call, not K
     k = int(torch.randint(0, K, (1,), generator=generator, device=m.device)) if cfg.r0_plus else None
-    with autocast(m.device, cfg.precision):  # bf16 where the GPU has it
+    with autocast(m.device, cfg.precision):  # bf16 unless --precision fp32
         x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
-                          stop_at=k)  # (B,4,h,w)
+                          stop_at=k)  # (B,4,h,w), the last step's x0_hat (or step k's)
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
@@ -457,20 +468,25 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no decay (a pull to 0, or under LoRA a 2nd anchor)
+def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no weight decay (a pull to 0, not to theta_0)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
-def train(cfg):  # the loop; set-up, log and checkpoints are Plumbing
+def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around them, the loop
     from tqdm import tqdm
-    run = set_up_run(cfg)  # Plumbing: m (set_up_r0), AdamW over its params, the prompt order, the step a resume is at
-    m, optimizer, params, order, generator = run.m, run.optimizer, run.params, run.order, run.generator
+    prompts = begin_run(cfg)  # Plumbing: the prompt file read, the output folder checked, before minutes of loading
+    m = load_models(cfg)  # Plumbing: SD1.5 (or --tiny's twins) and the rewards, through set_up_r0
+    params = trainable_parameters(m.unet)  # theta: LoRA's adapters, or every UNet weight
+    optimizer = make_optimizer(params, cfg)
+    allocate_optimizer_state(optimizer, params)  # Plumbing: AdamW's state now, so that the first step is the heaviest
+    run = start_run(cfg, m, optimizer, params, prompts)  # Plumbing: log, grids, a resume's state; the first files
+    order, generator = run.order, run.generator  # the prompts in shuffled epochs; the draws of noise, eta, k and t
     with stop_on_signal() as stop:
         bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
         for step in bar:
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
-            # the first step, as heavy as any, retries at a smaller micro-batch if it runs out of GPU memory (Plumbing)
+            # a session's first step is optimizer_step, retried at half the micro-batch if it runs out of GPU memory
             one_step = first_step_fitting_memory if step == run.start else optimizer_step
             stats, grad_norm, applied = one_step(m, optimizer, params, order, cfg, generator)
             log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
@@ -516,7 +532,7 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
 #       else:                                                 # its hub files, cached or fetched, in one folder
 #           paths = [hub_file("pickscore", download) for download in REWARDS["pickscore"].downloads]
 #           model = CLIPModel.from_pretrained(os.path.dirname(paths[0]))
-#       return cast(PickScore(model, sd15_tokenizer_offline()), device, dtype)  # SD1.5's CLIP BPE, as PickScore's
+#       return cast(PickScore(model, sd15_tokenizer_offline()), device, dtype)  # CLIP's BPE, as PickScore's
 #   REWARDS["pickscore"] = Reward(load_pickscore, [("PickScore config", "yuvalkirstain/PickScore_v1", ("config.json",)),
 #                                 ("PickScore weights", "yuvalkirstain/PickScore_v1", ("model.safetensors",))], 100)
 
@@ -525,23 +541,6 @@ class Reward:
     load: object            # (tiny, device, dtype) -> the reward; None for cfg, which set_up_r0 builds from theta_0
     downloads: list = ()    # [(what, hub repo, files)] per file needed; any of `files` will do, and [0] is fetched
     scale: float = 1.0      # sample.py's tables report scale x score (100 x a cosine, our reading of Table 1)
-
-IMAGEREWARD_MEAN, IMAGEREWARD_STD = 0.16717362830052426, 1.0333394966054072  # ImageReward's own statistics
-
-def imagereward_score(model, pixels, input_ids, attention_mask):
-    """imagereward (Xu et al. 2023): BLIP fine-tuned on human preference rankings.
-        image_embeds = ViT-L/16(clip_preprocess(x))                               (B,197,1024)
-        h            = BERT(prompt tokens, cross-attending to image_embeds)[:, 0]  (B,768), the [CLS] position
-        r(x, c)      = (MLP(h) - mean) / std      MLP 768-1024-128-64-16-1; about N(0,1) on its data
-    input_ids, attention_mask: (B,35)."""
-    image = clip_preprocess(pixels, 224).to(model.vision.dtype)
-    with autocast_off(pixels.device):
-        image_embeds = model.vision(pixel_values=image).last_hidden_state  # (B,197,D)
-        image_mask = torch.ones(image_embeds.shape[:2], dtype=torch.long, device=image_embeds.device)
-        h = model.text(input_ids=input_ids, attention_mask=attention_mask, encoder_hidden_states=image_embeds,
-                       encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
-        raw = model.mlp(h.float()).squeeze(-1)  # (B,), the head in fp32, as ImageReward
-    return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 class ImageRewardReward(torch.nn.Module):
     """imagereward: imagereward_score on transformers' BLIP towers and the MLP head, frozen."""
@@ -696,7 +695,7 @@ def parse_rewards(spec):  # 'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}, and
 # Loading: files from the hub, SD1.5, and the tiny twins built in code for --tiny and the tests
 
 def load_tensors(path, what):
-    """torch.load that cannot run code (weights_only), so a tampered file is refused unread."""
+    """torch.load that cannot run code (weights_only): a tampered file is refused before any code runs."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:  # torch names what it refused: "... GLOBAL posix.system ..."
@@ -1113,7 +1112,7 @@ def save_pipeline(m, cfg):
 
 RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sample_seeds", "checkpoint_every",
                      "keep_checkpoints", "max_bad_steps", "device", "grad_checkpointing", "prompts", "resume",
-                     "overwrite", "output_dir"}  # none of them touches the optimization
+                     "overwrite", "output_dir"}  # none touches the optimization (--device: only another GPU)
 RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
 
 def frozen_fingerprint(m):  # the sum of |w| per frozen module (theta_0, VAE, ...), which a resume must find again
@@ -1161,7 +1160,7 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
                         f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: the adapters)
     run.optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older checkpoints: "ranks", a list of one)
+    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older r0.py: one state per process, "ranks")
     run.generator.set_state(rng["generator"])
     torch.set_rng_state(rng["torch_rng"])
     if isinstance(rng["cuda_rng"], torch.Tensor) and cfg.device.startswith("cuda"):  # (older runs: a list)
@@ -1284,9 +1283,9 @@ def write_config(cfg):  # <out>/config.json, the resolved config that a resume s
     except OSError as err:
         raise UserError(f"could not write {cfg.output_dir}/config.json ({err.strerror}); free some disk space.")
 
-def set_up_run(cfg):  # everything before the first step, in an order where a mistake costs nothing
-    prompts, existing = load_prompts(cfg.prompts), []
-    if cfg.resume_checkpoint is None:  # a fresh run refuses a run already in --output-dir, unless --overwrite
+def begin_run(cfg):  # the prompts; a fresh run refuses a run already in --output-dir, unless --overwrite
+    prompts = load_prompts(cfg.prompts)
+    if cfg.resume_checkpoint is None:
         existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
         if existing and not cfg.overwrite:
             raise UserError(f"{cfg.output_dir} already holds a run ({', '.join(existing)}); continue it with --resume "
@@ -1294,10 +1293,11 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
         check_writable(cfg.output_dir, "--output-dir")
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    m = load_models(cfg)  # may fail (no network, not SD1.5): still nothing written
-    os.makedirs(cfg.output_dir, exist_ok=True)  # now the folder; --overwrite removes the previous run's files only
-    for path in (os.path.join(cfg.output_dir, f) for f in existing):
-        shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    return prompts
+
+def start_run(cfg, m, optimizer, params, prompts):
+    """The run around the step: prompt order, generator, progress grids, log; a resume's checkpoint loaded. What can
+    fail (no network, not SD1.5, out of memory) has failed before --overwrite removes the previous run's files."""
     if long := sum(len(ids) > 77 for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids):
         print(f"warning: {long} of {len(prompts)} prompts are longer than CLIP's 77-token limit (SD1.5 truncates).")
     toy = bool({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards)) and any(map(colour_of, prompts))
@@ -1307,20 +1307,21 @@ def set_up_run(cfg):  # everything before the first step, in an order where a mi
     fixed = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
     grid = [p for p in fixed for _ in range(cfg.num_sample_seeds)], [*range(cfg.num_sample_seeds)] * n
     held_out = ([p for p in train_prompts if colour_of(p)], unseen) if toy else None  # (seen, unseen)
-    with theta_0(m.unet, m.frozen_unet) as base:  # the base model's images of the same prompts and seeds
-        base_m = dataclasses.replace(m, unet=base)
-        base = (held_out_images(base_m, cfg, sum(held_out, [])) if toy else
-                sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
-    params = trainable_parameters(m.unet)
-    optimizer = make_optimizer(params, cfg)
-    allocate_optimizer_state(optimizer, params)  # before the first forward: the first step is as heavy as any
+    with theta_0(m.unet, m.frozen_unet) as base_unet:  # the base model's images of the same prompts and seeds
+        base_m = dataclasses.replace(m, unet=base_unet)
+        base_images = (held_out_images(base_m, cfg, sum(held_out, [])) if toy else
+                       sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    for f in RUN_FILES if cfg.resume_checkpoint is None else ():  # only --overwrite gets here with them present
+        if os.path.exists(path := os.path.join(cfg.output_dir, f)):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
     run = argparse.Namespace(
         m=m, params=params, optimizer=optimizer, prompts_hash=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
         generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, the CFG reward's t
         order=PromptOrder(train_prompts, cfg.seed), start=0, summary={}, bad_steps=0, measures={},
         last_checkpoint=cfg.resume_checkpoint, write_failed=False, fingerprint=frozen_fingerprint(m),
         log_path=os.path.join(cfg.output_dir, "log.jsonl"), summary_path=os.path.join(cfg.output_dir, "summary.json"),
-        held_out=held_out, grid=grid, base=base)
+        held_out=held_out, grid=grid, base=base_images)
     if cfg.resume_checkpoint:
         run.start = load_checkpoint(run, cfg)
         kept = [json.dumps(r) + "\n" for r in read_log(run.log_path) if r["step"] <= run.start]  # the rest is redone

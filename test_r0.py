@@ -1986,6 +1986,24 @@ def test_output_dir_with_another_run_is_refused_untouched_unless_overwrite(tmp_p
     assert [json.loads(line)["step"] for line in open(out / "log.jsonl")] == [1, 2]
 
 
+def test_overwrite_keeps_the_previous_run_until_the_set_up_has_worked(tmp_path, monkeypatch, capsys):
+    """--overwrite removes the run already in --output-dir only once loading, the base images and AdamW's state have
+    worked: a set-up that fails (here AdamW's state out of GPU memory) leaves every file of the previous run as it was."""
+    out = tmp_path / "run"
+    r0.train(run_cfg(out, "--max-steps", "1"))
+    files = lambda: {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    before = files()
+
+    def out_of_memory(optimizer, params):
+        raise r0.UserError("out of GPU memory for AdamW's state (a stand-in)")
+    monkeypatch.setattr(r0, "allocate_optimizer_state", out_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        r0.main(["--tiny", "--prompts", few_prompts(), "--output-dir", str(out), "--max-steps", "1", "--device", "cpu",
+                 "--overwrite"])
+    assert exit_info.value.code == 2 and "AdamW's state" in capsys.readouterr().err
+    assert len(before) > 3 and files() == before
+
+
 def test_unwritable_output_dir_and_non_sd15_model_are_refused_before_writing(tmp_path, capsys):
     (tmp_path / "file").write_text("x")
     with pytest.raises(SystemExit):

@@ -80,7 +80,7 @@ MUTANTS = [
     ("files unpickled with weights_only=False", 'torch.load(path, map_location="cpu", weights_only=True)',
      'torch.load(path, map_location="cpu", weights_only=False)'),
     ("AdamW's state created lazily (step 2 heavier than the retried step 1)",
-     "allocate_optimizer_state(optimizer, params)  # before", "pass  # before"),
+     "allocate_optimizer_state(optimizer, params)  # Plumbing", "pass  # Plumbing"),
     ("AdamW's step count not reset after its state is created", 'state["step"].zero_()', "pass"),
     ("an older config's --rewards text not parsed on resume", 'saved["rewards"] = parse_rewards(saved["rewards"])',
      "pass"),
@@ -106,6 +106,10 @@ MUTANTS = [
      "except (OSError, json.JSONDecodeError):\n            raise UserError(f\"--resume", "except ():\n            raise UserError(f\"--resume"),
     ("the other-prompts refusal names the saved prompt file, not the one given",
      'f"the prompts in {cfg.prompts} differ', 'f"the prompts in {state[\'config\'][\'prompts\']} differ'),
+    ("--overwrite removes the previous run before the set-up that can fail",
+     'check_writable(cfg.output_dir, "--output-dir")\n',
+     'check_writable(cfg.output_dir, "--output-dir")\n        for f in existing:\n'
+     '            shutil.rmtree(p) if os.path.isdir(p := os.path.join(cfg.output_dir, f)) else os.remove(p)\n'),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -143,6 +147,7 @@ FIRST_PASS = [
     "test_proxy_is_a_learned_colour_classifier_whose_gradient_reaches_the_pixels",
     "test_content_kept_is_1_for_the_base_model_and_under_a_pure_change_of_colour",
     "test_a_toy_run_never_trains_on_its_held_out_prompts_and_measures_them",
+    "test_overwrite_keeps_the_previous_run_until_the_set_up_has_worked",
 ]
 
 
