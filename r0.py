@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
-# Config, first as in nanoGPT. Each name -> (default, help) becomes a flag, output_dir as --output-dir.
+# Config, at the top as in nanoGPT's train.py. Each name -> (default, help) becomes a flag, output_dir as --output-dir.
 # The defaults are for SD1.5 on one 24 GB GPU (our estimate). --tiny swaps in TINY_PRESET, and typed flags win.
 
 OPTIONS = dict(
@@ -72,7 +72,7 @@ OPTIONS = dict(
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
     grad_clip=(1.0, "max global gradient norm (our choice)"),
     random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
-    normalize=("sample", "each reward's gradient normalized (Fig. 8) per sample (our reading), per batch, or none"),
+    normalize=("sample", "each reward's gradient normalized (Fig. 8): per sample (our reading), per micro-batch, none"),
     # our choices, untuned, as none is in what we read: LoRA's usual rate (~1e-5 for --lora-rank 0), batch 4
     lr=(1e-4, "AdamW learning rate"),
     batch_size=(4, "images per micro-batch (lowered, with grad_accum raised, if a first step runs out of GPU memory)"),
@@ -82,7 +82,7 @@ OPTIONS = dict(
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
     precision=("auto", "bf16 (autocast over fp32 trainable weights), fp32, or auto (bf16 where the GPU has it)"),
     grad_checkpointing=(True, "recompute activations in backward (UNet, VAE decoder, reward towers)"),
-    sample_every=(100, "a PNG grid of fixed prompts at fixed seeds, and its measures, every N steps (and at step 0)"),
+    sample_every=(100, "a PNG grid of fixed prompts and seeds, and its measures, every N steps, at step 0 and the end"),
     num_sample_prompts=(4, "prompts in that grid, spread over the prompt file"),
     num_sample_seeds=(2, "seeds per prompt in that grid"),
     checkpoint_every=(200, "checkpoint every N steps, at the end and on Ctrl-C / SIGTERM (not of a skipped step)"),
@@ -190,7 +190,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score
 #   cfg          the frozen base UNet's implicit CFG reward                         ImplicitCfgReward
 #   color, bright, proxy, proxy_b   the toy's rewards (Plumbing, "The toy")
-# A reward is a frozen nn.Module, space = "pixels" (it reads x, (B,3,H,W) in [0,1]) or "latents" (x0_hat, (B,4,h,w))
+# A reward is a frozen nn.Module (cfg aside) with space = "pixels" (x, (B,3,H,W) in [0,1]) or "latents" (x0_hat)
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
@@ -295,8 +295,8 @@ class ImplicitCfgReward:
 # our choice: the CFG reward's g_i is in latents (at x0_hat), the others' in pixels.
 
 def normalize_gradient(g, per="sample", eps=1e-8):
-    """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the batch by one norm, so
-    each sample gets about 1/sqrt(B) of the pull and the anchor and the clipping weigh more."""
+    """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the micro-batch by one
+    norm, so each sample gets about 1/sqrt(B) of the pull and the anchor and the clipping weigh more."""
     norm = g.flatten(1).norm(dim=1) if per == "sample" else g.norm().expand(len(g))  # (B,)
     return g / (norm.view(-1, *([1] * (g.dim() - 1))) + eps)  # our choice: eps only guards g = 0
 
@@ -428,7 +428,7 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
 #    one backward of the loss through the decoder and every UNet step with gradient, none truncated (our reading)
 
 def r0_step(m, prompts, cfg, generator):
-    """One micro-batch of B prompts -> (loss, logged stats). `generator` draws the noise, eta, R0+'s k, CFG's t."""
+    """One micro-batch of B prompts -> (loss, logged stats). `generator`, a torch.Generator, draws noise, eta, k, t."""
     B, K, h = len(prompts), cfg.steps, cfg.resolution // 8
     text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts)  # (B,77,D)
     noise = torch.randn((B, 4, h, h), generator=generator, device=m.device)  # z
@@ -437,7 +437,7 @@ def r0_step(m, prompts, cfg, generator):
     k = int(torch.randint(0, K, (1,), generator=generator, device=m.device)) if cfg.r0_plus else None
     with autocast(m.device, cfg.precision):  # bf16 unless --precision fp32
         x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
-                          stop_at=k)  # (B,4,h,w), the last step's x0_hat (or step k's)
+                          stop_at=k)  # (B,4,h,w), the output (x0_hat; for K = 6, 7 x_0), or step k's x0_hat
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)
@@ -468,7 +468,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no weight decay (a pull to 0, not to theta_0)
+def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no decay: a pull to 0 (under LoRA, a 2nd anchor)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around them, the loop
@@ -878,8 +878,8 @@ def build_tiny_clip_tower(seed=0):  # a tiny random open_clip CLIP of ViT-H-14's
 
 
 # -----------------------------------------------------------------------------------------------------------
-# The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, the mean-colour rule,
-# is the true score itself: unhackable, though it may wash out content. bright is louder; proxy, learned, is hackable.
+# The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, a smooth form of the
+# true rule (colour_accuracy), is unhackable but may wash out content; bright is louder; proxy, learned, is hackable.
 # The measures are the colour rule at held-out seeds and prompts, and content_kept, the base model's structure kept.
 
 COLOURS = {  # our choice: typical sRGB renderings of each word
@@ -889,7 +889,7 @@ COLOURS = {  # our choice: typical sRGB renderings of each word
     "white": (0.95, 0.95, 0.95), "gray": (0.50, 0.50, 0.50),
 }
 _COLOUR_WORD = re.compile(r"\b(" + "|".join([*COLOURS, "grey"]) + r")\b", re.IGNORECASE)
-HELD_OUT_SEEDS = range(1000, 1004)  # never used by training or the progress grids
+HELD_OUT_SEEDS = range(1000, 1004)  # not the progress grids' seeds; training draws from its --seed stream
 
 def colour_of(prompt):  # the first colour word: 'a red fox in green grass' -> 'red' ('grey' -> 'gray'), or None
     m = _COLOUR_WORD.search(prompt)
@@ -1024,7 +1024,7 @@ def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batc
         images.append(decode(m.vae, latents))
     return torch.cat(images).cpu()  # one host sync
 
-def initial_noise(seed, resolution, device):  # x_T (4,h,w), drawn on the CPU so a seed's image is the same anywhere
+def initial_noise(seed, resolution, device):  # x_T (4,h,w), drawn on the CPU so a seed's x_T is the same anywhere
     return torch.randn((4, resolution // 8, resolution // 8), generator=torch.Generator().manual_seed(seed)).to(device)
 
 def save_grid(images, path, ncols, captions=None, row_labels=None):  # (N,3,H,W) -> a PNG, captioned
@@ -1244,8 +1244,8 @@ class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a r
         self.queue = list(state["queue"])
 
 def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
-    """optimizer_step for a run's first step, as heavy as any (AdamW's state exists already). Out of GPU memory, it
-    retries at half the micro-batch and twice the accumulation, from the same draws, as a run started at that batch."""
+    """optimizer_step for a session's first step, as heavy as any (AdamW's state exists already). Out of GPU memory it
+    retries at half the micro-batch (an odd one: 1) and as much more accumulation, from the same draws."""
     draws = (generator.get_state(), order.state_dict())
     while True:
         with contextlib.suppress(torch.OutOfMemoryError):
@@ -1296,8 +1296,8 @@ def begin_run(cfg):  # the prompts; a fresh run refuses a run already in --outpu
     return prompts
 
 def start_run(cfg, m, optimizer, params, prompts):
-    """The run around the step: prompt order, generator, progress grids, log; a resume's checkpoint loaded. What can
-    fail (no network, not SD1.5, out of memory) has failed before --overwrite removes the previous run's files."""
+    """The run around the step: prompt order, generator, progress grids, log; a resume's checkpoint loaded. The set-up
+    (no network, not SD1.5, AdamW's state out of memory) has failed or worked before --overwrite removes the old run."""
     if long := sum(len(ids) > 77 for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids):
         print(f"warning: {long} of {len(prompts)} prompts are longer than CLIP's 77-token limit (SD1.5 truncates).")
     toy = bool({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards)) and any(map(colour_of, prompts))
