@@ -142,7 +142,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
              stop_at=None):
     """The few-step generator g_theta: noise x_T (B,4,h,w), text_emb (B,77,D) -> its output latent (B,4,h,w).
     With random_eta, eta ~ U[0,1] per step and per sample, drawn from `generator` (a torch.Generator). For R0+,
-    stop_at=k runs the steps before k without gradient and returns step k's x0_hat."""
+    stop_at=k runs the steps before k without gradient and returns step k's x0_hat (k = K-1: the output)."""
     timesteps = few_step_timesteps(num_steps)
     # our choice: s = t - 1000 // K, diffusers' DDIM rule, so pipelines match (for K = 3, 6, 7 some s are t_(k+1) + 1)
     jump = NUM_TRAIN_TIMESTEPS // num_steps
@@ -200,7 +200,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: 
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 def clip_preprocess(pixels, size=224):
-    """What every learned image reward sees: open_clip's eval transform (bicubic resize of the shorter side, center
+    """What hps, clip and imagereward see: open_clip's eval transform (bicubic resize of the shorter side, center
     crop, normalize) in differentiable torch ops. (B,3,H,W) in [0,1] -> (B,3,size,size) CLIP-normalized."""
     assert pixels.dim() == 4 and pixels.shape[1] == 3, f"expected (B,3,H,W) pixels, got {tuple(pixels.shape)}"
     assert pixels.min() >= 0 and pixels.max() <= 1, "clip_preprocess expects pixels in [0,1]"  # not [-1,1]
@@ -468,7 +468,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no decay: a pull to 0 (under LoRA, a 2nd anchor)
+def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no weight decay (lambda's anchor is the one pull)
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around them, the loop
@@ -491,7 +491,7 @@ def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around th
             stats, grad_norm, applied = one_step(m, optimizer, params, order, cfg, generator)
             log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
             checkpoint_or_stop(run, cfg, bar, step + 1, applied, stop.signum)
-    finish_run(run, cfg)
+        finish_run(run, cfg)  # a signal now lets the pipeline be written whole
     return m
 
 
@@ -1170,13 +1170,13 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
     return state["step"]
 
 @contextlib.contextmanager
-def stop_on_signal():  # on SIGINT / SIGTERM finish the step, save a checkpoint and exit (a second signal: at once)
+def stop_on_signal():  # on SIGINT / SIGTERM: finish the step, checkpoint it if applied, exit (again: at once)
     stop = argparse.Namespace(signum=None)
     def handler(signum, frame):
         if stop.signum is not None:
             os._exit(128 + signum)
         stop.signum = signum
-        print("\ninterrupt: finishing this step, then saving a checkpoint (again: quit at once).", file=sys.stderr)
+        print("\ninterrupt: finishing this step (or the last writes), then stopping (again: at once).", file=sys.stderr)
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield stop
@@ -1245,7 +1245,7 @@ class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a r
 
 def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
     """optimizer_step for a session's first step, as heavy as any (AdamW's state exists already). Out of GPU memory it
-    retries at half the micro-batch (an odd one: 1) and as much more accumulation, from the same draws."""
+    retries at half the micro-batch (an odd one: 1) and as much more accumulation, from the same generator state."""
     draws = (generator.get_state(), order.state_dict())
     while True:
         with contextlib.suppress(torch.OutOfMemoryError):
@@ -1493,7 +1493,7 @@ def main(argv=None):
         print(f"error: {err}" if err.exit_code == 2 else str(err), file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("interrupted before training started; nothing was saved.", file=sys.stderr)
+        print("interrupted before the first step; no checkpoint was written.", file=sys.stderr)
         sys.exit(130)
 
 if __name__ == "__main__":

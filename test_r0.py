@@ -1740,6 +1740,24 @@ def test_interrupt_finishes_the_step_saves_a_checkpoint_and_says_how_to_resume(t
         assert exits == [130]
 
 
+def test_an_interrupt_while_the_final_pipeline_is_written_lets_it_be_written_whole(tmp_path, monkeypatch):
+    """Ctrl-C after the last step, while the diffusers pipeline is being written, is handled as one during a step: the
+    writing finishes (pipeline and summary whole, no KeyboardInterrupt midway), and our handler is gone afterwards."""
+    real_save, calls = r0.save_pipeline, []
+
+    def ctrl_c_then_save(m, cfg):
+        calls.append(1)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C as the final writes begin
+        real_save(m, cfg)
+
+    monkeypatch.setattr(r0, "save_pipeline", ctrl_c_then_save)
+    handler_before = signal.getsignal(signal.SIGINT)
+    r0.train(run_cfg(tmp_path, "--max-steps", "1"))
+    assert calls == [1] and (tmp_path / "pipeline" / "model_index.json").exists()
+    assert json.load(open(tmp_path / "summary.json"))["after"]["colour_accuracy"] >= 0
+    assert signal.getsignal(signal.SIGINT) == handler_before
+
+
 def test_sigterm_on_the_real_command_line_checkpoints_and_exits_cleanly(tmp_path):
     import signal as _signal
     import time as _time

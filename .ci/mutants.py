@@ -110,6 +110,8 @@ MUTANTS = [
      'check_writable(cfg.output_dir, "--output-dir")\n',
      'check_writable(cfg.output_dir, "--output-dir")\n        for f in existing:\n'
      '            shutil.rmtree(p) if os.path.isdir(p := os.path.join(cfg.output_dir, f)) else os.remove(p)\n'),
+    ("a signal while the final pipeline is written cuts it off midway",
+     "        finish_run(run, cfg)  # a signal now", "    finish_run(run, cfg)  # a signal now"),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -148,6 +150,7 @@ FIRST_PASS = [
     "test_content_kept_is_1_for_the_base_model_and_under_a_pure_change_of_colour",
     "test_a_toy_run_never_trains_on_its_held_out_prompts_and_measures_them",
     "test_overwrite_keeps_the_previous_run_until_the_set_up_has_worked",
+    "test_an_interrupt_while_the_final_pipeline_is_written_lets_it_be_written_whole",
 ]
 
 
