@@ -1752,7 +1752,10 @@ def test_an_interrupt_while_the_final_pipeline_is_written_lets_it_be_written_who
 
     monkeypatch.setattr(r0, "save_pipeline", ctrl_c_then_save)
     handler_before = signal.getsignal(signal.SIGINT)
-    r0.train(run_cfg(tmp_path, "--max-steps", "1"))
+    try:
+        r0.train(run_cfg(tmp_path, "--max-steps", "1"))
+    except KeyboardInterrupt:
+        pytest.fail("the interrupt cut the final writes off midway")
     assert calls == [1] and (tmp_path / "pipeline" / "model_index.json").exists()
     assert json.load(open(tmp_path / "summary.json"))["after"]["colour_accuracy"] >= 0
     assert signal.getsignal(signal.SIGINT) == handler_before
