@@ -1158,6 +1158,9 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
         raise UserError(f"the frozen models (theta_0, VAE, text encoder, rewards) differ from {cfg.output_dir}'s: "
                         "another snapshot of --model, or --tiny's models rebuilt on another machine or thread count "
                         f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
+    if set(state["trainable"]) != {n for n, p in run.m.unet.named_parameters() if p.requires_grad}:
+        raise UserError(f"{cfg.resume_checkpoint}'s trained weights are not this UNet's trainable ones (another peft or "
+                        "diffusers names them otherwise); resume with the versions it was saved with, or start anew.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: the adapters)
     run.optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older r0.py: one state per process, "ranks")

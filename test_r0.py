@@ -1636,6 +1636,21 @@ def test_resume_refuses_frozen_models_other_than_those_the_run_started_from(tmp_
     assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1]  # nothing lost
 
 
+def test_resume_refuses_a_checkpoint_whose_trained_weights_this_unet_does_not_have(tmp_path):
+    """A peft or diffusers that names the adapters otherwise: load_state_dict(strict=False) would load none of them
+    and the run would go on from LoRA's init under the old AdamW state. It is refused in one sentence instead."""
+    r0.train(run_cfg(tmp_path, "--max-steps", "1"))
+    path = tmp_path / "checkpoints" / "step_000001.pt"
+    state = torch.load(path, weights_only=True)
+    state["trainable"] = {k.replace("lora_A", "lora_down"): v for k, v in state["trainable"].items()}
+    torch.save(state, path)
+    cfg = r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path), "--max-steps", "2"]))
+    with pytest.raises(r0.UserError, match="not this UNet's trainable ones"):
+        r0.train(cfg)
+    assert [json.loads(line)["step"] for line in open(tmp_path / "log.jsonl")] == [1]  # nothing lost
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["step_000001.pt"]
+
+
 def test_a_full_disk_warns_once_keeps_training_and_stops_at_a_checkpoint_that_cannot_be_written(tmp_path,
                                                                                                 monkeypatch, capsys):
     """From step 2 the disk is full (every write into the run folder goes to /dev/full: ENOSPC, as a real full disk

@@ -112,6 +112,8 @@ MUTANTS = [
      '            shutil.rmtree(p) if os.path.isdir(p := os.path.join(cfg.output_dir, f)) else os.remove(p)\n'),
     ("a signal while the final pipeline is written cuts it off midway",
      "        finish_run(run, cfg)  # a signal now", "    finish_run(run, cfg)  # a signal now"),
+    ("a resume whose checkpoint names other weights goes on from LoRA's init",
+     'if set(state["trainable"]) != {n for n', 'if False and set(state["trainable"]) != {n for n'),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -151,6 +153,7 @@ FIRST_PASS = [
     "test_a_toy_run_never_trains_on_its_held_out_prompts_and_measures_them",
     "test_overwrite_keeps_the_previous_run_until_the_set_up_has_worked",
     "test_an_interrupt_while_the_final_pipeline_is_written_lets_it_be_written_whole",
+    "test_resume_refuses_a_checkpoint_whose_trained_weights_this_unet_does_not_have",
 ]
 
 
