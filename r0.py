@@ -2,8 +2,8 @@
 R0: few-step text-to-image generation by regularized reward maximization, on Stable Diffusion 1.5.
 
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
-2503.13070 (its v2 on arXiv: "Reward-Instruct", NeurIPS 2025). Its repository holds no code, so this is written from
-what we could read, the abstract, the figure captions and Table 1 (not its sections: parts are named by figure).
+2503.13070 (its v2 on arXiv: "Reward-Instruct"). Its repository held no code (2026-12), so this is written from what
+we could read, the abstract, the figure captions and Table 1 (not its sections: parts are named by figure).
 Each comment's label names its source; in one place:
   paper        a K-step generator from SD1.5 (Table 1: K=4); compositional rewards (abstract), HPS v2.1, ImageReward and
                CLIP score (Figs. 9-10); normalized reward gradients (Fig. 8); a weight anchor against hacking (Fig. 11);
@@ -13,16 +13,15 @@ Each comment's label names its source; in one place:
                no CFG in the generator; backprop through all K steps; R0+ at one random step k; no diffusion loss
   our choice   what none of it fixes: timesteps, LoRA 64, lambda, lr, batch, reward weights (all untuned)
   not here     Fig. 14's high-resolution guidance loss (its definition is in the text we could not read)
-The method reads top to bottom down to `train`; "Plumbing", below it, is what it calls: loaders, the toy, the run.
 
 The idea: run the pretrained SD1.5 UNet as a K-step generator from pure noise (K=4, Table 1), decode, score the
 images with differentiable reward models, and push the reward gradients back into the UNet, while regularizers keep
 it from hacking the rewards (abstract). Prompts only: no distillation loss (abstract: diffusion losses are "an overly
 expensive form of regularization") and, by our reading, no diffusion loss and no training images. The objective:
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
-A step follows its reward term with each reward's image gradient normalized first (Fig. 8): a surrogate whose value
-means nothing ("Reward composition" below). Table 1 (v1), HPS / CLIP score x100 / ImageReward: base (Realistic Vision
-at 25 steps, our reading) 30.19 / 34.28 / 0.81, R0 at 4 steps 33.70 / 32.13 / 1.22; from SD1.5, expect the direction.
+A step does not descend this L as written: each reward's image gradient is normalized to unit length first (Fig. 8),
+so reward i pulls each image with strength w_i whatever its scale, and lambda weighs against these unit pulls, not
+against reward values. The backward is of a surrogate loss with that gradient ("Reward composition" below).
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -150,7 +149,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
     B = noise.shape[0]
     x = noise.float()  # (B,4,h,w)
     for i, t in enumerate(timesteps):
-        with torch.set_grad_enabled(torch.is_grad_enabled() and i >= (stop_at or 0)):  # R0+: no graph before k
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (stop_at is None or i >= stop_at)):  # R0+: from k
             a_t = alphas[t]
             t_batch = torch.full((B,), t, device=x.device, dtype=torch.long)
             eps = unet(x.to(unet.dtype), t_batch, encoder_hidden_states=text_emb.to(unet.dtype)).sample.float()
@@ -185,16 +184,16 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 
 # -----------------------------------------------------------------------------------------------------------
 # Rewards (abstract: "compositional rewards"; Figs. 9-10: quality rises as rewards are added; cfg: third-party)
-#   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          clip_score
-#   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 clip_score
-#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    imagereward_score
+#   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          ClipFamilyReward, clip_score
+#   clip         CLIP score: open_clip ViT-H-14, laion2b_s32b_b79k                 ClipFamilyReward, clip_score
+#   imagereward  ImageReward: BLIP ViT-L + BERT with cross-attention + MLP head    ImageRewardReward
 #   cfg          the frozen base UNet's implicit CFG reward                         ImplicitCfgReward
 #   color, bright, proxy, proxy_b   the toy's rewards (Plumbing, "The toy")
 # A reward is a frozen nn.Module (cfg aside) with space = "pixels" (x, (B,3,H,W) in [0,1]) or "latents" (x0_hat)
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
 #   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
-# A new reward, PickScore, is written out under Plumbing, "Reward models": its class, loader and REWARDS line.
+# Their loaders are Plumbing ("Reward models"), where a new reward, PickScore, is written out: class, loader, REWARDS.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -257,6 +256,24 @@ def imagereward_score(model, pixels, input_ids, attention_mask):
                        encoder_attention_mask=image_mask, is_decoder=False).last_hidden_state[:, 0]  # (B,768)
         raw = model.mlp(h.float()).squeeze(-1)  # (B,), the head in fp32, as ImageReward
     return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
+
+class ImageRewardReward(torch.nn.Module):
+    """imagereward: imagereward_score on transformers' BLIP towers and the MLP head, frozen."""
+    space = "pixels"
+    def __init__(self, vision_config, text_config, tokenizer):
+        super().__init__()
+        from transformers import BlipTextModel, BlipVisionModel
+        self.vision = BlipVisionModel(vision_config)
+        self.text = BlipTextModel(text_config, add_pooling_layer=False)  # BLIP's BERT with cross-attention
+        self.mlp, self.tokenizer = preference_head(text_config.hidden_size), tokenizer
+        self.requires_grad_(False).eval()
+
+    def forward(self, pixels, prompts, text_emb=None):  # prompts as ImageReward pads them, to 35 tokens, [CLS] first
+        t = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
+        return imagereward_score(self, pixels, t.input_ids.to(pixels.device), t.attention_mask.to(pixels.device))
+
+    def enable_gradient_checkpointing(self):
+        checkpoint_transformers_layers(self)
 
 class ImplicitCfgReward:
     """cfg, the frozen base model's implicit classifier-free-guidance reward (Diff-Instruct++'s, third-party summary).
@@ -389,7 +406,7 @@ def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate for cfg, (N,4,
 
 @dataclasses.dataclass
 class Models:
-    """All that r0_step reads. Only the generator's weights move (our reading); the rest is frozen."""
+    """All that training reads. Only the generator's weights move (our reading); the rest is frozen."""
     tokenizer: object
     text_encoder: object        # frozen
     vae: object                 # frozen
@@ -481,16 +498,21 @@ def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around th
     run = start_run(cfg, m, optimizer, params, prompts)  # Plumbing: log, grids, a resume's state; the first files
     order, generator = run.order, run.generator  # the prompts in shuffled epochs; the draws of noise, eta, k and t
     with stop_on_signal() as stop:
-        bar = tqdm(range(run.start, cfg.max_steps), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
-        for step in bar:
+        bar = tqdm(range(run.start+1, cfg.max_steps+1), initial=run.start, total=cfg.max_steps, dynamic_ncols=True)
+        for step in bar:  # step: the optimizer steps done once this one is
             t0 = time.time()
             if cfg.device.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats()
             # a session's first step is optimizer_step, retried at half the micro-batch if it runs out of GPU memory
-            one_step = first_step_fitting_memory if step == run.start else optimizer_step
+            one_step = first_step_fitting_memory if step == run.start + 1 else optimizer_step
             stats, grad_norm, applied = one_step(m, optimizer, params, order, cfg, generator)
-            log_step(run, cfg, bar, step + 1, stats, grad_norm, applied, time.time() - t0)
-            checkpoint_or_stop(run, cfg, bar, step + 1, applied, stop.signum)
+            seconds, done = time.time() - t0, step == cfg.max_steps
+            measures = progress(run, cfg, step) if step % cfg.sample_every == 0 or done else None  # the PNG grid
+            log_step(run, cfg, bar, step, stats, grad_norm, applied, seconds, measures)  # log.jsonl, the bar
+            signum = stop.signum  # read once: a signal after this line stops the run after the next step
+            if applied and (step % cfg.checkpoint_every == 0 or done or signum is not None):  # never of a skipped step
+                run.last_checkpoint = save_checkpoint(run, cfg, step, run.last_checkpoint)
+            stop_if_asked(run, cfg, bar, step, signum)  # --max-bad-steps non-finite steps in a row, or a signal
         finish_run(run, cfg)  # a signal now lets the pipeline be written whole
     return m
 
@@ -509,7 +531,7 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Reward models: each one's class, loader and registry line. A new one, PickScore (a transformers CLIPModel), in three:
+# Reward models: loaders and the registry. A new one, PickScore (a transformers CLIPModel), in three parts:
 #   class PickScore(torch.nn.Module):                         # the reward interface ("Rewards", above)
 #       space = "pixels"
 #       def __init__(self, model, tokenizer):                 # a transformers CLIPModel (frozen), CLIP's tokenizer
@@ -542,26 +564,7 @@ class Reward:
     downloads: list = ()    # [(what, hub repo, files)] per file needed; any of `files` will do, and [0] is fetched
     scale: float = 1.0      # sample.py's tables report scale x score (100 x a cosine, our reading of Table 1)
 
-class ImageRewardReward(torch.nn.Module):
-    """imagereward: imagereward_score on transformers' BLIP towers and the MLP head, frozen."""
-    space = "pixels"
-    def __init__(self, vision_config, text_config, tokenizer):
-        super().__init__()
-        from transformers import BlipTextModel, BlipVisionModel
-        self.vision = BlipVisionModel(vision_config)
-        self.text = BlipTextModel(text_config, add_pooling_layer=False)  # BLIP's BERT with cross-attention
-        self.mlp, self.tokenizer = preference_head(text_config.hidden_size), tokenizer
-        self.requires_grad_(False).eval()
-
-    def forward(self, pixels, prompts, text_emb=None):  # prompts as ImageReward pads them, to 35 tokens, [CLS] first
-        t = self.tokenizer(prompts, padding="max_length", truncation=True, max_length=35, return_tensors="pt")
-        return imagereward_score(self, pixels, t.input_ids.to(pixels.device), t.attention_mask.to(pixels.device))
-
-    def enable_gradient_checkpointing(self):
-        checkpoint_transformers_layers(self)
-
-def preference_head(dim):
-    """ImageReward's MLP and the aesthetic predictor's (sample.py), with no activations. Dropouts keep the indices."""
+def preference_head(dim):  # ImageReward's MLP and sample.py's aesthetic one: no activations; dropouts keep indices
     L, D = torch.nn.Linear, torch.nn.Dropout
     return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
 
@@ -799,8 +802,7 @@ SD15_SCHEDULER_CONFIG = dict(  # SD1.5's (the hub's, PNDM's), which any diffuser
     prediction_type="epsilon", set_alpha_to_one=False, steps_offset=1, clip_sample=False, skip_prk_steps=True)
 
 def sd15_tokenizer_offline():
-    """SD1.5's CLIP tokenizer rebuilt offline from open_clip's BPE: 256 byte symbols, the same with '</w>', the 48894
-    merges, <|startoftext|>, <|endoftext|> (49408 tokens, pad = eos = 49407)."""
+    """SD1.5's CLIP tokenizer rebuilt offline from open_clip's BPE (49408 tokens, pad = eos = 49407)."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
     from transformers import CLIPTokenizer
     merges = gzip.open(default_bpe()).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
@@ -935,8 +937,7 @@ class ProxyReward(torch.nn.Module):
 
 @functools.lru_cache(maxsize=2)
 def fit_proxy(seed, per_colour=3, steps=600):
-    """our choice: 3 toy textures per palette colour, shifted to it, and 600 Adam steps
-    of cross entropy: few images, from another distribution than the generator's, as human judgements are for HPS."""
+    """our choice: 3 textures a colour, 600 Adam steps: few images, unlike the generator's, as HPS's human ratings."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         proxy = ProxyReward()
@@ -1159,8 +1160,8 @@ def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up ru
                         "another snapshot of --model, or --tiny's models rebuilt on another machine or thread count "
                         f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
     if set(state["trainable"]) != {n for n, p in run.m.unet.named_parameters() if p.requires_grad}:
-        raise UserError(f"{cfg.resume_checkpoint}'s trained weights are not this UNet's trainable ones (another peft or "
-                        "diffusers names them otherwise); resume with the versions it was saved with, or start anew.")
+        raise UserError(f"{cfg.resume_checkpoint}'s trained weights are not this UNet's trainable ones (another peft "
+                        "or diffusers names them otherwise); resume with the versions that saved it, or start anew.")
     run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: the adapters)
     run.optimizer.load_state_dict(state["optimizer"])
     rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older r0.py: one state per process, "ranks")
@@ -1260,7 +1261,7 @@ def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
                             "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
         half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
         cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
-        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same batch)")
+        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same prompts)")
         generator.set_state(draws[0])  # the step starts again from its first draw
         order.load_state_dict(draws[1])
         write_config(cfg)  # a --resume continues with the batch that fits
@@ -1349,31 +1350,26 @@ def progress(run, cfg, step):  # <out>/samples/step_NNNNNN.png and its measures 
                     {"content_kept": content_kept(images, run.base)})
     return run.measures
 
-def log_step(run, cfg, bar, step, stats, grad_norm, applied, seconds):  # log.jsonl's line, a grid on schedule, the bar
+def log_step(run, cfg, bar, step, stats, grad_norm, applied, seconds, measures):  # log.jsonl's line, the bar
     record = dict(step=step, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=seconds,
-                  peak_mem_gb=peak_memory_gb(cfg.device))
+                  peak_mem_gb=peak_memory_gb(cfg.device), **({"measures": measures} if measures else {}))
     run.bad_steps = 0 if applied else run.bad_steps + 1  # non-finite steps in a row
     if not applied:
         record["skipped"] = "non-finite loss, reward or gradient"
         print(f"step {step}: {record['skipped']}; skipped ({run.bad_steps}/{cfg.max_bad_steps} in a row)")
-    if step % cfg.sample_every == 0 or step == cfg.max_steps:
-        record["measures"] = progress(run, cfg, step)
     write_or_warn(run, run.log_path, append_line, run.log_path, json.dumps(record))  # one JSON line a step
-    if "measures" in record:
+    if measures:
         write_or_warn(run, f"{cfg.output_dir}/curves.png", write_curves, cfg.output_dir, run.summary)
     shown = {k: v for k, v in run.measures.items() if k in ("colour_accuracy", "content_kept")}
     bar.set_postfix({k: f"{v:.4g}" for k, v in (stats | shown).items() if k not in ("loss", "surrogate")}
                     | {"s/it": f"{seconds:.2f}"})
 
-def checkpoint_or_stop(run, cfg, bar, step, applied, signum):  # a checkpoint on schedule, at the end, on a signal
+def stop_if_asked(run, cfg, bar, step, signum):  # after too many non-finite steps, or on a signal (once checkpointed)
     if run.bad_steps >= cfg.max_bad_steps:
         raise UserError(f"stopped at step {step} after {run.bad_steps} steps in a row with non-finite values "
                         f"(NaN/Inf); the last good checkpoint is {run.last_checkpoint or 'none yet'}. "
                         "Lower --lr or check the rewards, then --resume.", exit_code=3)
-    done = step == cfg.max_steps
-    if applied and (step % cfg.checkpoint_every == 0 or done or signum is not None):  # never of a skipped step
-        run.last_checkpoint = save_checkpoint(run, cfg, step, run.last_checkpoint)
-    if signum is not None and not done:
+    if signum is not None and step < cfg.max_steps:
         bar.close()
         raise UserError(f"interrupted at step {step}; checkpoint {run.last_checkpoint or 'none yet'}. Continue with: "
                         f"python r0.py --resume {cfg.output_dir}", exit_code=128 + signum)
