@@ -2,8 +2,8 @@
 R0: few-step text-to-image generation by regularized reward maximization, on Stable Diffusion 1.5.
 
 Paper: Luo, Hu, Luo, Kawaguchi, Tang, "Rewards Are Enough for Fast Photo-Realistic Text-to-image Generation", arXiv
-2503.13070 (its v2 on arXiv: "Reward-Instruct"). Its repository held no code (2026-12), so this is written from what
-we could read, the abstract, the figure captions and Table 1 (not its sections: parts are named by figure).
+2503.13070 (v2: "Reward-Instruct"). The repository its abstract names, github.com/Luo-Yihong/R0, held no code on
+2026-12-01, so this is written from what we could read: the abstract, figure captions and Table 1 (not the sections).
 Each comment's label names its source; in one place:
   paper        a K-step generator from SD1.5 (Table 1: K=4); compositional rewards (abstract), HPS v2.1, ImageReward and
                CLIP score (Figs. 9-10); normalized reward gradients (Fig. 8); a weight anchor against hacking (Fig. 11);
@@ -12,7 +12,7 @@ Each comment's label names its source; in one place:
   our reading  the loss below; per-sample normalization; a squared-L2 anchor; eta ~ U[0,1] per step and sample;
                no CFG in the generator; backprop through all K steps; R0+ at one random step k; no diffusion loss
   our choice   what none of it fixes: timesteps, LoRA 64, lambda, lr, batch, reward weights (all untuned)
-  not here     Fig. 14's high-resolution guidance loss (its definition is in the text we could not read)
+  not here     R0+'s high-resolution guidance loss (Fig. 14; its definition is in the text we could not read)
 
 The idea: run the pretrained SD1.5 UNet as a K-step generator from pure noise (K=4, Table 1), decode, score the
 images with differentiable reward models, and push the reward gradients back into the UNet, while regularizers keep
@@ -20,8 +20,8 @@ it from hacking the rewards (abstract). Prompts only: no distillation loss (abst
 expensive form of regularization") and, by our reading, no diffusion loss and no training images. The objective:
     L(theta) = - E_{c,z,eta} [ sum_i w_i r_i(decode(g_theta(z, c; eta)), c) ]  +  lambda ||theta - theta_0||^2
 A step does not descend this L as written: each reward's image gradient is normalized to unit length first (Fig. 8),
-so reward i pulls each image with strength w_i whatever its scale, and lambda weighs against these unit pulls, not
-against reward values. The backward is of a surrogate loss with that gradient ("Reward composition" below).
+so reward i pulls each image with strength w_i in its space (pixels; latents for cfg) whatever its scale, and lambda
+weighs against these unit pulls, not reward values. The backward is of a surrogate ("Reward composition" below).
 
     python r0.py --tiny --prompts prompts.txt     # offline demo on a CPU: tiny models, a toy colour reward
     python r0.py --prompts prompts.txt            # SD1.5 + HPS v2.1 + CLIP score, LoRA, 512 px, one GPU
@@ -69,7 +69,7 @@ OPTIONS = dict(
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     lora_rank=(64, "LoRA rank (our choice: 64); 0 = full fine-tuning"),
     weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
-    grad_clip=(1.0, "max global gradient norm (our choice)"),
+    grad_clip=(1.0, "max global gradient norm (our choice; it binds often: on the toy, every R0+ step at k = 0, 1)"),
     random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8): per sample (our reading), per micro-batch, none"),
     # our choices, untuned, as none is in what we read: LoRA's usual rate (~1e-5 for --lora-rank 0), batch 4
@@ -77,7 +77,7 @@ OPTIONS = dict(
     batch_size=(4, "images per micro-batch (lowered, with grad_accum raised, if a first step runs out of GPU memory)"),
     grad_accum=(1, "micro-batches per optimizer step, so the batch is batch_size * grad_accum"),
     max_steps=(2000, "optimizer steps"),
-    seed=(0, "seed of the prompt order, every draw (noise, eta, k, t), LoRA's init and --tiny's models"),
+    seed=(0, "seed of the prompt order, every draw (noise, eta, k, t), LoRA's init and --tiny's SD1.5 twins"),
     device=("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:1, ..."),
     precision=("auto", "bf16 (autocast over fp32 trainable weights), fp32, or auto (bf16 where the GPU has it)"),
     grad_checkpointing=(True, "recompute activations in backward (UNet, VAE decoder, reward towers)"),
@@ -313,7 +313,7 @@ class ImplicitCfgReward:
 
 def normalize_gradient(g, per="sample", eps=1e-8):
     """g / (||g|| + eps), (B,...) -> (B,...), per sample. per="batch", an ablation, divides the micro-batch by one
-    norm, so each sample gets about 1/sqrt(B) of the pull and the anchor and the clipping weigh more."""
+    norm, so each sample gets about 1/sqrt(B) of the pull: the anchor weighs more, and clipping binds less."""
     norm = g.flatten(1).norm(dim=1) if per == "sample" else g.norm().expand(len(g))  # (B,)
     return g / (norm.view(-1, *([1] * (g.dim() - 1))) + eps)  # our choice: eps only guards g = 0
 
@@ -389,7 +389,8 @@ def weight_regularization(unet, frozen_unet):
 @contextlib.contextmanager
 def theta_0(unet, frozen_unet):
     """The base model theta_0 as a UNet: the frozen copy (full fine-tuning), or the LoRA UNet with its adapters off
-    (safe inside a step: cfg calls it under no_grad, and the adapters are back on before the backward)."""
+    (safe in a step: cfg calls it under no_grad, and the adapters are on again before the backward, which recomputes
+    the UNet's forward under --grad-checkpointing)."""
     if frozen_unet is None:
         unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, it *is* theta_0
     try:
@@ -476,6 +477,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
         finite = finite and all(math.isfinite(v) for v in stats.values())
         if finite:  # from the first non-finite micro-batch on, nothing is backpropagated
             (loss / cfg.grad_accum).backward()
+        del loss  # a skipped micro-batch's graph goes now, not beside the next one's
         for key, v in stats.items():  # the micro-batches' mean, and R0+'s last k
             stats_sum[key] = v if key == "k" else stats_sum.get(key, 0.0) + v / cfg.grad_accum
     grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip).item() if finite else float("nan")
@@ -518,7 +520,7 @@ def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around th
 
 
 # ===========================================================================================================
-# Plumbing: what the method calls. Reward models, loading, the toy, images, checkpoints, the run's set-up, the CLI.
+# Plumbing: what the method calls, nearest first: the run, checkpoints, reward models, loading, images, toy, CLI.
 # ===========================================================================================================
 
 def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
@@ -528,6 +530,301 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
     def __init__(self, message, exit_code=2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+# -----------------------------------------------------------------------------------------------------------
+# The run, in train's order: set-up, the first step's retry, progress grids, the log, the stop, the end
+
+def begin_run(cfg):  # the prompts; a fresh run refuses a run already in --output-dir, unless --overwrite
+    prompts = load_prompts(cfg.prompts)
+    if cfg.resume_checkpoint is None:
+        existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
+        if existing and not cfg.overwrite:
+            raise UserError(f"{cfg.output_dir} already holds a run ({', '.join(existing)}); continue it with --resume "
+                            f"{cfg.output_dir}, replace it with --overwrite, or choose another --output-dir.")
+        check_writable(cfg.output_dir, "--output-dir")
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    return prompts
+
+def allocate_optimizer_state(optimizer, params):
+    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is as heavy as any, and its OOM retry
+    (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    try:
+        optimizer.step()
+    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this
+        raise UserError("out of GPU memory for AdamW's state (two fp32 copies of the trainable weights); train LoRA "
+                        "(a smaller --lora-rank) or use a larger GPU.")
+    optimizer.zero_grad(set_to_none=True)
+    for state in optimizer.state.values():
+        state["step"].zero_()
+
+def start_run(cfg, m, optimizer, params, prompts):
+    """The run around the step: prompt order, generator, progress grids, log; a resume's checkpoint loaded. The set-up
+    (no network, not SD1.5, AdamW's state out of memory) has failed or worked before --overwrite removes the old run."""
+    if long := sum(len(ids) > 77 for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids):
+        print(f"warning: {long} of {len(prompts)} prompts are longer than CLIP's 77-token limit (SD1.5 truncates).")
+    toy = bool({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards)) and any(map(colour_of, prompts))
+    unseen = list(held_out_prompts(prompts)) if toy else []  # the toy holds about a fifth out of training
+    train_prompts = [p for p in prompts if p not in unseen]
+    n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
+    fixed = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
+    grid = [p for p in fixed for _ in range(cfg.num_sample_seeds)], [*range(cfg.num_sample_seeds)] * n
+    held_out = ([p for p in train_prompts if colour_of(p)], unseen) if toy else None  # (seen, unseen)
+    with theta_0(m.unet, m.frozen_unet) as base_unet:  # the base model's images of the same prompts and seeds
+        base_m = dataclasses.replace(m, unet=base_unet)
+        base_images = (held_out_images(base_m, cfg, sum(held_out, [])) if toy else
+                       sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    for f in RUN_FILES if cfg.resume_checkpoint is None else ():  # only --overwrite gets here with them present
+        if os.path.exists(path := os.path.join(cfg.output_dir, f)):
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    run = argparse.Namespace(
+        m=m, params=params, optimizer=optimizer, prompts_hash=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+        generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, the CFG reward's t
+        order=PromptOrder(train_prompts, cfg.seed), start=0, summary={}, bad_steps=0, measures={},
+        last_checkpoint=cfg.resume_checkpoint, write_failed=False, fingerprint=frozen_fingerprint(m),
+        log_path=os.path.join(cfg.output_dir, "log.jsonl"), summary_path=os.path.join(cfg.output_dir, "summary.json"),
+        held_out=held_out, grid=grid, base=base_images)
+    if cfg.resume_checkpoint:
+        run.start = load_checkpoint(run, cfg)
+        kept = [json.dumps(r) + "\n" for r in read_log(run.log_path) if r["step"] <= run.start]  # the rest is redone
+        write_atomic(run.log_path, "".join(kept))
+        run.summary = json.load(open(run.summary_path)) if os.path.exists(run.summary_path) else {}
+        print(f"resumed from {cfg.resume_checkpoint} (step {run.start})" + (" (at --max-steps already: the pipeline "
+              "and summary are written again; raise --max-steps to train on)" if run.start >= cfg.max_steps else ""))
+    print(f"R0{'+' * cfg.r0_plus} | {f'LoRA rank {cfg.lora_rank}' if cfg.lora_rank else 'full fine-tuning'} | "
+          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | "
+          f"{cfg.device} | batch {cfg.batch_size} x accumulation {cfg.grad_accum} = {cfg.batch_size * cfg.grad_accum}")
+    write_config(cfg)
+    if run.start == 0:
+        run.summary["before"] = progress(run, cfg, 0)  # the 'before' grid, and its measures
+        write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
+    return run
+
+class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
+    def __init__(self, prompts, seed):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+    def batch(self, n):
+        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
+            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
+        return [self.queue.pop() for _ in range(n)]
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.queue = list(state["queue"])
+
+def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
+    """optimizer_step for a session's first step, as heavy as any (AdamW's state exists). Out of GPU memory it retries
+    at half the micro-batch (odd: 1), more accumulation: same prompts, other draws (--normalize batch: other norms)."""
+    draws = (generator.get_state(), order.state_dict())
+    while True:
+        with contextlib.suppress(torch.OutOfMemoryError):
+            return optimizer_step(m, optimizer, params, order, cfg, generator)
+        m.unet.zero_grad(set_to_none=True)  # out here the traceback, which holds the activations, is gone
+        torch.cuda.empty_cache()
+        if cfg.batch_size == 1:
+            raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
+                            "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
+        half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
+        cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
+        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same prompts)")
+        generator.set_state(draws[0])  # the step starts again from its first draw
+        order.load_state_dict(draws[1])
+        write_config(cfg)  # a --resume continues with the batch that fits
+
+def write_config(cfg):  # <out>/config.json, the resolved config that a resume starts from
+    try:
+        write_atomic(os.path.join(cfg.output_dir, "config.json"),
+                     json.dumps({k: v for k, v in vars(cfg).items() if k in OPTIONS}, indent=2))
+    except OSError as err:
+        raise UserError(f"could not write {cfg.output_dir}/config.json ({err.strerror}); free some disk space.")
+
+def progress(run, cfg, step):  # <out>/samples/step_NNNNNN.png and its measures (content_kept, or toy_measures)
+    images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
+    path = os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png")
+    write_or_warn(run, path, save_grid, images, path, cfg.num_sample_seeds, captions=run.grid[0])
+    run.measures = (toy_measures(run.m, cfg, *run.held_out, run.base) if run.held_out else
+                    {"content_kept": content_kept(images, run.base)})
+    return run.measures
+
+def log_step(run, cfg, bar, step, stats, grad_norm, applied, seconds, measures):  # log.jsonl's line, the bar
+    record = dict(step=step, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=seconds,
+                  peak_mem_gb=peak_memory_gb(cfg.device), **({"measures": measures} if measures else {}))
+    run.bad_steps = 0 if applied else run.bad_steps + 1  # non-finite steps in a row
+    if not applied:
+        record["skipped"] = "non-finite loss, reward or gradient"
+        print(f"step {step}: {record['skipped']}; skipped ({run.bad_steps}/{cfg.max_bad_steps} in a row)")
+    write_or_warn(run, run.log_path, append_line, run.log_path, json.dumps(record))  # one JSON line a step
+    if measures:
+        write_or_warn(run, f"{cfg.output_dir}/curves.png", write_curves, cfg.output_dir, run.summary)
+    shown = stats | {k: v for k, v in run.measures.items() if k in ("colour_accuracy", "content_kept")}
+    bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items() if k not in ("loss", "surrogate")} | {"s/it": seconds})
+
+def peak_memory_gb(device):  # CUDA's peak allocated memory (reset every step), or a CPU process's peak RSS
+    if str(device).startswith("cuda"):
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+def stop_if_asked(run, cfg, bar, step, signum):  # after too many non-finite steps, or on a signal (once checkpointed)
+    if run.bad_steps >= cfg.max_bad_steps:
+        raise UserError(f"stopped at step {step} after {run.bad_steps} steps in a row with non-finite values "
+                        f"(NaN/Inf); the last good checkpoint is {run.last_checkpoint or 'none yet'}. "
+                        "Lower --lr or check the rewards, then --resume.", exit_code=3)
+    if signum is not None and step < cfg.max_steps:
+        bar.close()
+        raise UserError(f"interrupted at step {step}; checkpoint {run.last_checkpoint or 'none yet'}. Continue with: "
+                        f"python r0.py --resume {cfg.output_dir}", exit_code=128 + signum)
+
+def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline of the generator, the summary
+    out, summary = cfg.output_dir, run.summary
+    summary["after"] = after = run.measures or progress(run, cfg, cfg.max_steps)  # (the last grid's, if any)
+    before = summary.get("before", {})
+    if run.held_out:
+        print(f"colour accuracy on held-out seeds, before -> after (chance: 1 in {len(COLOURS)}): "
+              f"{before.get('colour_accuracy', math.nan):.1%} -> {after['colour_accuracy']:.1%} on the training "
+              f"prompts, {before.get('colour_accuracy_unseen', math.nan):.1%} -> {after['colour_accuracy_unseen']:.1%} "
+              f"on {len(run.held_out[1])} prompts never trained on; per colour: " + ", ".join(
+                  f"{c} {before.get('colour_accuracy_per_colour', {}).get(c, math.nan):.0%} -> {v:.0%}"
+                  for c, v in after["colour_accuracy_per_colour"].items()))
+    print(f"content kept (correlation with the base model's images; no reward scores it): {after['content_kept']:.1%}")
+    try:
+        save_pipeline(run.m, cfg)
+        write_atomic(run.summary_path, json.dumps(summary, indent=2))
+    except (OSError, RuntimeError) as err:  # a full disk; the last checkpoint holds the trained weights
+        raise UserError(f"could not write {out}/pipeline or its summary ({getattr(err, 'strerror', None) or err}); the "
+                        f"trained weights are in {run.last_checkpoint or 'no checkpoint'}: free some disk space, then "
+                        f"python r0.py --resume {out} writes them.", exit_code=1)
+    lora = f", LoRA weights in {out}/lora" if cfg.lora_rank else ""
+    print(f"done: grids in {out}/samples, curves in {out}/curves.png, diffusers pipeline in {out}/pipeline{lora}; "
+          f"checkpoints, log.jsonl and summary.json in {out}")
+
+
+# -----------------------------------------------------------------------------------------------------------
+# Checkpoints, resume, interrupts, full disks
+
+RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sample_seeds", "checkpoint_every",
+                     "keep_checkpoints", "max_bad_steps", "device", "grad_checkpointing", "prompts", "resume",
+                     "overwrite", "output_dir"}  # none touches the optimization (--device: only another GPU)
+RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
+
+def frozen_fingerprint(m):  # the sum of |w| per frozen module (theta_0, VAE, ...), which a resume must find again
+    modules = [m.unet if m.frozen_unet is None else m.frozen_unet, m.text_encoder, m.vae, *m.rewards.values()]
+    return [sum(p.detach().double().abs().sum().item() for p in module.parameters() if not p.requires_grad)
+            for module in modules if isinstance(module, torch.nn.Module)]
+
+def checkpoint_files(out_dir):  # a run's finished checkpoints, oldest first
+    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_" + "[0-9]" * 6 + ".pt")))
+
+def save_checkpoint(run, cfg, step, last):
+    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written then renamed so a crash never corrupts the
+    latest. The oldest beyond --keep-checkpoints go. A write that fails (a full disk) stops the run."""
+    state = {"step": step, "config": vars(cfg), "prompts_sha256": run.prompts_hash, "fingerprint": run.fingerprint,
+             "trainable": {n: p.detach().cpu() for n, p in run.m.unet.named_parameters() if p.requires_grad},
+             "optimizer": run.optimizer.state_dict(), "threads": torch.get_num_threads(),
+             "rng": {"generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state(cfg.device) if cfg.device.startswith("cuda") else None,
+                     "python_rng": random.getstate(), "order": run.order.state_dict()}}
+    path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step:06d}.pt")
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(state, path + ".tmp")  # a full disk: OSError, or RuntimeError from torch's zip writer
+        os.replace(path + ".tmp", path)
+        for old in checkpoint_files(cfg.output_dir)[: -cfg.keep_checkpoints]:
+            os.remove(old)
+    except (OSError, RuntimeError) as err:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
+        raise UserError(f"could not write checkpoint {path} ({why}); stopped, so that no more training is lost: the "
+                        f"last checkpoint is {last or 'none'}. Free some disk space, then python r0.py --resume "
+                        f"{cfg.output_dir}", exit_code=1)
+    return path
+
+def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up run, returning its step
+    state = load_tensors(cfg.resume_checkpoint, "r0.py checkpoint")
+    if state["prompts_sha256"] != run.prompts_hash:  # the saved order would index into other prompts
+        raise UserError(f"the prompts in {cfg.prompts} differ from those the run was trained on; resume "
+                        "with the same prompt file, or start a new run.")
+    saved = state.get("fingerprint")  # (none before it existed)
+    if saved and not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, run.fingerprint, strict=True)):
+        raise UserError(f"the frozen models (theta_0, VAE, text encoder, rewards) differ from {cfg.output_dir}'s: "
+                        "another snapshot of --model, or --tiny's models rebuilt on another machine or thread count "
+                        f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
+    if set(state["trainable"]) != {n for n, p in run.m.unet.named_parameters() if p.requires_grad}:
+        raise UserError(f"{cfg.resume_checkpoint}'s trained weights are not this UNet's trainable ones (another peft "
+                        "or diffusers names them otherwise); resume with the versions that saved it, or start anew.")
+    run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: the adapters)
+    run.optimizer.load_state_dict(state["optimizer"])
+    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older r0.py: one state per process, "ranks")
+    run.generator.set_state(rng["generator"])
+    torch.set_rng_state(rng["torch_rng"])
+    if isinstance(rng["cuda_rng"], torch.Tensor) and cfg.device.startswith("cuda"):  # (older runs: a list)
+        torch.cuda.set_rng_state(rng["cuda_rng"], cfg.device)
+    random.setstate(rng["python_rng"])
+    run.order.load_state_dict(rng["order"])
+    return state["step"]
+
+@contextlib.contextmanager
+def stop_on_signal():  # on SIGINT / SIGTERM: finish the step, checkpoint it if applied, exit (again: at once)
+    stop = argparse.Namespace(signum=None)
+    def handler(signum, frame):
+        if stop.signum is not None:
+            os._exit(128 + signum)
+        stop.signum = signum
+        print("\ninterrupt: finishing this step (or the last writes), then stopping (again: at once).", file=sys.stderr)
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+def check_writable(path, flag):  # before minutes of loading, path's nearest existing parent must be writable
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {flag} {path} ({parent} is not a writable folder); choose another.")
+
+def write_atomic(path, text):  # write-then-rename, so a crash or a full disk leaves no half-written file
+    try:
+        with open(path + ".tmp", "w") as f:
+            f.write(text)
+        os.replace(path + ".tmp", path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(path + ".tmp")
+
+def append_line(path, line):  # onto log.jsonl, undoing a write cut short (a full disk), so it holds whole lines
+    size = os.path.getsize(path) if os.path.exists(path) else 0
+    try:
+        with open(path, "a") as f:
+            f.write(line + "\n")
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.truncate(path, size)
+        raise
+
+def read_log(path):  # log.jsonl's records (a line a crash cut short is skipped)
+    records = []
+    for line in open(path) if os.path.exists(path) else []:
+        with contextlib.suppress(json.JSONDecodeError):
+            records.append(json.loads(line))
+    return records
+
+def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or curves.png; a full disk is said once
+    try:
+        write(*args, **kwargs)
+    except OSError as err:
+        if not run.write_failed:
+            print(f"warning: could not write {what} ({err.strerror or err}); training goes on and writes what it can "
+                  "(it stops if a checkpoint cannot be written).")
+        run.write_failed = True
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -880,6 +1177,120 @@ def build_tiny_clip_tower(seed=0):  # a tiny random open_clip CLIP of ViT-H-14's
 
 
 # -----------------------------------------------------------------------------------------------------------
+# Prompts, images, the saved pipeline
+
+def load_prompts(path):  # a UTF-8 text file, one prompt a line; '#' comments and blank lines skipped
+    if path is None or not os.path.isfile(path):
+        what = path and f"prompt file '{path}' " + ("is a directory" if os.path.isdir(path) else "does not exist")
+        raise UserError(f"{what or 'no prompt file given'}; pass --prompts with a text file, one prompt a line.")
+    try:
+        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
+            prompts = [line.strip() for line in f.read().splitlines() if line.strip() and not line.strip()[0] == "#"]
+    except UnicodeDecodeError:
+        raise UserError(f"prompt file '{path}' is not UTF-8 text; save it as UTF-8.")
+    if not prompts:
+        raise UserError(f"prompt file '{path}' holds no prompts (only blank lines or '#' comments); add one a line.")
+    return prompts
+
+@torch.no_grad()
+def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batch_size=8):
+    """(N,3,H,W) in [0,1], the generator's image of each (prompt, seed). With eta > 0 each draws its own step noise."""
+    noise = torch.stack([initial_noise(s, resolution, "cpu") for s in seeds]).to(m.device)  # (N,4,h,w)
+    fp32_unet = precision == "bf16" and any(p.dtype == torch.float32 for p in m.unet.parameters())
+    batch_size, images = batch_size if eta == 0 else 1, []
+    for i in range(0, len(prompts), batch_size):
+        gen = torch.Generator(m.device).manual_seed(seeds[i])
+        text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts[i : i + batch_size])
+        with autocast(m.device, precision) if fp32_unet else contextlib.nullcontext():
+            latents = generate(m.unet, noise[i : i + batch_size], text_emb, steps, m.alphas_cumprod, eta=eta,
+                               generator=gen)
+        images.append(decode(m.vae, latents))
+    return torch.cat(images).cpu()  # one host sync
+
+def initial_noise(seed, resolution, device):  # x_T (4,h,w), drawn on the CPU so a seed's x_T is the same anywhere
+    return torch.randn((4, resolution // 8, resolution // 8), generator=torch.Generator().manual_seed(seed)).to(device)
+
+def save_grid(images, path, ncols, captions=None, row_labels=None):  # (N,3,H,W) -> a PNG, captioned
+    from PIL import Image, ImageDraw
+    if (captions or row_labels) and images.shape[-1] < 128:  # tiny images, upscaled to make room for text
+        images = F.interpolate(images, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
+    N, _, H, W = images.shape
+    captions = [textwrap.wrap(c, max(W // 6 - 1, 1), max_lines=3, placeholder="~") or [""] for c in captions or []]
+    cap_h = 2 + 11 * max(map(len, captions)) if captions else 0  # PIL's default font: ~6 px a character, 11 a line
+    label_w = 6 * max(map(len, row_labels)) + 8 if row_labels else 0
+    grid = Image.new("RGB", (label_w + ncols * W, math.ceil(N / ncols) * (H + cap_h)), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, img in enumerate(images):
+        x, y = label_w + i % ncols * W, i // ncols * (H + cap_h)
+        grid.paste(Image.fromarray((img.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()), (x, y))
+        for line, text in enumerate(captions[i] if captions else []):
+            draw.text((x + 2, y + H + 1 + 11 * line), text, fill="black")
+    for r, label in enumerate(row_labels or []):
+        draw.text((4, r * (H + cap_h) + H // 2 - 6), label, fill="black")
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    grid.save(path)
+
+def write_curves(out_dir, summary):
+    """<out>/curves.png, 4 panels a row: each number logged per step, then each measure of the progress grids."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    log, before = read_log(os.path.join(out_dir, "log.jsonl")), summary.get("before", {})
+    skip = ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb", "skipped", "k", "measures")
+    curves = {k: [(r["step"], r[k]) for r in log if k in r] for k in dict.fromkeys(k for r in log for k in r)
+              if k not in skip}
+    for k in dict.fromkeys(k for r in log for k, v in r.get("measures", {}).items() if isinstance(v, float)):
+        curves[k] = ([(0, before[k])] if k in before else []) + [(r["step"], r["measures"][k]) for r in log
+                                                                 if k in r.get("measures", {})]
+    ncols, nrows = min(len(curves), 4), math.ceil(len(curves) / 4)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
+    for ax, (key, points) in zip(axes.flat, curves.items()):
+        ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, lw=1)
+        ax.set(title=key, xlabel="step")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
+    plt.close(fig)
+
+def sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler):  # no safety checker, as SD1.5's is another download
+    from diffusers import StableDiffusionPipeline
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+def few_step_scheduler(scheduler_config):  # diffusers' twin of generate(eta=0), DDIM trailing with final alpha 1
+    from diffusers import DDIMScheduler
+    return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
+                                     clip_sample=False, thresholding=False, rescale_betas_zero_snr=False)
+
+def merged_unet(unet, base):  # the generator as a plain fp32 diffusers UNet, `base` (full precision) + the change
+    base = cast(base.requires_grad_(False), "cpu", torch.float32)
+    if not getattr(unet, "peft_config", None):
+        base.load_state_dict(unet.state_dict())
+        return base
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    base.add_adapter(copy.deepcopy(unet.peft_config["default"]))  # the same targets, rank and scaling
+    set_peft_model_state_dict(base, get_peft_model_state_dict(unet))
+    base.fuse_lora(lora_scale=1.0)
+    base.unload_lora()  # plain diffusers layers, for any pipeline
+    return base
+
+def save_pipeline(m, cfg):
+    """<out>/pipeline, a diffusers folder whose scheduler is the few-step DDIM (StableDiffusionPipeline.from_pretrained,
+    num_inference_steps=K, guidance_scale=1.0: our sampler); LoRA runs also write <out>/lora."""
+    from diffusers import StableDiffusionPipeline
+    tokenizer, text_encoder, vae, base_unet = build_tiny_sd15(cfg.seed) if cfg.tiny else load_sd15(cfg.model)[:4]
+    pipe = sd_pipeline(tokenizer, cast(text_encoder, "cpu", torch.float32), cast(vae, "cpu", torch.float32),
+                       merged_unet(m.unet, base_unet), few_step_scheduler(m.scheduler_config))
+    pipe.save_pretrained(os.path.join(cfg.output_dir, "pipeline"))
+    if getattr(m.unet, "peft_config", None):
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+        StableDiffusionPipeline.save_lora_weights(
+            os.path.join(cfg.output_dir, "lora"), safe_serialization=True,
+            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet)))
+
+
+# -----------------------------------------------------------------------------------------------------------
 # The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, a smooth form of the
 # true rule (colour_accuracy), is unhackable but may wash out content; bright is louder; proxy, learned, is hackable.
 # The measures are the colour rule at held-out seeds and prompts, and content_kept, the base model's structure kept.
@@ -995,416 +1406,6 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Prompts, images, the saved pipeline
-
-def load_prompts(path):  # a UTF-8 text file, one prompt a line; '#' comments and blank lines skipped
-    if path is None or not os.path.isfile(path):
-        what = path and f"prompt file '{path}' " + ("is a directory" if os.path.isdir(path) else "does not exist")
-        raise UserError(f"{what or 'no prompt file given'}; pass --prompts with a text file, one prompt a line.")
-    try:
-        with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark is not text
-            prompts = [line.strip() for line in f.read().splitlines() if line.strip() and not line.strip()[0] == "#"]
-    except UnicodeDecodeError:
-        raise UserError(f"prompt file '{path}' is not UTF-8 text; save it as UTF-8.")
-    if not prompts:
-        raise UserError(f"prompt file '{path}' holds no prompts (only blank lines or '#' comments); add one a line.")
-    return prompts
-
-@torch.no_grad()
-def sample_images(m, prompts, seeds, steps, resolution, precision, eta=0.0, batch_size=8):
-    """(N,3,H,W) in [0,1], the generator's image of each (prompt, seed). With eta > 0 each draws its own step noise."""
-    noise = torch.stack([initial_noise(s, resolution, "cpu") for s in seeds]).to(m.device)  # (N,4,h,w)
-    fp32_unet = precision == "bf16" and any(p.dtype == torch.float32 for p in m.unet.parameters())
-    batch_size, images = batch_size if eta == 0 else 1, []
-    for i in range(0, len(prompts), batch_size):
-        gen = torch.Generator(m.device).manual_seed(seeds[i])
-        text_emb = encode_prompts(m.tokenizer, m.text_encoder, prompts[i : i + batch_size])
-        with autocast(m.device, precision) if fp32_unet else contextlib.nullcontext():
-            latents = generate(m.unet, noise[i : i + batch_size], text_emb, steps, m.alphas_cumprod, eta=eta,
-                               generator=gen)
-        images.append(decode(m.vae, latents))
-    return torch.cat(images).cpu()  # one host sync
-
-def initial_noise(seed, resolution, device):  # x_T (4,h,w), drawn on the CPU so a seed's x_T is the same anywhere
-    return torch.randn((4, resolution // 8, resolution // 8), generator=torch.Generator().manual_seed(seed)).to(device)
-
-def save_grid(images, path, ncols, captions=None, row_labels=None):  # (N,3,H,W) -> a PNG, captioned
-    from PIL import Image, ImageDraw
-    if (captions or row_labels) and images.shape[-1] < 128:  # tiny images, upscaled to make room for text
-        images = F.interpolate(images, scale_factor=math.ceil(128 / images.shape[-1]), mode="nearest")
-    N, _, H, W = images.shape
-    captions = [textwrap.wrap(c, max(W // 6 - 1, 1), max_lines=3, placeholder="~") or [""] for c in captions or []]
-    cap_h = 2 + 11 * max(map(len, captions)) if captions else 0  # PIL's default font: ~6 px a character, 11 a line
-    label_w = 6 * max(map(len, row_labels)) + 8 if row_labels else 0
-    grid = Image.new("RGB", (label_w + ncols * W, math.ceil(N / ncols) * (H + cap_h)), "white")
-    draw = ImageDraw.Draw(grid)
-    for i, img in enumerate(images):
-        x, y = label_w + i % ncols * W, i // ncols * (H + cap_h)
-        grid.paste(Image.fromarray((img.clamp(0, 1).permute(1, 2, 0) * 255).round().byte().numpy()), (x, y))
-        for line, text in enumerate(captions[i] if captions else []):
-            draw.text((x + 2, y + H + 1 + 11 * line), text, fill="black")
-    for r, label in enumerate(row_labels or []):
-        draw.text((4, r * (H + cap_h) + H // 2 - 6), label, fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    grid.save(path)
-
-def write_curves(out_dir, summary):
-    """<out>/curves.png, 4 panels a row: each number logged per step, then each measure of the progress grids."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    log, before = read_log(os.path.join(out_dir, "log.jsonl")), summary.get("before", {})
-    skip = ("step", "loss", "surrogate", "grad_norm", "lr", "seconds", "peak_mem_gb", "skipped", "k", "measures")
-    curves = {k: [(r["step"], r[k]) for r in log if k in r] for k in dict.fromkeys(k for r in log for k in r)
-              if k not in skip}
-    for k in dict.fromkeys(k for r in log for k, v in r.get("measures", {}).items() if isinstance(v, float)):
-        curves[k] = ([(0, before[k])] if k in before else []) + [(r["step"], r["measures"][k]) for r in log
-                                                                 if k in r.get("measures", {})]
-    ncols, nrows = min(len(curves), 4), math.ceil(len(curves) / 4)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.6 * nrows), squeeze=False)
-    for ax, (key, points) in zip(axes.flat, curves.items()):
-        ax.plot(*zip(*points), marker="o" if len(points) < 20 else None, lw=1)
-        ax.set(title=key, xlabel="step")
-    fig.tight_layout()
-    fig.savefig(os.path.join(out_dir, "curves.png"), dpi=80)
-    plt.close(fig)
-
-def sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler):  # no safety checker, as SD1.5's is another download
-    from diffusers import StableDiffusionPipeline
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
-
-def few_step_scheduler(scheduler_config):  # diffusers' twin of generate(eta=0), DDIM trailing with final alpha 1
-    from diffusers import DDIMScheduler
-    return DDIMScheduler.from_config(scheduler_config, timestep_spacing="trailing", set_alpha_to_one=True,
-                                     clip_sample=False, thresholding=False, rescale_betas_zero_snr=False)
-
-def merged_unet(unet, base):  # the generator as a plain fp32 diffusers UNet, `base` (full precision) + the change
-    base = cast(base.requires_grad_(False), "cpu", torch.float32)
-    if not getattr(unet, "peft_config", None):
-        base.load_state_dict(unet.state_dict())
-        return base
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    base.add_adapter(copy.deepcopy(unet.peft_config["default"]))  # the same targets, rank and scaling
-    set_peft_model_state_dict(base, get_peft_model_state_dict(unet))
-    base.fuse_lora(lora_scale=1.0)
-    base.unload_lora()  # plain diffusers layers, for any pipeline
-    return base
-
-def save_pipeline(m, cfg):
-    """<out>/pipeline, a diffusers folder whose scheduler is the few-step DDIM (StableDiffusionPipeline.from_pretrained,
-    num_inference_steps=K, guidance_scale=1.0: our sampler); LoRA runs also write <out>/lora."""
-    from diffusers import StableDiffusionPipeline
-    tokenizer, text_encoder, vae, base_unet = build_tiny_sd15(cfg.seed) if cfg.tiny else load_sd15(cfg.model)[:4]
-    pipe = sd_pipeline(tokenizer, cast(text_encoder, "cpu", torch.float32), cast(vae, "cpu", torch.float32),
-                       merged_unet(m.unet, base_unet), few_step_scheduler(m.scheduler_config))
-    pipe.save_pretrained(os.path.join(cfg.output_dir, "pipeline"))
-    if getattr(m.unet, "peft_config", None):
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-        StableDiffusionPipeline.save_lora_weights(
-            os.path.join(cfg.output_dir, "lora"), safe_serialization=True,
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet)))
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Checkpoints, resume, interrupts, full disks
-
-RESUMABLE_CHANGES = {"max_steps", "sample_every", "num_sample_prompts", "num_sample_seeds", "checkpoint_every",
-                     "keep_checkpoints", "max_bad_steps", "device", "grad_checkpointing", "prompts", "resume",
-                     "overwrite", "output_dir"}  # none touches the optimization (--device: only another GPU)
-RUN_FILES = ("config.json", "log.jsonl", "summary.json", "curves.png", "checkpoints", "samples", "pipeline", "lora")
-
-def frozen_fingerprint(m):  # the sum of |w| per frozen module (theta_0, VAE, ...), which a resume must find again
-    modules = [m.unet if m.frozen_unet is None else m.frozen_unet, m.text_encoder, m.vae, *m.rewards.values()]
-    return [sum(p.detach().double().abs().sum().item() for p in module.parameters() if not p.requires_grad)
-            for module in modules if isinstance(module, torch.nn.Module)]
-
-def checkpoint_files(out_dir):  # a run's finished checkpoints, oldest first
-    return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_" + "[0-9]" * 6 + ".pt")))
-
-def save_checkpoint(run, cfg, step, last):
-    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written then renamed so a crash never corrupts the
-    latest. The oldest beyond --keep-checkpoints go. A write that fails (a full disk) stops the run."""
-    state = {"step": step, "config": vars(cfg), "prompts_sha256": run.prompts_hash, "fingerprint": run.fingerprint,
-             "trainable": {n: p.detach().cpu() for n, p in run.m.unet.named_parameters() if p.requires_grad},
-             "optimizer": run.optimizer.state_dict(), "threads": torch.get_num_threads(),
-             "rng": {"generator": run.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                     "cuda_rng": torch.cuda.get_rng_state(cfg.device) if cfg.device.startswith("cuda") else None,
-                     "python_rng": random.getstate(), "order": run.order.state_dict()}}
-    path = os.path.join(cfg.output_dir, "checkpoints", f"step_{step:06d}.pt")
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(state, path + ".tmp")  # a full disk: OSError, or RuntimeError from torch's zip writer
-        os.replace(path + ".tmp", path)
-        for old in checkpoint_files(cfg.output_dir)[: -cfg.keep_checkpoints]:
-            os.remove(old)
-    except (OSError, RuntimeError) as err:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-        why = getattr(err, "strerror", None) or str(err).splitlines()[0]
-        raise UserError(f"could not write checkpoint {path} ({why}); stopped, so that no more training is lost: the "
-                        f"last checkpoint is {last or 'none'}. Free some disk space, then python r0.py --resume "
-                        f"{cfg.output_dir}", exit_code=1)
-    return path
-
-def load_checkpoint(run, cfg):  # cfg.resume_checkpoint into a freshly set-up run, returning its step
-    state = load_tensors(cfg.resume_checkpoint, "r0.py checkpoint")
-    if state["prompts_sha256"] != run.prompts_hash:  # the saved order would index into other prompts
-        raise UserError(f"the prompts in {cfg.prompts} differ from those the run was trained on; resume "
-                        "with the same prompt file, or start a new run.")
-    saved = state.get("fingerprint")  # (none before it existed)
-    if saved and not all(math.isclose(a, b, rel_tol=1e-9) for a, b in zip(saved, run.fingerprint, strict=True)):
-        raise UserError(f"the frozen models (theta_0, VAE, text encoder, rewards) differ from {cfg.output_dir}'s: "
-                        "another snapshot of --model, or --tiny's models rebuilt on another machine or thread count "
-                        f"(the run had OMP_NUM_THREADS={state['threads']}); resume where it trained, or start anew.")
-    if set(state["trainable"]) != {n for n, p in run.m.unet.named_parameters() if p.requires_grad}:
-        raise UserError(f"{cfg.resume_checkpoint}'s trained weights are not this UNet's trainable ones (another peft "
-                        "or diffusers names them otherwise); resume with the versions that saved it, or start anew.")
-    run.m.unet.load_state_dict(state["trainable"], strict=False)  # the trainable tensors only (LoRA: the adapters)
-    run.optimizer.load_state_dict(state["optimizer"])
-    rng = state["rng"] if "rng" in state else state["ranks"][0]  # (older r0.py: one state per process, "ranks")
-    run.generator.set_state(rng["generator"])
-    torch.set_rng_state(rng["torch_rng"])
-    if isinstance(rng["cuda_rng"], torch.Tensor) and cfg.device.startswith("cuda"):  # (older runs: a list)
-        torch.cuda.set_rng_state(rng["cuda_rng"], cfg.device)
-    random.setstate(rng["python_rng"])
-    run.order.load_state_dict(rng["order"])
-    return state["step"]
-
-@contextlib.contextmanager
-def stop_on_signal():  # on SIGINT / SIGTERM: finish the step, checkpoint it if applied, exit (again: at once)
-    stop = argparse.Namespace(signum=None)
-    def handler(signum, frame):
-        if stop.signum is not None:
-            os._exit(128 + signum)
-        stop.signum = signum
-        print("\ninterrupt: finishing this step (or the last writes), then stopping (again: at once).", file=sys.stderr)
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
-
-def check_writable(path, flag):  # before minutes of loading, path's nearest existing parent must be writable
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent) or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {flag} {path} ({parent} is not a writable folder); choose another.")
-
-def write_atomic(path, text):  # write-then-rename, so a crash or a full disk leaves no half-written file
-    try:
-        with open(path + ".tmp", "w") as f:
-            f.write(text)
-        os.replace(path + ".tmp", path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.remove(path + ".tmp")
-
-def append_line(path, line):  # onto log.jsonl, undoing a write cut short (a full disk), so it holds whole lines
-    size = os.path.getsize(path) if os.path.exists(path) else 0
-    try:
-        with open(path, "a") as f:
-            f.write(line + "\n")
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.truncate(path, size)
-        raise
-
-def read_log(path):  # log.jsonl's records (a line a crash cut short is skipped)
-    records = []
-    for line in open(path) if os.path.exists(path) else []:
-        with contextlib.suppress(json.JSONDecodeError):
-            records.append(json.loads(line))
-    return records
-
-def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or curves.png; a full disk is said once
-    try:
-        write(*args, **kwargs)
-    except OSError as err:
-        if not run.write_failed:
-            print(f"warning: could not write {what} ({err.strerror or err}); training goes on and writes what it can "
-                  "(it stops if a checkpoint cannot be written).")
-        run.write_failed = True
-
-
-# -----------------------------------------------------------------------------------------------------------
-# The run: set-up, progress grids, the log, checkpoints on schedule, the end
-
-class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
-    def __init__(self, prompts, seed):
-        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
-    def batch(self, n):
-        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
-            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
-        return [self.queue.pop() for _ in range(n)]
-    def state_dict(self):
-        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
-    def load_state_dict(self, state):
-        self.rng.setstate(state["rng"])
-        self.queue = list(state["queue"])
-
-def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
-    """optimizer_step for a session's first step, as heavy as any (AdamW's state exists already). Out of GPU memory it
-    retries at half the micro-batch (an odd one: 1) and as much more accumulation, from the same generator state."""
-    draws = (generator.get_state(), order.state_dict())
-    while True:
-        with contextlib.suppress(torch.OutOfMemoryError):
-            return optimizer_step(m, optimizer, params, order, cfg, generator)
-        m.unet.zero_grad(set_to_none=True)  # out here the traceback, which holds the activations, is gone
-        torch.cuda.empty_cache()
-        if cfg.batch_size == 1:
-            raise UserError("out of GPU memory at --batch-size 1, the smallest micro-batch; use --r0-plus (one UNet "
-                            "call in the graph), fewer rewards, a lower --lora-rank or --resolution, or a larger GPU.")
-        half = cfg.batch_size // 2 if cfg.batch_size % 2 == 0 else 1  # an odd batch: micro-batches of 1
-        cfg.batch_size, cfg.grad_accum = half, cfg.grad_accum * (cfg.batch_size // half)
-        print(f"out of GPU memory: retrying with --batch-size {half} --grad-accum {cfg.grad_accum} (same prompts)")
-        generator.set_state(draws[0])  # the step starts again from its first draw
-        order.load_state_dict(draws[1])
-        write_config(cfg)  # a --resume continues with the batch that fits
-
-def allocate_optimizer_state(optimizer, params):
-    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is as heavy as any, and its OOM retry
-    (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
-    for p in params:
-        p.grad = torch.zeros_like(p)
-    try:
-        optimizer.step()
-    except torch.OutOfMemoryError:  # a smaller micro-batch cannot cure this
-        raise UserError("out of GPU memory for AdamW's state (two fp32 copies of the trainable weights); train LoRA "
-                        "(a smaller --lora-rank) or use a larger GPU.")
-    optimizer.zero_grad(set_to_none=True)
-    for state in optimizer.state.values():
-        state["step"].zero_()
-
-def write_config(cfg):  # <out>/config.json, the resolved config that a resume starts from
-    try:
-        write_atomic(os.path.join(cfg.output_dir, "config.json"),
-                     json.dumps({k: v for k, v in vars(cfg).items() if k in OPTIONS}, indent=2))
-    except OSError as err:
-        raise UserError(f"could not write {cfg.output_dir}/config.json ({err.strerror}); free some disk space.")
-
-def begin_run(cfg):  # the prompts; a fresh run refuses a run already in --output-dir, unless --overwrite
-    prompts = load_prompts(cfg.prompts)
-    if cfg.resume_checkpoint is None:
-        existing = [f for f in RUN_FILES if os.path.exists(os.path.join(cfg.output_dir, f))]
-        if existing and not cfg.overwrite:
-            raise UserError(f"{cfg.output_dir} already holds a run ({', '.join(existing)}); continue it with --resume "
-                            f"{cfg.output_dir}, replace it with --overwrite, or choose another --output-dir.")
-        check_writable(cfg.output_dir, "--output-dir")
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    return prompts
-
-def start_run(cfg, m, optimizer, params, prompts):
-    """The run around the step: prompt order, generator, progress grids, log; a resume's checkpoint loaded. The set-up
-    (no network, not SD1.5, AdamW's state out of memory) has failed or worked before --overwrite removes the old run."""
-    if long := sum(len(ids) > 77 for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids):
-        print(f"warning: {long} of {len(prompts)} prompts are longer than CLIP's 77-token limit (SD1.5 truncates).")
-    toy = bool({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards)) and any(map(colour_of, prompts))
-    unseen = list(held_out_prompts(prompts)) if toy else []  # the toy holds about a fifth out of training
-    train_prompts = [p for p in prompts if p not in unseen]
-    n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
-    fixed = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
-    grid = [p for p in fixed for _ in range(cfg.num_sample_seeds)], [*range(cfg.num_sample_seeds)] * n
-    held_out = ([p for p in train_prompts if colour_of(p)], unseen) if toy else None  # (seen, unseen)
-    with theta_0(m.unet, m.frozen_unet) as base_unet:  # the base model's images of the same prompts and seeds
-        base_m = dataclasses.replace(m, unet=base_unet)
-        base_images = (held_out_images(base_m, cfg, sum(held_out, [])) if toy else
-                       sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    for f in RUN_FILES if cfg.resume_checkpoint is None else ():  # only --overwrite gets here with them present
-        if os.path.exists(path := os.path.join(cfg.output_dir, f)):
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    run = argparse.Namespace(
-        m=m, params=params, optimizer=optimizer, prompts_hash=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-        generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, the CFG reward's t
-        order=PromptOrder(train_prompts, cfg.seed), start=0, summary={}, bad_steps=0, measures={},
-        last_checkpoint=cfg.resume_checkpoint, write_failed=False, fingerprint=frozen_fingerprint(m),
-        log_path=os.path.join(cfg.output_dir, "log.jsonl"), summary_path=os.path.join(cfg.output_dir, "summary.json"),
-        held_out=held_out, grid=grid, base=base_images)
-    if cfg.resume_checkpoint:
-        run.start = load_checkpoint(run, cfg)
-        kept = [json.dumps(r) + "\n" for r in read_log(run.log_path) if r["step"] <= run.start]  # the rest is redone
-        write_atomic(run.log_path, "".join(kept))
-        run.summary = json.load(open(run.summary_path)) if os.path.exists(run.summary_path) else {}
-        print(f"resumed from {cfg.resume_checkpoint} (step {run.start})" + (" (at --max-steps already: the pipeline "
-              "and summary are written again; raise --max-steps to train on)" if run.start >= cfg.max_steps else ""))
-    print(f"R0{'+' * cfg.r0_plus} | {f'LoRA rank {cfg.lora_rank}' if cfg.lora_rank else 'full fine-tuning'} | "
-          f"{sum(p.numel() for p in params) / 1e6:.2f}M trainable | rewards {m.reward_weights} | {cfg.steps} steps | "
-          f"{cfg.device} | batch {cfg.batch_size} x accumulation {cfg.grad_accum} = {cfg.batch_size * cfg.grad_accum}")
-    write_config(cfg)
-    if run.start == 0:
-        run.summary["before"] = progress(run, cfg, 0)  # the 'before' grid, and its measures
-        write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
-    return run
-
-def progress(run, cfg, step):  # <out>/samples/step_NNNNNN.png and its measures (content_kept, or toy_measures)
-    images = sample_images(run.m, *run.grid, cfg.steps, cfg.resolution, cfg.precision)
-    path = os.path.join(cfg.output_dir, "samples", f"step_{step:06d}.png")
-    write_or_warn(run, path, save_grid, images, path, cfg.num_sample_seeds, captions=run.grid[0])
-    run.measures = (toy_measures(run.m, cfg, *run.held_out, run.base) if run.held_out else
-                    {"content_kept": content_kept(images, run.base)})
-    return run.measures
-
-def log_step(run, cfg, bar, step, stats, grad_norm, applied, seconds, measures):  # log.jsonl's line, the bar
-    record = dict(step=step, **stats, grad_norm=grad_norm, lr=cfg.lr, seconds=seconds,
-                  peak_mem_gb=peak_memory_gb(cfg.device), **({"measures": measures} if measures else {}))
-    run.bad_steps = 0 if applied else run.bad_steps + 1  # non-finite steps in a row
-    if not applied:
-        record["skipped"] = "non-finite loss, reward or gradient"
-        print(f"step {step}: {record['skipped']}; skipped ({run.bad_steps}/{cfg.max_bad_steps} in a row)")
-    write_or_warn(run, run.log_path, append_line, run.log_path, json.dumps(record))  # one JSON line a step
-    if measures:
-        write_or_warn(run, f"{cfg.output_dir}/curves.png", write_curves, cfg.output_dir, run.summary)
-    shown = {k: v for k, v in run.measures.items() if k in ("colour_accuracy", "content_kept")}
-    bar.set_postfix({k: f"{v:.4g}" for k, v in (stats | shown).items() if k not in ("loss", "surrogate")}
-                    | {"s/it": f"{seconds:.2f}"})
-
-def stop_if_asked(run, cfg, bar, step, signum):  # after too many non-finite steps, or on a signal (once checkpointed)
-    if run.bad_steps >= cfg.max_bad_steps:
-        raise UserError(f"stopped at step {step} after {run.bad_steps} steps in a row with non-finite values "
-                        f"(NaN/Inf); the last good checkpoint is {run.last_checkpoint or 'none yet'}. "
-                        "Lower --lr or check the rewards, then --resume.", exit_code=3)
-    if signum is not None and step < cfg.max_steps:
-        bar.close()
-        raise UserError(f"interrupted at step {step}; checkpoint {run.last_checkpoint or 'none yet'}. Continue with: "
-                        f"python r0.py --resume {cfg.output_dir}", exit_code=128 + signum)
-
-def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline of the generator, the summary
-    out, summary = cfg.output_dir, run.summary
-    summary["after"] = after = run.measures or progress(run, cfg, cfg.max_steps)  # (the last grid's, if any)
-    before = summary.get("before", {})
-    if run.held_out:
-        print(f"colour accuracy on held-out seeds, before -> after (chance: 1 in {len(COLOURS)}): "
-              f"{before.get('colour_accuracy', math.nan):.1%} -> {after['colour_accuracy']:.1%} on the training "
-              f"prompts, {before.get('colour_accuracy_unseen', math.nan):.1%} -> {after['colour_accuracy_unseen']:.1%} "
-              f"on {len(run.held_out[1])} prompts never trained on; per colour: " + ", ".join(
-                  f"{c} {before.get('colour_accuracy_per_colour', {}).get(c, math.nan):.0%} -> {v:.0%}"
-                  for c, v in after["colour_accuracy_per_colour"].items()))
-    print(f"content kept (correlation with the base model's images; no reward scores it): {after['content_kept']:.1%}")
-    try:
-        save_pipeline(run.m, cfg)
-        write_atomic(run.summary_path, json.dumps(summary, indent=2))
-    except (OSError, RuntimeError) as err:  # a full disk; the last checkpoint holds the trained weights
-        raise UserError(f"could not write {out}/pipeline or its summary ({getattr(err, 'strerror', None) or err}); the "
-                        f"trained weights are in {run.last_checkpoint or 'no checkpoint'}: free some disk space, then "
-                        f"python r0.py --resume {out} writes them.", exit_code=1)
-    lora = f", LoRA adapters in {out}/lora" if cfg.lora_rank else ""
-    print(f"done: progress grids in {out}/samples, curves in {out}/curves.png, diffusers pipeline in {out}/pipeline"
-          f"{lora}, checkpoints, log.jsonl and summary.json in {out}")
-
-def peak_memory_gb(device):  # CUDA's peak allocated memory (reset every step), or a CPU process's peak RSS
-    if str(device).startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**30
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-# -----------------------------------------------------------------------------------------------------------
 # Command line
 
 class Parser(argparse.ArgumentParser):  # a mistyped flag in one sentence; no abbreviations (--prompt is not --prompts)
@@ -1492,7 +1493,7 @@ def main(argv=None):
         print(f"error: {err}" if err.exit_code == 2 else str(err), file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("interrupted before the first step; no checkpoint was written.", file=sys.stderr)
+        print("interrupted before this session's first step; nothing new was written.", file=sys.stderr)
         sys.exit(130)
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import weakref
 import zlib
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no network here: hub calls must fail at once, not retry for minutes
@@ -1814,6 +1815,29 @@ def test_non_finite_values_skip_the_update_and_stop_after_max_bad_steps(tmp_path
     good = torch.load(tmp_path / "checkpoints" / "step_000002.pt", weights_only=True)["trainable"]
     weights = dict(captured["m"].unet.named_parameters())
     assert all(torch.equal(weights[k].detach(), v) for k, v in good.items())  # two NaN steps changed nothing
+
+
+def test_a_skipped_micro_batch_frees_its_graph_before_the_next_one_is_built(tmp_path, monkeypatch):
+    """--grad-accum 2, the first micro-batch's loss NaN: never backpropagated, its graph (K UNet calls, the decoder,
+    their activations) must be gone before the second micro-batch's forward, or a NaN step doubles the memory."""
+    cfg = run_cfg(tmp_path, "--max-steps", "1", "--grad-accum", "2")
+    m = r0.load_models(cfg)
+    params = r0.trainable_parameters(m.unet)
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.0)
+    order, gen = r0.PromptOrder(r0.load_prompts(PROMPTS), 0), torch.Generator().manual_seed(0)
+    losses, real_step = [], r0.r0_step
+
+    def first_loss_nan(m, prompts, cfg, generator):
+        if losses:
+            assert losses[0]() is None, "the skipped micro-batch's graph is still held"
+        loss, stats = real_step(m, prompts, cfg, generator)
+        loss = loss if losses else loss * float("nan")
+        losses.append(weakref.ref(loss))
+        return loss, stats
+
+    monkeypatch.setattr(r0, "r0_step", first_loss_nan)
+    stats, grad_norm, applied = r0.optimizer_step(m, optimizer, params, order, cfg, gen)
+    assert len(losses) == 2 and not applied and all(p.grad is None for p in params)
 
 
 @pytest.mark.parametrize("fault", ["reward of the last micro-batch", "loss of the first micro-batch",
