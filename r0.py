@@ -487,7 +487,7 @@ def optimizer_step(m, optimizer, params, order, cfg, generator):
     optimizer.zero_grad(set_to_none=True)  # free the gradients as soon as they are used
     return stats_sum, grad_norm, applied
 
-def make_optimizer(params, cfg):  # our choice: AdamW, constant lr, no weight decay (lambda's anchor is the one pull)
+def make_optimizer(params, cfg):  # our choice: AdamW at decay 0, i.e. Adam (lambda's anchor is the one pull); lr fixed
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=cfg.device.startswith("cuda"))
 
 def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around them, the loop
@@ -1493,7 +1493,7 @@ def main(argv=None):
         print(f"error: {err}" if err.exit_code == 2 else str(err), file=sys.stderr)
         sys.exit(err.exit_code)
     except KeyboardInterrupt:
-        print("interrupted before this session's first step; nothing new was written.", file=sys.stderr)
+        print("interrupted before this session's first step; no checkpoint was written.", file=sys.stderr)
         sys.exit(130)
 
 if __name__ == "__main__":
