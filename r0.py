@@ -54,12 +54,12 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
 # Config, at the top as in nanoGPT's train.py. Each name -> (default, help) becomes a flag, output_dir as --output-dir.
-# The defaults are for SD1.5 on one 24 GB GPU (our estimate). --tiny swaps in TINY_PRESET, and typed flags win.
+# The defaults are for SD1.5 on one GPU (run on an H100; 24 GB untested). --tiny swaps in TINY_PRESET; typed flags win.
 
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (which hold a fifth of the colour prompts out)"),
+    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (the run holds a fifth of the colour prompts out)"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
@@ -106,7 +106,6 @@ def autocast_off(device):
 
 def cast(module, device, dtype):  # module.to without diffusers' dtype warnings
     return torch.nn.Module.to(module, device, dtype)
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Generator parameterization
@@ -157,7 +156,7 @@ def generate(unet, noise, text_emb, num_steps, alphas_cumprod, eta=0.0, random_e
             if i == stop_at and i < num_steps - 1:  # R0+ stops here, and the rewards read this x0_hat
                 return x0_hat
             s = t - jump
-            a_s = alphas[s] if s >= 0 else 1.0  # s < 0, the last step: a_s = 1, so x = x0_hat
+            a_s = alphas[s] if s >= 0 else 1.0  # s < 0, the last step: a_s = 1, so sigma = 0 and x = x0_hat
             if random_eta:  # (B,1,1,1), one eta per sample and step
                 eta_i = torch.rand(B, generator=generator, device=x.device).view(B, 1, 1, 1)
             else:
@@ -181,7 +180,6 @@ def encode_prompts(tokenizer, text_encoder, prompts):
                     return_tensors="pt").input_ids.to(text_encoder.device)  # (B,77)
     return text_encoder(ids)[0]
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Rewards (abstract: "compositional rewards"; Figs. 9-10: quality rises as rewards are added; cfg: third-party)
 #   hps          HPS v2.1: open_clip ViT-H-14 with HPS_v2.1_compressed.pt          ClipFamilyReward, clip_score
@@ -191,7 +189,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   color, bright, proxy, proxy_b   the toy's rewards (Plumbing, "The toy")
 # A reward is a frozen nn.Module (cfg aside) with space = "pixels" (x, (B,3,H,W) in [0,1]) or "latents" (x0_hat)
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
-#   or gradient(x, prompts, text_emb, generator) -> (scores (B,), ascent direction like x), where that is cheaper
+#   or gradient(x, prompts, text_emb, generator) -> (logged (B,), ascent direction like x): cfg's, known by its gradient
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
 # Their loaders are Plumbing ("Reward models"), where a new reward, PickScore, is written out: class, loader, REWARDS.
 
@@ -299,7 +297,6 @@ class ImplicitCfgReward:
         gap = ((eps_c - eps_u) ** 2).flatten(1).mean(1)  # (B,), logged only
         return gap, (a_t / (1 - a_t)).sqrt() * (eps_u - eps_c)  # (B,), (B,4,h,w) d log p(c|x_t) / d x0_hat
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Reward composition. paper (Fig. 8 caption): normalized reward gradients beat raw ones.
 #   g_i = d r_i(x, c) / d x                              a backward through reward model i only
@@ -324,7 +321,7 @@ def reward_gradient(reward, x, prompts, text_emb, generator=None):
     x = x.detach().requires_grad_(True)
     with torch.enable_grad():
         scores = reward(x, prompts, text_emb)  # (B,)
-        (grad,) = torch.autograd.grad(scores.sum(), x)
+        (grad,) = torch.autograd.grad(scores.sum(), x)  # no graph kept: g enters the step as stopgrad(g)
     return scores.detach(), grad
 
 def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_emb, generator=None,
@@ -340,7 +337,6 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
         grads[reward.space] += weights[name] * grad
         scores[getattr(reward, "log_as", name)] = score  # (B,), for the log
     return grads["pixels"], grads["latents"], scores
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Regularizers. The Fig. 11 caption names the first (without it, reward hacking); 2-4 are by others' reading or ours.
@@ -376,7 +372,7 @@ def lora_layers(unet):  # [(lora_A (r,in), lora_B (out,r), scaling)] of every Lo
 def weight_regularization(unet, frozen_unet):
     """||theta - theta_0||^2, where under LoRA theta - theta_0 = scaling B @ A per layer. our choice: lambda = 1e-2,
     untuned. Raise it if the rewards rise while the samples degrade (hacking); lower it if they stall, 'reg' flat."""
-    if frozen_unet is None:
+    if frozen_unet is None:  # LoRA: theta - theta_0 is the adapters' scaling B A
         total = 0.0
         for A, B, scaling in lora_layers(unet):
             # ||B A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)): two (r,r) matrices, not an (out,in) one
@@ -436,7 +432,6 @@ def set_up_r0(tokenizer, text_encoder, vae, unet, scheduler_config, cfg):
     return Models(tokenizer, text_encoder, vae, unet, frozen_unet, scheduler_config, alphas_cumprod, rewards,
                   dict(cfg.rewards), cfg.device)
 
-
 # -----------------------------------------------------------------------------------------------------------
 # One training step, R0 and R0+. paper (Fig. 12 caption): R0+, with intermediate supervision, is faster.
 #    z ~ N(0,I), c --> [UNet step 1] --> ... --> [UNet step K] --> x0_hat --> decode --> x (pixels in [0,1])
@@ -458,9 +453,9 @@ def r0_step(m, prompts, cfg, generator):
                           stop_at=k)  # (B,4,h,w), the output (x0_hat; for K = 6, 7 x_0), or step k's x0_hat
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
-                                                         text_emb, generator, cfg.normalize)
+                                                         text_emb, generator, cfg.normalize)  # like pixels, x0_hat
     # ascent on x in data space, pulled back to theta: d/dtheta = -(1/B) sum_b g_b . dx_b/dtheta (1/B: our choice)
-    surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B
+    surrogate = -((g_pix * pixels).sum() + (g_lat * x0_hat).sum()) / B  # its value means nothing, its gradient all
     reg = weight_regularization(m.unet, m.frozen_unet)
     loss = surrogate + cfg.weight_reg * reg
     stats = {name: s.float().mean().item() for name, s in scores.items()}
@@ -518,9 +513,8 @@ def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around th
         finish_run(run, cfg)  # a signal now lets the pipeline be written whole
     return m
 
-
 # ===========================================================================================================
-# Plumbing: what the method calls, nearest first: the run, checkpoints, reward models, loading, images, toy, CLI.
+# Plumbing: what the method calls, by topic in train's order: the run, checkpoints, rewards, loading, images, toy, CLI.
 # ===========================================================================================================
 
 def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
@@ -530,7 +524,6 @@ class UserError(Exception):  # one sentence for a mistake the user can fix (exit
     def __init__(self, message, exit_code=2):
         super().__init__(message)
         self.exit_code = exit_code
-
 
 # -----------------------------------------------------------------------------------------------------------
 # The run, in train's order: set-up, the first step's retry, progress grids, the log, the stop, the end
@@ -566,16 +559,13 @@ def start_run(cfg, m, optimizer, params, prompts):
     (no network, not SD1.5, AdamW's state out of memory) has failed or worked before --overwrite removes the old run."""
     if long := sum(len(ids) > 77 for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids):
         print(f"warning: {long} of {len(prompts)} prompts are longer than CLIP's 77-token limit (SD1.5 truncates).")
-    toy = bool({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards)) and any(map(colour_of, prompts))
-    unseen = list(held_out_prompts(prompts)) if toy else []  # the toy holds about a fifth out of training
-    train_prompts = [p for p in prompts if p not in unseen]
+    train_prompts, held_out = toy_split(cfg, prompts)  # held_out: None, or the toy's (seen, unseen) colour prompts
     n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
     fixed = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
     grid = [p for p in fixed for _ in range(cfg.num_sample_seeds)], [*range(cfg.num_sample_seeds)] * n
-    held_out = ([p for p in train_prompts if colour_of(p)], unseen) if toy else None  # (seen, unseen)
     with theta_0(m.unet, m.frozen_unet) as base_unet:  # the base model's images of the same prompts and seeds
         base_m = dataclasses.replace(m, unet=base_unet)
-        base_images = (held_out_images(base_m, cfg, sum(held_out, [])) if toy else
+        base_images = (held_out_images(base_m, cfg, sum(held_out, [])) if held_out else
                        sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
     os.makedirs(cfg.output_dir, exist_ok=True)
     for f in RUN_FILES if cfg.resume_checkpoint is None else ():  # only --overwrite gets here with them present
@@ -685,12 +675,7 @@ def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline 
     summary["after"] = after = run.measures or progress(run, cfg, cfg.max_steps)  # (the last grid's, if any)
     before = summary.get("before", {})
     if run.held_out:
-        print(f"colour accuracy on held-out seeds, before -> after (chance: 1 in {len(COLOURS)}): "
-              f"{before.get('colour_accuracy', math.nan):.1%} -> {after['colour_accuracy']:.1%} on the training "
-              f"prompts, {before.get('colour_accuracy_unseen', math.nan):.1%} -> {after['colour_accuracy_unseen']:.1%} "
-              f"on {len(run.held_out[1])} prompts never trained on; per colour: " + ", ".join(
-                  f"{c} {before.get('colour_accuracy_per_colour', {}).get(c, math.nan):.0%} -> {v:.0%}"
-                  for c, v in after["colour_accuracy_per_colour"].items()))
+        print(toy_report(before, after, len(run.held_out[1])))
     print(f"content kept (correlation with the base model's images; no reward scores it): {after['content_kept']:.1%}")
     try:
         save_pipeline(run.m, cfg)
@@ -702,7 +687,6 @@ def finish_run(run, cfg):  # the measures before -> after, a diffusers pipeline 
     lora = f", LoRA weights in {out}/lora" if cfg.lora_rank else ""
     print(f"done: grids in {out}/samples, curves in {out}/curves.png, diffusers pipeline in {out}/pipeline{lora}; "
           f"checkpoints, log.jsonl and summary.json in {out}")
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Checkpoints, resume, interrupts, full disks
@@ -825,7 +809,6 @@ def write_or_warn(run, what, write, *args, **kwargs):  # a grid, log line or cur
             print(f"warning: could not write {what} ({err.strerror or err}); training goes on and writes what it can "
                   "(it stops if a checkpoint cannot be written).")
         run.write_failed = True
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Reward models: loaders and the registry. A new one, PickScore (a transformers CLIPModel), in three parts:
@@ -990,7 +973,6 @@ def parse_rewards(spec):  # 'hps=1.0,clip=0.5' -> {'hps': 1.0, 'clip': 0.5}, and
         raise UserError("--rewards names no reward with a positive weight; e.g. --rewards hps=1.0,clip=1.0.")
     return weights
 
-
 # -----------------------------------------------------------------------------------------------------------
 # Loading: files from the hub, SD1.5, and the tiny twins built in code for --tiny and the tests
 
@@ -1128,7 +1110,7 @@ def _build_tiny_sd15(seed):
         unet, vae = UNet2DConditionModel(**TINY_UNET), AutoencoderKL(**TINY_VAE)
         text_encoder = CLIPTextModel(CLIPTextConfig(**TINY_TEXT))
         tokenizer = sd15_tokenizer_offline()
-        prompts = ["a photo", "a red fox", "a blue car", "a green tree"]  # the denoiser's conditions (ignored)
+        prompts = ["a photo", "a red fox", "a blue car", "a green tree"]  # conditions it learns to ignore
         pretrain_tiny(vae, unet, encode_prompts(tokenizer, text_encoder, prompts), seed)
     return tokenizer, text_encoder, vae, unet
 
@@ -1174,7 +1156,6 @@ def build_tiny_clip_tower(seed=0):  # a tiny random open_clip CLIP of ViT-H-14's
             embed_dim=32, vision_cfg=CLIPVisionCfg(layers=2, width=64, head_width=32, patch_size=32, image_size=224),
             text_cfg=CLIPTextCfg(context_length=77, vocab_size=49408, width=64, heads=2, layers=2))
     return model, open_clip.get_tokenizer("ViT-H-14")
-
 
 # -----------------------------------------------------------------------------------------------------------
 # Prompts, images, the saved pipeline
@@ -1289,7 +1270,6 @@ def save_pipeline(m, cfg):
             os.path.join(cfg.output_dir, "lora"), safe_serialization=True,
             unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet)))
 
-
 # -----------------------------------------------------------------------------------------------------------
 # The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, a smooth form of the
 # true rule (colour_accuracy), is unhackable but may wash out content; bright is louder; proxy, learned, is hackable.
@@ -1367,6 +1347,13 @@ def toy_textures(n, generator, size=64):  # (n,3,size,size) zero-mean, as the ti
     rgb = F.interpolate(torch.einsum("bchw,cd->bdhw", z, LATENT_RGB) / 2, size=size, mode="bilinear")
     return rgb - rgb.mean(dim=(2, 3), keepdim=True)
 
+def toy_split(cfg, prompts):  # (prompts, None), or on the toy (prompts less a fifth, (seen, unseen) colour prompts)
+    if not ({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards) and any(map(colour_of, prompts))):
+        return prompts, None
+    unseen = list(held_out_prompts(prompts))
+    train_prompts = [p for p in prompts if p not in unseen]
+    return train_prompts, ([p for p in train_prompts if colour_of(p)], unseen)
+
 def held_out_prompts(prompts):  # our choice: a fifth of the colour prompts (per colour the 3rd, 8th...), not trained on
     count = {}
     for p in filter(colour_of, prompts):
@@ -1404,6 +1391,14 @@ def toy_measures(m, cfg, seen, unseen, base, eta=0.0):
             out[f"{name}_accuracy"] = sum(map(str.__eq__, reward.predict(images[:n].to(m.device)), wanted)) / max(n, 1)
     return out
 
+def toy_report(before, after, n_unseen):  # finish_run's line: toy_measures before -> after training
+    before = dict(colour_accuracy=math.nan, colour_accuracy_unseen=math.nan, colour_accuracy_per_colour={}) | before
+    colours = [f"{c} {before['colour_accuracy_per_colour'].get(c, math.nan):.0%} -> {v:.0%}"
+               for c, v in after["colour_accuracy_per_colour"].items()]
+    return (f"colour accuracy on held-out seeds, before -> after (chance: 1 in {len(COLOURS)}): "
+            f"{before['colour_accuracy']:.1%} -> {after['colour_accuracy']:.1%} on the training prompts, "
+            f"{before['colour_accuracy_unseen']:.1%} -> {after['colour_accuracy_unseen']:.1%} on {n_unseen} prompts "
+            f"never trained on; per colour: {', '.join(colours)}")
 
 # -----------------------------------------------------------------------------------------------------------
 # Command line

@@ -5,8 +5,8 @@ Few-step images from an R0 generator, side by side with the base model, scored: 
     python sample.py --run runs/r0 --prompts prompts.txt --compare-base --score      # base 25-step CFG vs R0 1/2/4
     python sample.py --tiny --prompt "a red fox" --compare-base --score              # offline, no run needed
 
-Everything model-related comes from r0.py (loaders, the few-step sampler, rewards, grids); this file only picks
-what to sample, times it, scores it and writes it. Output (--out, created only once the inputs are known good): one
+The generator, its sampler, the rewards and the grids come from r0.py; this file adds the base model's 25-step
+sampler and an aesthetic score, picks what to sample, times it, scores it and writes it. Output (--out, created only once the inputs are known good): one
 PNG per image, grid.png (one block per sampler, prompt under each image, at most GRID_COLUMNS images a line and the
 first GRID_MAX_IMAGES images of each sampler, so it stays viewable) and, with --score, scores.json.
 """
