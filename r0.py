@@ -191,6 +191,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
 #   or gradient(x, prompts, text_emb, generator) -> (logged (B,), ascent direction like x): cfg's, known by its gradient
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
+# It is called inside the step's autocast and loaded in the frozen dtype (bf16 or fp32): clip_score turns autocast off.
 # Their loaders are Plumbing ("Reward models"), where a new reward, PickScore, is written out: class, loader, REWARDS.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
