@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------------------------------------
 # Config, at the top as in nanoGPT's train.py. Each name -> (default, help) becomes a flag, output_dir as --output-dir.
-# The defaults are for SD1.5 on one GPU (run on an H100; 24 GB untested). --tiny swaps in TINY_PRESET; typed flags win.
+# The defaults are for SD1.5 on one GPU (sized by H100 runs of older code). --tiny swaps in TINY_PRESET; flags win.
 
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
@@ -68,9 +68,9 @@ OPTIONS = dict(
     # our choice: hps and clip at equal weights (CLIP limits the text alignment HPS may trade); imagereward costs memory
     rewards=("hps=1.0,clip=1.0", "name=weight list from {rewards}; a name alone means weight 1.0"),
     lora_rank=(64, "LoRA rank (our choice: 64); 0 = full fine-tuning"),
-    weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned)"),
+    weight_reg=(1e-2, "lambda of lambda ||theta - theta_0||^2 (our choice, untuned; raise it if grids degrade)"),
     grad_clip=(1.0, "max global gradient norm (our choice; it binds often: on the toy, every R0+ step at k = 0, 1)"),
-    random_eta=(True, "random eta in training (our reading of Figs. 5, 9); --no-random-eta is the eta = 0 ablation"),
+    random_eta=(True, "random eta in training (Figs. 5, 9; its form our reading); --no-random-eta: eta = 0"),
     normalize=("sample", "each reward's gradient normalized (Fig. 8): per sample (our reading), per micro-batch, none"),
     # our choices, untuned, as none is in what we read: LoRA's usual rate (~1e-5 for --lora-rank 0), batch 4
     lr=(1e-4, "AdamW learning rate"),
@@ -97,7 +97,6 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    num_sample_seeds=4)
 
 # Precision under bf16: trainable weights fp32 in autocast; the frozen VAE, text encoder, towers, LoRA's base UNet bf16
-
 def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
 
@@ -191,7 +190,7 @@ def encode_prompts(tokenizer, text_encoder, prompts):
 #   forward(x, prompts, text_emb=None) -> (B,) scores, differentiable in x; text_emb is the generator's condition
 #   or gradient(x, prompts, text_emb, generator) -> (logged (B,), ascent direction like x): cfg's, known by its gradient
 #   and optionally log_as (the name it is logged under) and enable_gradient_checkpointing() (--grad-checkpointing)
-# It is called inside the step's autocast and loaded in the frozen dtype (bf16 or fp32): clip_score turns autocast off.
+# It is called in the step's autocast, loaded in the frozen dtype: clip_score and imagereward_score turn autocast off.
 # Their loaders are Plumbing ("Reward models"), where a new reward, PickScore, is written out: class, loader, REWARDS.
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's normalization: ViT-H-14, HPS v2.1, ImageReward
@@ -214,8 +213,7 @@ def clip_preprocess(pixels, size=224):
     return (x - mean) / std
 
 def clip_score(clip_model, pixels, text_features):
-    """hps and clip score r(x, c) = cos(f_img(x), f_txt(c)), with no logit scale (Table 1's x100, by our reading).
-    text_features: (B,D), unit norm."""
+    """hps and clip: r(x, c) = cos(f_img(x), f_txt(c)), text_features (B,D) unit norm; no logit scale (our reading)"""
     image = clip_preprocess(pixels, clip_model.visual.image_size[0])  # (B,3,224,224)
     with autocast_off(pixels.device):
         img_feat = clip_model.encode_image(image.to(next(clip_model.parameters()).dtype)).float()  # (B,D)
@@ -371,9 +369,8 @@ def lora_layers(unet):  # [(lora_A (r,in), lora_B (out,r), scaling)] of every Lo
             for a in m.active_adapters if a in m.lora_A]
 
 def weight_regularization(unet, frozen_unet):
-    """||theta - theta_0||^2, where under LoRA theta - theta_0 = scaling B @ A per layer. our choice: lambda = 1e-2,
-    untuned. Raise it if the rewards rise while the samples degrade (hacking); lower it if they stall, 'reg' flat."""
-    if frozen_unet is None:  # LoRA: theta - theta_0 is the adapters' scaling B A
+    """||theta - theta_0||^2; lambda is --weight-reg (raise it if grids degrade as rewards rise, lower if they stall)"""
+    if frozen_unet is None:  # LoRA: theta - theta_0 is the adapters' scaling B @ A, layer by layer
         total = 0.0
         for A, B, scaling in lora_layers(unet):
             # ||B A||_F^2 = trace(A^T B^T B A) = sum((B^T B) * (A A^T)): two (r,r) matrices, not an (out,in) one
@@ -385,9 +382,8 @@ def weight_regularization(unet, frozen_unet):
 
 @contextlib.contextmanager
 def theta_0(unet, frozen_unet):
-    """The base model theta_0 as a UNet: the frozen copy (full fine-tuning), or the LoRA UNet with its adapters off
-    (safe in a step: cfg calls it under no_grad, and the adapters are on again before the backward, which recomputes
-    the UNet's forward under --grad-checkpointing)."""
+    """theta_0 as a UNet: the frozen copy (full fine-tuning), or the LoRA UNet with its adapters off (cfg calls it under
+    no_grad, and the adapters are on again for the backward, which recomputes the forward under --grad-checkpointing)"""
     if frozen_unet is None:
         unet.disable_adapters()  # theta = theta_0 + delta W: with delta W off, it *is* theta_0
     try:
@@ -464,8 +460,7 @@ def r0_step(m, prompts, cfg, generator):
     return loss, stats
 
 def optimizer_step(m, optimizer, params, order, cfg, generator):
-    """One optimizer step, as nanoGPT's loop: --grad-accum micro-batches forward and backward, so that p.grad is the
-    gradient of their mean loss, then clipping and AdamW. Returns (stats, grad norm, applied)."""
+    """As nanoGPT's step: micro-batches (p.grad: their mean loss's), clipping, AdamW -> (stats, grad norm, applied)"""
     stats_sum, finite = {}, True
     for _ in range(cfg.grad_accum):
         loss, stats = r0_step(m, order.batch(cfg.batch_size), cfg, generator)  # the next prompts of a shuffled epoch
@@ -542,8 +537,7 @@ def begin_run(cfg):  # the prompts; a fresh run refuses a run already in --outpu
     return prompts
 
 def allocate_optimizer_state(optimizer, params):
-    """AdamW's state (2 fp32 copies), made before step 1 so that step 1 is as heavy as any, and its OOM retry
-    (first_step_fitting_memory) covers the run. A zero-gradient step makes it, a no-op at decay 0."""
+    """AdamW's state (2 fp32 copies) from a no-op zero-gradient step, so step 1's OOM retry covers the heaviest step"""
     for p in params:
         p.grad = torch.zeros_like(p)
     try:
@@ -555,30 +549,59 @@ def allocate_optimizer_state(optimizer, params):
     for state in optimizer.state.values():
         state["step"].zero_()
 
+class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
+    def __init__(self, prompts, seed):
+        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
+    def batch(self, n):
+        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
+            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
+        return [self.queue.pop() for _ in range(n)]
+    def state_dict(self):
+        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
+    def load_state_dict(self, state):
+        self.rng.setstate(state["rng"])
+        self.queue = list(state["queue"])
+
+@dataclasses.dataclass
+class Run:  # the loop's state around the step, made by start_run
+    m: Models
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # every draw of a step: noise, eta, R0+'s k, the CFG reward's t
+    order: PromptOrder          # the training prompts in shuffled epochs
+    grid: tuple                 # (prompts, seeds) of the progress grid
+    base: torch.Tensor          # theta_0's images of the grid (the toy's: of held_out), for content_kept
+    held_out: tuple             # the toy's (seen, unseen) colour prompts, or None
+    prompts_hash: str           # the prompt file and the frozen models, which a resume must find again
+    fingerprint: list
+    log_path: str               # <out>/log.jsonl, a JSON line a step
+    summary_path: str           # <out>/summary.json, the measures before and after
+    start: int = 0              # the step this session starts after (a resume's checkpoint)
+    last_checkpoint: str = None
+    summary: dict = dataclasses.field(default_factory=dict)
+    measures: dict = dataclasses.field(default_factory=dict)  # the last progress grid's
+    bad_steps: int = 0          # non-finite steps in a row
+    write_failed: bool = False  # a full disk, said once
+
 def start_run(cfg, m, optimizer, params, prompts):
-    """The run around the step: prompt order, generator, progress grids, log; a resume's checkpoint loaded. The set-up
-    (no network, not SD1.5, AdamW's state out of memory) has failed or worked before --overwrite removes the old run."""
+    """The Run around the step, a resume's checkpoint loaded; set-up has failed or worked before --overwrite deletes"""
     if long := sum(len(ids) > 77 for ids in m.tokenizer(prompts, truncation=False, verbose=False).input_ids):
         print(f"warning: {long} of {len(prompts)} prompts are longer than CLIP's 77-token limit (SD1.5 truncates).")
-    train_prompts, held_out = toy_split(cfg, prompts)  # held_out: None, or the toy's (seen, unseen) colour prompts
+    train_prompts, held_out = toy_split(cfg, prompts)
     n = min(cfg.num_sample_prompts, len(prompts))  # the progress grid: n prompts spread over the file x fixed seeds
     fixed = [prompts[round(i * (len(prompts) - 1) / max(n - 1, 1))] for i in range(n)]
     grid = [p for p in fixed for _ in range(cfg.num_sample_seeds)], [*range(cfg.num_sample_seeds)] * n
     with theta_0(m.unet, m.frozen_unet) as base_unet:  # the base model's images of the same prompts and seeds
         base_m = dataclasses.replace(m, unet=base_unet)
-        base_images = (held_out_images(base_m, cfg, sum(held_out, [])) if held_out else
+        base_images = (held_out_images(base_m, cfg, held_out[0] + held_out[1]) if held_out else
                        sample_images(base_m, *grid, cfg.steps, cfg.resolution, cfg.precision))
     os.makedirs(cfg.output_dir, exist_ok=True)
     for f in RUN_FILES if cfg.resume_checkpoint is None else ():  # only --overwrite gets here with them present
         if os.path.exists(path := os.path.join(cfg.output_dir, f)):
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
-    run = argparse.Namespace(
-        m=m, params=params, optimizer=optimizer, prompts_hash=hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
-        generator=torch.Generator(cfg.device).manual_seed(cfg.seed),  # noise, eta, R0+'s k, the CFG reward's t
-        order=PromptOrder(train_prompts, cfg.seed), start=0, summary={}, bad_steps=0, measures={},
-        last_checkpoint=cfg.resume_checkpoint, write_failed=False, fingerprint=frozen_fingerprint(m),
-        log_path=os.path.join(cfg.output_dir, "log.jsonl"), summary_path=os.path.join(cfg.output_dir, "summary.json"),
-        held_out=held_out, grid=grid, base=base_images)
+    run = Run(m, optimizer, torch.Generator(cfg.device).manual_seed(cfg.seed), PromptOrder(train_prompts, cfg.seed),
+              grid, base_images, held_out, hashlib.sha256("\n".join(prompts).encode()).hexdigest(),
+              frozen_fingerprint(m), os.path.join(cfg.output_dir, "log.jsonl"),
+              os.path.join(cfg.output_dir, "summary.json"), last_checkpoint=cfg.resume_checkpoint)
     if cfg.resume_checkpoint:
         run.start = load_checkpoint(run, cfg)
         kept = [json.dumps(r) + "\n" for r in read_log(run.log_path) if r["step"] <= run.start]  # the rest is redone
@@ -594,19 +617,6 @@ def start_run(cfg, m, optimizer, params, prompts):
         run.summary["before"] = progress(run, cfg, 0)  # the 'before' grid, and its measures
         write_or_warn(run, run.summary_path, write_atomic, run.summary_path, json.dumps(run.summary, indent=2))
     return run
-
-class PromptOrder:  # the prompts c in shuffled epochs, checkpointed so that a resume draws what the run would
-    def __init__(self, prompts, seed):
-        self.prompts, self.rng, self.queue = prompts, random.Random(seed), []
-    def batch(self, n):
-        while len(self.queue) < n:  # the next shuffled epoch, behind what is left of this one
-            self.queue = self.rng.sample(self.prompts, len(self.prompts)) + self.queue
-        return [self.queue.pop() for _ in range(n)]
-    def state_dict(self):
-        return {"rng": self.rng.getstate(), "queue": list(self.queue)}
-    def load_state_dict(self, state):
-        self.rng.setstate(state["rng"])
-        self.queue = list(state["queue"])
 
 def first_step_fitting_memory(m, optimizer, params, order, cfg, generator):
     """optimizer_step for a session's first step, as heavy as any (AdamW's state exists). Out of GPU memory it retries
@@ -706,8 +716,7 @@ def checkpoint_files(out_dir):  # a run's finished checkpoints, oldest first
     return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_" + "[0-9]" * 6 + ".pt")))
 
 def save_checkpoint(run, cfg, step, last):
-    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written then renamed so a crash never corrupts the
-    latest. The oldest beyond --keep-checkpoints go. A write that fails (a full disk) stops the run."""
+    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written then renamed; the oldest beyond N go."""
     state = {"step": step, "config": vars(cfg), "prompts_sha256": run.prompts_hash, "fingerprint": run.fingerprint,
              "trainable": {n: p.detach().cpu() for n, p in run.m.unet.named_parameters() if p.requires_grad},
              "optimizer": run.optimizer.state_dict(), "threads": torch.get_num_threads(),
@@ -850,8 +859,7 @@ def preference_head(dim):  # ImageReward's MLP and sample.py's aesthetic one: no
     return torch.nn.Sequential(L(dim, 1024), D(0.2), L(1024, 128), D(0.2), L(128, 64), D(0.1), L(64, 16), L(16, 1))
 
 def checkpoint_transformers_layers(model):
-    """Gradient checkpointing of a frozen transformers model: a layer checkpoints only while .training is set (and
-    BlipTextModel refuses gradient_checkpointing_enable()), so the flags are set layer by layer."""
+    """Checkpointing a frozen transformers model layer by layer: a layer checkpoints only while .training is set."""
     import torch.utils.checkpoint
     from transformers.modeling_layers import GradientCheckpointingLayer
     for layer in (m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)):
@@ -1116,10 +1124,9 @@ def _build_tiny_sd15(seed):
     return tokenizer, text_encoder, vae, unet
 
 def pretrain_tiny(vae, unet, text_emb, seed):
-    """our choice, tiny models only: miniature pretrainings, so that the toy starts where R0 does. The decoder learns
-    SD1.5's near-linear latent-to-colour map over the whole colour cube (a random one paints gray); the UNet learns to
-    denoise (a random one's first x0_hat has std ~15, not ~1), ignoring the text, which the reward alone must teach.
-    The result depends on the machine and the thread count (the order of float sums): a resume checks it."""
+    """our choice: miniature pretrainings, so the toy starts where R0 does. The decoder learns SD1.5's near-linear
+    latent-to-colour map (a random one paints gray); the UNet learns to denoise (a random one's first x0_hat: std ~15),
+    ignoring the text, which the reward alone must teach. Machine- and thread-dependent (float sums): resume checks."""
     alphas_cumprod, h, g = sd15_alphas_cumprod(), unet.config.sample_size, torch.Generator()
 
     def decoder_loss(batch=8):  # textures plus a per-image colour, uniform over the RGB cube
@@ -1257,8 +1264,7 @@ def merged_unet(unet, base):  # the generator as a plain fp32 diffusers UNet, `b
     return base
 
 def save_pipeline(m, cfg):
-    """<out>/pipeline, a diffusers folder whose scheduler is the few-step DDIM (StableDiffusionPipeline.from_pretrained,
-    num_inference_steps=K, guidance_scale=1.0: our sampler); LoRA runs also write <out>/lora."""
+    """<out>/pipeline, diffusers' folder with our sampler (few-step DDIM, guidance 1); LoRA runs also write lora/"""
     from diffusers import StableDiffusionPipeline
     tokenizer, text_encoder, vae, base_unet = build_tiny_sd15(cfg.seed) if cfg.tiny else load_sd15(cfg.model)[:4]
     pipe = sd_pipeline(tokenizer, cast(text_encoder, "cpu", torch.float32), cast(vae, "cpu", torch.float32),
@@ -1267,9 +1273,8 @@ def save_pipeline(m, cfg):
     if getattr(m.unet, "peft_config", None):
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
-        StableDiffusionPipeline.save_lora_weights(
-            os.path.join(cfg.output_dir, "lora"), safe_serialization=True,
-            unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet)))
+        lora = convert_state_dict_to_diffusers(get_peft_model_state_dict(m.unet))
+        StableDiffusionPipeline.save_lora_weights(os.path.join(cfg.output_dir, "lora"), unet_lora_layers=lora)
 
 # -----------------------------------------------------------------------------------------------------------
 # The toy: rewards a tiny generator learns from on a CPU, and measures of what it learned. color, a smooth form of the
@@ -1363,8 +1368,7 @@ def held_out_prompts(prompts):  # our choice: a fifth of the colour prompts (per
             yield p
 
 def content_kept(images, base):
-    """Mean correlation, per image and channel, with the base model's image of the same prompt and seed. 1.0 keeps all
-    its structure, and so does any positive affine change per channel (blind to colour). A flat field scores 0."""
+    """Mean correlation per image and channel with the base model's image (same prompt and seed); blind to colour."""
     x, y = (t.flatten(2) - t.flatten(2).mean(-1, keepdim=True) for t in (images, base))  # (N,3,HW), centred
     return ((x * y).sum(-1) / (x.norm(dim=-1) * y.norm(dim=-1) + 1e-8)).mean().item()
 
