@@ -343,6 +343,7 @@ def composed_reward_gradients(rewards, weights, pixels, latents, prompts, text_e
 #   2. LoRA, a low-rank update, is a constraint (third-party summary); our choice, as it also saves memory
 #   3. random eta (Figs. 5, 9), a regularizer per a third-party summary: generate(random_eta=True)
 #   4. our reading: per-reward gradient normalization and several complementary rewards (the composition)
+# Then the set-up the step reads: Models, and set_up_r0 that makes them (theta trainable, the rest frozen).
 
 def make_trainable(unet, cfg, device, frozen_dtype):
     """theta and theta_0. Returns the frozen copy theta_0 (full fine-tuning) or None (LoRA)."""
@@ -399,8 +400,7 @@ def make_base_eps(unet, frozen_unet):  # theta_0's noise estimate for cfg, (N,4,
     return base_eps
 
 @dataclasses.dataclass
-class Models:
-    """All that training reads. Only the generator's weights move (our reading); the rest is frozen."""
+class Models:  # all that training reads: only the generator's weights move (our reading), the rest is frozen
     tokenizer: object
     text_encoder: object        # frozen
     vae: object                 # frozen
@@ -447,7 +447,7 @@ def r0_step(m, prompts, cfg, generator):
     k = int(torch.randint(0, K, (1,), generator=generator, device=m.device)) if cfg.r0_plus else None
     with autocast(m.device, cfg.precision):  # bf16 unless --precision fp32
         x0_hat = generate(m.unet, noise, text_emb, K, m.alphas_cumprod, random_eta=cfg.random_eta, generator=generator,
-                          stop_at=k)  # (B,4,h,w), the output (x0_hat; for K = 6, 7 x_0), or step k's x0_hat
+                          stop_at=k)  # (B,4,h,w): g_theta's output, or under R0+ step k's x0_hat
         pixels = decode(m.vae, x0_hat)  # (B,3,H,W) in [0,1]
         g_pix, g_lat, scores = composed_reward_gradients(m.rewards, m.reward_weights, pixels, x0_hat, prompts,
                                                          text_emb, generator, cfg.normalize)  # like pixels, x0_hat
