@@ -59,7 +59,7 @@ import torch.nn.functional as F
 OPTIONS = dict(
     # our choice: vanilla SD1.5 (Table 1's SD1.5 rows start from Realistic Vision, a fine-tune, by our reading)
     model=("stable-diffusion-v1-5/stable-diffusion-v1-5", "hub id or local diffusers folder of an SD1.5 model"),
-    tiny=(False, "tiny SD1.5-shaped models and the toy's rewards (the run holds a fifth of the colour prompts out)"),
+    tiny=(False, "tiny SD1.5-shaped models built in code and the toy's colour reward: offline, minutes on a CPU"),
     prompts=(None, "text file, one prompt a line ('#' comments and blank lines skipped)"),
     output_dir=("runs/r0", "the run folder: everything a run writes goes here"),
     steps=(4, "K, the number of generator steps, 1..8 (paper, Table 1: 4)"),
@@ -96,7 +96,7 @@ TINY_PRESET = dict(output_dir="runs/tiny", resolution=64, rewards="color=1.0", l
                    max_steps=400, grad_checkpointing=False, sample_every=50, checkpoint_every=100, num_sample_prompts=6,
                    num_sample_seeds=4)
 
-# Precision under bf16: trainable weights fp32 in autocast; the frozen VAE, text encoder, towers, LoRA's base UNet bf16
+# Precision under bf16: trainable weights fp32 in autocast; the frozen parts bf16 (full fine-tuning's theta_0: fp32)
 def autocast(device, precision):
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=precision != "fp32")
 
@@ -511,7 +511,6 @@ def train(cfg):  # nanoGPT's order: the models, the optimizer, the run around th
 
 # ===========================================================================================================
 # Plumbing: what the method calls, by topic in train's order: the run, checkpoints, rewards, loading, images, toy, CLI.
-# ===========================================================================================================
 
 def native_bf16(device):  # a GPU with native bf16 (Ampere and newer); CPUs and older GPUs emulate it, slowly
     return str(device).startswith("cuda") and torch.cuda.is_bf16_supported(False)
@@ -1353,7 +1352,7 @@ def toy_textures(n, generator, size=64):  # (n,3,size,size) zero-mean, as the ti
     rgb = F.interpolate(torch.einsum("bchw,cd->bdhw", z, LATENT_RGB) / 2, size=size, mode="bilinear")
     return rgb - rgb.mean(dim=(2, 3), keepdim=True)
 
-def toy_split(cfg, prompts):  # (prompts, None), or on the toy (prompts less a fifth, (seen, unseen) colour prompts)
+def toy_split(cfg, prompts):  # toy rewards: (prompts less a fifth, (seen, unseen) colour prompts), else (prompts, None)
     if not ({"color", "bright", "proxy", "proxy_b"} & set(cfg.rewards) and any(map(colour_of, prompts))):
         return prompts, None
     unseen = list(held_out_prompts(prompts))
@@ -1446,7 +1445,8 @@ def resolve_config(args):  # defaults <- --tiny <- typed flags, or a resume's sa
             raise UserError(f"--resume cannot change {', '.join('--' + k.replace('_', '-') for k in changed)} (the run "
                             f"was trained with {', '.join(f'{k}={saved.get(k)}' for k in changed)}); start a new run.")
         saved = {k: v for k, v in saved.items() if k in OPTIONS}
-        cfg = {**DEFAULTS, **saved, **typed, "output_dir": run_dir, "resume_checkpoint": found[-1]}
+        kept = {k: v for k, v in typed.items() if k in RESUMABLE_CHANGES}  # others: as saved, up to --rewards' order
+        cfg = {**DEFAULTS, **saved, **kept, "output_dir": run_dir, "resume_checkpoint": found[-1]}
     elif cfg["resume"] not in (None, "auto"):  # 'auto' without a checkpoint starts fresh
         raise UserError(f"--resume {run_dir}: no checkpoint found in {run_dir}/checkpoints; pass the --output-dir of a "
                         "run that has saved one.")

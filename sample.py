@@ -6,9 +6,10 @@ Few-step images from an R0 generator, side by side with the base model, scored: 
     python sample.py --tiny --prompt "a red fox" --compare-base --score              # offline, no run needed
 
 The generator, its sampler, the rewards and the grids come from r0.py; this file adds the base model's 25-step
-sampler and an aesthetic score, picks what to sample, times it, scores it and writes it. Output (--out, created only once the inputs are known good): one
-PNG per image, grid.png (one block per sampler, prompt under each image, at most GRID_COLUMNS images a line and the
-first GRID_MAX_IMAGES images of each sampler, so it stays viewable) and, with --score, scores.json.
+sampler and an aesthetic score, picks what to sample, times it, scores it and writes it. Output (--out, created only
+once the inputs are known good): one PNG per image, grid.png (one block per sampler, prompt under each image, at most
+GRID_COLUMNS images a line and the first GRID_MAX_IMAGES images of each sampler, so it stays viewable) and, with
+--score, scores.json.
 """
 
 import argparse
@@ -289,7 +290,8 @@ def build_parser():
                                                  "with --compare-base: 1,2,4)")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity of the few-step sampler, 0..1 (above 0, "
                                                           "images are sampled one at a time, each from its own seed)")
-    p.add_argument("--seed", type=int, default=0, help="first seed; image i of a prompt uses seed + i")
+    p.add_argument("--seed", type=int, default=0,
+                   help="first seed; image i of a prompt uses seed + i (with --tiny it also builds the models)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--max-prompts", type=int, default=None, help="use only the first N prompts of the file")
     p.add_argument("--batch-size", type=int, default=8)

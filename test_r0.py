@@ -1476,6 +1476,17 @@ def test_checkpoints_are_atomic_pruned_and_resume_is_bitwise_exact(tmp_path):
             r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path / "b"), *flags]))
 
 
+def test_resume_keeps_the_runs_reward_order_when_the_same_rewards_are_typed_in_another(tmp_path):
+    """--rewards typed again on resume in another order is no change, and the run's order stays: the composed gradient
+    sums the rewards in it (a bitwise resume) and the frozen models' fingerprint lists them in it (another order was
+    refused as other frozen models)."""
+    r0.write_config(run_cfg(tmp_path, "--rewards", "proxy=1,proxy_b=0.5"))
+    os.makedirs(tmp_path / "checkpoints")
+    (tmp_path / "checkpoints" / "step_000001.pt").write_bytes(b"")  # resolve_config only looks for one
+    typed = ["--resume", str(tmp_path), "--rewards", "proxy_b=0.5,proxy=1", "--max-steps", "3"]
+    cfg = r0.resolve_config(r0.build_parser().parse_args(typed))
+    assert list(cfg.rewards) == ["proxy", "proxy_b"] and cfg.max_steps == 3
+
 class RunsCode:
     """An object whose unpickling runs a command (what a tampered checkpoint would hold)."""
 

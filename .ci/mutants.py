@@ -116,6 +116,8 @@ MUTANTS = [
     ("a resume whose checkpoint names other weights goes on from LoRA's init",
      'if set(state["trainable"]) != {n for n', 'if False and set(state["trainable"]) != {n for n'),
     ("a skipped micro-batch's graph kept beside the next one's", "        del loss  # a skipped", "        pass  # a skipped"),
+    ("a resume takes --rewards in the order typed, not the run's", "**DEFAULTS, **saved, **kept,",
+     "**DEFAULTS, **saved, **typed,"),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -157,6 +159,7 @@ FIRST_PASS = [
     "test_an_interrupt_while_the_final_pipeline_is_written_lets_it_be_written_whole",
     "test_resume_refuses_a_checkpoint_whose_trained_weights_this_unet_does_not_have",
     "test_a_skipped_micro_batch_frees_its_graph_before_the_next_one_is_built",
+    "test_resume_keeps_the_runs_reward_order_when_the_same_rewards_are_typed_in_another",
 ]
 
 
