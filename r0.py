@@ -715,7 +715,7 @@ def checkpoint_files(out_dir):  # a run's finished checkpoints, oldest first
     return sorted(glob.glob(os.path.join(out_dir, "checkpoints", "step_" + "[0-9]" * 6 + ".pt")))
 
 def save_checkpoint(run, cfg, step, last):
-    """<out>/checkpoints/step_NNNNNN.pt, all an exact resume needs, written then renamed; the oldest beyond N go."""
+    """<out>/checkpoints/step_NNNNNN.pt: all an exact resume needs, written then renamed; --keep-checkpoints prunes"""
     state = {"step": step, "config": vars(cfg), "prompts_sha256": run.prompts_hash, "fingerprint": run.fingerprint,
              "trainable": {n: p.detach().cpu() for n, p in run.m.unet.named_parameters() if p.requires_grad},
              "optimizer": run.optimizer.state_dict(), "threads": torch.get_num_threads(),
