@@ -1123,9 +1123,8 @@ def _build_tiny_sd15(seed):
     return tokenizer, text_encoder, vae, unet
 
 def pretrain_tiny(vae, unet, text_emb, seed):
-    """our choice: miniature pretrainings, so the toy starts where R0 does. The decoder learns SD1.5's near-linear
-    latent-to-colour map (a random one paints gray); the UNet learns to denoise (a random one's first x0_hat: std ~15),
-    ignoring the text, which the reward alone must teach. Machine- and thread-dependent (float sums): resume checks."""
+    """our choice: miniature pretrainings so the toy starts where R0 does: the decoder learns SD1.5's latent-to-colour
+    map (a random one paints gray), the UNet to denoise, ignoring the text (the reward's to teach); thread-dependent."""
     alphas_cumprod, h, g = sd15_alphas_cumprod(), unet.config.sample_size, torch.Generator()
 
     def decoder_loss(batch=8):  # textures plus a per-image colour, uniform over the RGB cube
@@ -1241,9 +1240,8 @@ def write_curves(out_dir, summary):
 
 def sd_pipeline(tokenizer, text_encoder, vae, unet, scheduler):  # no safety checker, as SD1.5's is another download
     from diffusers import StableDiffusionPipeline
-    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                   requires_safety_checker=False)
+    return StableDiffusionPipeline(vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
 
 def few_step_scheduler(scheduler_config):  # diffusers' twin of generate(eta=0), DDIM trailing with final alpha 1
     from diffusers import DDIMScheduler
@@ -1432,6 +1430,8 @@ def resolve_config(args):  # defaults <- --tiny <- typed flags, or a resume's sa
     run_dir = cfg["output_dir"] if cfg["resume"] == "auto" else cfg["resume"]
     found = checkpoint_files(run_dir) if run_dir else []
     if found:
+        if "output_dir" in typed and os.path.abspath(typed["output_dir"]) != os.path.abspath(run_dir):
+            raise UserError(f"--resume continues {run_dir} in place; leave out --output-dir {typed['output_dir']}.")
         try:
             saved = json.load(open(os.path.join(run_dir, "config.json")))
         except (OSError, json.JSONDecodeError):

@@ -1487,6 +1487,19 @@ def test_resume_keeps_the_runs_reward_order_when_the_same_rewards_are_typed_in_a
     cfg = r0.resolve_config(r0.build_parser().parse_args(typed))
     assert list(cfg.rewards) == ["proxy", "proxy_b"] and cfg.max_steps == 3
 
+
+def test_resume_refuses_an_output_dir_other_than_the_run_it_continues(tmp_path):
+    """--resume A --output-dir B continued A in place, silently: it is refused in one sentence (B the run itself, or
+    --resume auto, which resumes --output-dir, still work)."""
+    os.makedirs(tmp_path / "a" / "checkpoints")
+    r0.write_config(run_cfg(tmp_path / "a"))
+    (tmp_path / "a" / "checkpoints" / "step_000001.pt").write_bytes(b"")
+    with pytest.raises(r0.UserError, match="leave out --output-dir"):
+        r0.resolve_config(r0.build_parser().parse_args(["--resume", str(tmp_path / "a"), "--output-dir", "b"]))
+    for typed in (["--resume", str(tmp_path / "a"), "--output-dir", str(tmp_path / "a" / "")],
+                  ["--resume", "auto", "--output-dir", str(tmp_path / "a")]):
+        assert r0.resolve_config(r0.build_parser().parse_args(typed)).output_dir.rstrip("/") == str(tmp_path / "a")
+
 class RunsCode:
     """An object whose unpickling runs a command (what a tampered checkpoint would hold)."""
 

@@ -118,6 +118,8 @@ MUTANTS = [
     ("a skipped micro-batch's graph kept beside the next one's", "        del loss  # a skipped", "        pass  # a skipped"),
     ("a resume takes --rewards in the order typed, not the run's", "**DEFAULTS, **saved, **kept,",
      "**DEFAULTS, **saved, **typed,"),
+    ("a resume into another --output-dir silently continues the run in place",
+     'if "output_dir" in typed and os.path.abspath(', 'if False and os.path.abspath('),
 ]
 
 # fast tests that exercise the step, the sampler and the rewards (of this suite and of earlier versions): a first
@@ -160,6 +162,7 @@ FIRST_PASS = [
     "test_resume_refuses_a_checkpoint_whose_trained_weights_this_unet_does_not_have",
     "test_a_skipped_micro_batch_frees_its_graph_before_the_next_one_is_built",
     "test_resume_keeps_the_runs_reward_order_when_the_same_rewards_are_typed_in_another",
+    "test_resume_refuses_an_output_dir_other_than_the_run_it_continues",
 ]
 
 
